@@ -1,0 +1,205 @@
+"""Wiring: config, logs, metrics, hub and listeners; start-up and graceful shutdown."""
+
+from __future__ import annotations
+
+import os
+import resource
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import gevent
+import gevent.event
+import structlog
+
+from . import __version__, logs, protocol
+from .config import Config, load
+from .httpfront import Health, HttpFront, make_app, serve_metrics_port
+from .hub import Hub, Member, Stats
+from .metrics import Metrics
+from .session import Session
+from .transport import ChatServer
+
+LOOP_TICK = 1.0
+LOOP_STALL = 10.0
+
+
+class Service:
+    """The running server: shared state every session reaches through."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.token = config.access_token()
+        self.log = structlog.get_logger("chat_svc")
+        self.metrics = Metrics()
+        self.hub = Hub(
+            gevent.get_hub().loop.run_callback,
+            Stats(),
+            history=config.history,
+            notice_threshold=config.notice_threshold,
+            observe_latency=self.metrics.observe_latencies,
+        )
+        self.sessions: set[Session] = set()
+        self.per_ip: dict[str, int] = {}
+        self.open_connections = 0
+        self.draining = False
+        self.accepting = False
+        self.loop_tick = time.monotonic()
+        self.metrics.watch(self.hub, lambda: self.open_connections, lambda: self._ready()[0], config.max_clients)
+        self.http = HttpFront(make_app(self.metrics.registry, Health(self._alive, self._ready)))
+        self.server = ChatServer(self)
+        self.metrics_server: Any = None
+        self.stopped = gevent.event.Event()
+
+    # -- sessions ---------------------------------------------------------
+
+    def start_session(self, sock: Any, address: tuple[str, int], head: bytes, sink_class: Any) -> None:
+        session = Session(self, sock, address, head, sink_class(sock, self.hub.stats))
+        self.sessions.add(session)
+        session.run()
+
+    def admit(self, session: Session) -> str | None:
+        """Count the session in, or say why it is refused."""
+        if self.draining:
+            return "server shutting down"
+        if len(self.hub.members) >= self.config.max_clients:
+            return "server full"
+        cap = self.config.max_per_ip
+        count = self.per_ip.get(session.ip, 0)
+        if cap and count >= cap:
+            return "server full: too many connections from your address"
+        self.per_ip[session.ip] = count + 1
+        session.counted = True
+        return None
+
+    def forget(self, session: Session) -> None:
+        self.sessions.discard(session)
+        if session.counted:
+            session.counted = False
+            left = self.per_ip[session.ip] - 1
+            if left:
+                self.per_ip[session.ip] = left
+            else:
+                del self.per_ip[session.ip]
+
+    def claim_nick(self, member: Member, nick: str) -> str | None:
+        return self.hub.rename(member, nick)
+
+    def whisper(self, member: Member, target: str, text: str) -> bool:
+        recipient = self.hub.find(target)
+        if recipient is None:
+            return False
+        line = protocol.private_line(member.nick, target, text)
+        self.hub.send_to(recipient, line)
+        self.hub.stats.deliveries += 1
+        if recipient is not member:
+            self.hub.send_to(member, line)
+        return True
+
+    def room_counts(self) -> list[tuple[str, int]]:
+        return self.hub.room_counts()
+
+    def who(self, room: str) -> list[str]:
+        found = self.hub.rooms.get(room)
+        return self.hub.who(found) if found is not None else []
+
+    # -- health -----------------------------------------------------------
+
+    def _alive(self) -> tuple[bool, str]:
+        stalled = time.monotonic() - self.loop_tick
+        if stalled > LOOP_STALL:
+            return False, f"event loop stalled for {stalled:.1f}s"
+        return True, "ok"
+
+    def _ready(self) -> tuple[bool, str]:
+        if self.draining:
+            return False, "draining"
+        if not self.accepting:
+            return False, "not accepting"
+        return True, "ready"
+
+    def _watch_loop(self) -> None:
+        while True:
+            before = time.monotonic()
+            gevent.sleep(LOOP_TICK)
+            self.loop_tick = time.monotonic()
+            self.metrics.loop_lag.set(max(0.0, self.loop_tick - before - LOOP_TICK))
+
+    # -- running ----------------------------------------------------------
+
+    def start(self) -> None:
+        self.server.start()
+        self.accepting = True
+        gevent.spawn(self._watch_loop)
+        config = self.config
+        if config.metrics_port is not None:
+            self.metrics_server = serve_metrics_port(config.metrics_host, config.metrics_port, self.http.app)
+        self.log.info(
+            "server_started",
+            version=__version__,
+            address=f"{config.host}:{self.server.server_port}",
+            metrics_port=self.metrics_server.server_port if self.metrics_server else None,
+            config=config.public(),
+        )
+
+    def shutdown(self) -> None:
+        """Stop accepting, tell everyone, flush for up to --shutdown-timeout, close."""
+        started = time.monotonic()
+        self.draining = True
+        self.accepting = False
+        self.server.close()
+        members = len(self.hub.members)
+        self.log.info("shutdown_started", members=members)
+        notice = protocol.info_line("server shutting down")
+        for session in list(self.sessions):
+            if session.member is not None and session.member.room is not None:
+                self.hub.send_to(session.member, notice)
+        deadline = started + self.config.shutdown_timeout
+        while time.monotonic() < deadline and any(s.outbox.size for s in self.sessions):
+            gevent.sleep(0.02)
+        for session in list(self.sessions):
+            session.kill("shutdown")
+        while self.sessions and time.monotonic() < deadline + 1.0:
+            gevent.sleep(0.01)
+        if self.metrics_server is not None:
+            self.metrics_server.close()
+        self.log.info("shutdown_complete", members=members, seconds=round(time.monotonic() - started, 3))
+        self.stopped.set()
+
+
+def _raise_fd_limit() -> int:
+    """Take the hard open-files limit: each member costs one descriptor."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def run(argv: Sequence[str] | None = None) -> int:
+    config = load(argv)
+    logs.configure(config.log_format, config.log_level)
+    fd_limit = _raise_fd_limit()
+    svc = Service(config)
+    try:
+        svc.start()
+    except OSError as exc:
+        svc.log.error("listen_failed", error=str(exc), port=config.port)
+        return 1
+    svc.log.info("fd_limit", limit=fd_limit)
+    signals_seen: list[int] = []
+
+    def on_signal(signum: int) -> None:
+        signals_seen.append(signum)
+        if len(signals_seen) > 1:
+            svc.log.warning("shutdown_forced", signal=signal.Signals(signum).name)
+            sys.stdout.flush()
+            os._exit(1)
+        svc.log.info("signal_received", signal=signal.Signals(signum).name)
+        gevent.spawn(svc.shutdown)
+
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        gevent.signal_handler(signum, on_signal, signum)
+    svc.stopped.wait()
+    return 0

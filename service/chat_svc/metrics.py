@@ -1,0 +1,132 @@
+"""Every Prometheus metric the service exports, defined in one place.
+
+Hot paths never touch prometheus_client objects per delivery: they bump
+plain ints in ``hub.Stats`` and a collector reads them at scrape time.
+Rare events (connects, disconnects) use pre-bound labelled children.
+No label ever takes a value per room or per nick, so series stay bounded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import (
+    GC_COLLECTOR,
+    PLATFORM_COLLECTOR,
+    PROCESS_COLLECTOR,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+)
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeHistogramMetricFamily,
+    GaugeMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
+
+from . import __version__
+
+if TYPE_CHECKING:
+    from .hub import Hub
+
+DISCONNECT_REASONS = (
+    "quit",
+    "eof",
+    "error",
+    "slow_consumer",
+    "flood",
+    "line_too_long",
+    "idle_timeout",
+    "shutdown",
+    "auth_failed",
+    "server_full",
+)
+
+LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+ROOM_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
+
+
+class Metrics:
+    """The registry and the instruments; one per server process."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        for collector in (PROCESS_COLLECTOR, PLATFORM_COLLECTOR, GC_COLLECTOR):
+            self.registry.register(collector)
+        r = self.registry
+        self.accepted = Counter("chat_connections_accepted", "Connections accepted on the chat port.", registry=r)
+        self.disconnects = Counter(
+            "chat_disconnects", "Chat members disconnected, by reason.", ["reason"], registry=r
+        )
+        self.by_reason = {reason: self.disconnects.labels(reason) for reason in DISCONNECT_REASONS}
+        self.http_requests = Counter(
+            "chat_http_connections", "Connections on the chat port served as HTTP.", registry=r
+        )
+        self.fanout_latency = Histogram(
+            "chat_fanout_latency_seconds",
+            "From reading a line to handing it to every local recipient's queue "
+            "(and writing it to every socket that could take it).",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.loop_lag = Gauge(
+            "chat_event_loop_lag_seconds", "How late the event loop ran a 1 s timer, last time.", registry=r
+        )
+        build = Gauge("chat_build_info", "Version of the running chat-svc.", ["version"], registry=r)
+        build.labels(__version__).set(1)
+
+    def observe_latencies(self, values: Iterable[float]) -> None:
+        observe = self.fanout_latency.observe
+        for value in values:
+            observe(value)
+
+    def watch(self, hub: Hub, open_connections: Callable[[], int], ready: Callable[[], bool], max_clients: int) -> None:
+        self.registry.register(_HubCollector(hub, open_connections, ready, max_clients))
+
+
+class _HubCollector(Collector):
+    """Reads the hub's plain counters and walks its rooms at scrape time."""
+
+    def __init__(self, hub: Hub, open_connections: Callable[[], int], ready: Callable[[], bool], max_clients: int):
+        self._hub = hub
+        self._open = open_connections
+        self._ready = ready
+        self._max_clients = max_clients
+
+    def collect(self) -> Iterator[Metric]:
+        hub, stats = self._hub, self._hub.stats
+        yield GaugeMetricFamily("chat_connections", "Open connections on the chat port.", value=self._open())
+        yield GaugeMetricFamily("chat_members", "Chat members (joined connections).", value=len(hub.members))
+        yield GaugeMetricFamily("chat_max_clients", "Configured --max-clients.", value=self._max_clients)
+        yield GaugeMetricFamily("chat_ready", "1 when /readyz answers 200.", value=1 if self._ready() else 0)
+        received = CounterMetricFamily("chat_messages_received", "Lines received, by kind.", labels=["kind"])
+        received.add_metric(["chat"], stats.chat_messages)
+        received.add_metric(["command"], stats.commands)
+        received.add_metric(["private"], stats.private_messages)
+        yield received
+        yield CounterMetricFamily("chat_deliveries", "Lines handed to a recipient.", value=stats.deliveries)
+        yield CounterMetricFamily("chat_bytes_received", "Bytes read from chat clients.", value=stats.bytes_in)
+        yield CounterMetricFamily("chat_bytes_sent", "Bytes written to chat clients.", value=stats.bytes_out)
+        yield CounterMetricFamily(
+            "chat_flood_delayed_lines", "Lines delayed by flood control (fakelag).", value=stats.flood_delayed
+        )
+        sizes = [member.outbox.size for member in hub.members.values()]
+        yield GaugeMetricFamily("chat_sendq_bytes", "Bytes queued for all members.", value=sum(sizes))
+        yield GaugeMetricFamily(
+            "chat_sendq_max_bytes", "Largest outbound queue of any member.", value=max(sizes, default=0)
+        )
+        yield GaugeMetricFamily("chat_rooms", "Rooms with members on this instance.", value=len(hub.rooms))
+        counts = sorted(len(room.members) for room in hub.rooms.values())
+        buckets, index = [], 0
+        for bound in ROOM_SIZE_BUCKETS:
+            while index < len(counts) and counts[index] <= bound:
+                index += 1
+            buckets.append((str(bound), index))
+        buckets.append(("+Inf", len(counts)))
+        yield GaugeHistogramMetricFamily(
+            "chat_room_members", "Rooms by member count.", buckets=buckets, gsum_value=sum(counts)
+        )

@@ -1,0 +1,365 @@
+"""One chat connection: its read loop, limits and commands.
+
+The session owns everything about a single client that is not shared:
+the line framer, the flood bucket, the idle timer and the reason it ended.
+It talks to the room hub only through ``Hub`` methods, and to its socket only
+for reading; writes go through the member's Outbox.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hmac
+import itertools
+import struct
+import termios
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import gevent
+import structlog
+
+from . import protocol
+from .flood import TokenBucket
+from .framing import LineFramer
+from .hub import Member
+from .outbox import Outbox
+from .text import clean
+
+if TYPE_CHECKING:
+    from .app import Service
+
+DEFAULT_ROOM = "lobby"
+RECV_BYTES = 65536
+_ids = itertools.count(1)
+
+# Reasons after which the client is owed what is already queued (a goodbye,
+# an error line) before the socket closes; the rest close at once.
+_GRACEFUL = frozenset({"quit", "line_too_long", "flood", "idle_timeout", "auth_failed", "server_full", "shutdown"})
+
+
+class Session:
+    """Serves one chat client from first line to close."""
+
+    def __init__(self, svc: Service, sock: Any, address: tuple[str, int], head: bytes, sink: Any) -> None:
+        self.svc = svc
+        self.sock = sock
+        self.ip, self.port = address[0], address[1]
+        self.head = head
+        self.conn_id = next(_ids)
+        self.reason: str | None = None
+        self.member: Member | None = None
+        self.framer = LineFramer(svc.config.max_line_bytes)
+        self.outbox = Outbox(sink, svc.config.sendq_bytes, self._slow_consumer, self._socket_error)
+        self.sink = sink
+        self.bucket = (
+            TokenBucket(svc.config.flood_burst, svc.config.flood_rate) if svc.config.flood_rate > 0 else None
+        )
+        self.started = time.monotonic()
+        self.bytes_in = 0
+        self.counted = False
+        self._flood_episode: float | None = None
+        self.log = structlog.get_logger("chat_svc.session").bind(conn_id=self.conn_id, peer=f"{self.ip}:{self.port}")
+        self._commands: dict[str, Callable[[str], bool]] = {
+            "nick": self._nick,
+            "join": self._join,
+            "rooms": self._rooms,
+            "who": self._who,
+            "me": self._me,
+            "msg": self._msg,
+            "help": self._help,
+            "quit": self._quit,
+            "auth": self._auth_again,
+        }
+
+    # -- lifecycle --------------------------------------------------------
+
+    def run(self) -> None:
+        structlog.contextvars.bind_contextvars(conn_id=self.conn_id, peer=f"{self.ip}:{self.port}")
+        svc = self.svc
+        try:
+            if svc.token is not None and not self._authenticate():
+                self.end("auth_failed")
+                return
+            refusal = svc.admit(self)
+            if refusal:
+                self.outbox.push(protocol.error_line(refusal))
+                self.end("server_full")
+                return
+            self.member = Member(f"{self.ip}:{self.port}", self.ip, self.outbox, self.conn_id)
+            svc.hub.attach(self.member, DEFAULT_ROOM)
+            self.log.info("client_connected", nick=self.member.nick, room=DEFAULT_ROOM)
+            self._read_loop()
+        except Exception:
+            if self.reason is None:
+                self.log.exception("session_failed")
+                self.reason = "error"
+        finally:
+            self._close()
+
+    def end(self, reason: str) -> None:
+        """Record why the session ends (the first reason wins)."""
+        if self.reason is None:
+            self.reason = reason
+
+    def kill(self, reason: str) -> None:
+        """End the session from outside its greenlet (hub or shutdown); never blocks."""
+        self.end(reason)
+        self._leave_hub()
+        self.outbox.closed = True
+        self.sink.close()
+        self.sock.close()
+
+    def _slow_consumer(self) -> None:
+        self.log.warning("slow_consumer_disconnected", nick=self._nick_or_none(), limit=self.outbox.limit)
+        self.kill("slow_consumer")
+
+    def _socket_error(self) -> None:
+        self.kill("error")
+
+    def _leave_hub(self) -> None:
+        member = self.member
+        if member is not None and member.room is not None:
+            self.svc.hub.detach(member)
+
+    def _nick_or_none(self) -> str | None:
+        return self.member.nick if self.member is not None else None
+
+    def _close(self) -> None:
+        reason = self.reason or "error"
+        member = self.member
+        room = member.room.name if member is not None and member.room is not None else None
+        self._leave_hub()
+        if reason in _GRACEFUL:
+            self._drain(1.0)
+        self.outbox.closed = True
+        self.sink.close()
+        self.svc.forget(self)
+        if member is not None:
+            self.svc.metrics.by_reason[reason].inc()
+            self.log.info(
+                "client_disconnected",
+                nick=member.nick,
+                room=room,
+                reason=reason,
+                duration_s=round(time.monotonic() - self.started, 3),
+                bytes_in=self.bytes_in,
+            )
+        elif reason in ("auth_failed", "server_full"):
+            self.svc.metrics.by_reason[reason].inc()
+            self.log.info("client_refused", reason=reason)
+
+    def _drain(self, timeout: float) -> None:
+        """Give queued lines (a goodbye, an error) up to ``timeout`` to reach the client."""
+        deadline = time.monotonic() + timeout
+        while self.outbox.size and not self.outbox.closed and time.monotonic() < deadline:
+            gevent.sleep(0.01)
+
+    # -- reading ----------------------------------------------------------
+
+    def _recv(self, timeout: float | None, on_timeout: str = "idle_timeout") -> bytes | None:
+        self.sock.settimeout(timeout)
+        try:
+            data: bytes = self.sock.recv(RECV_BYTES)
+        except TimeoutError:
+            self.end(on_timeout)
+            return None
+        except OSError:
+            self.end("error")
+            return None
+        if not data:
+            self.end("eof")
+            return None
+        self.bytes_in += len(data)
+        self.svc.hub.stats.bytes_in += len(data)
+        return data
+
+    def _authenticate(self) -> bool:
+        """The first line must be ``/auth TOKEN``, within --auth-timeout."""
+        token = self.svc.token
+        assert token is not None
+        deadline = time.monotonic() + self.svc.config.auth_timeout
+        lines = self.framer.feed(self.head)
+        self.head = b""
+        while not lines:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0 or self.framer.overflowed:
+                self.end("auth_failed")
+            data = self._recv(remaining, "auth_failed") if self.reason is None else None
+            if data is None:
+                self.outbox.push(protocol.error_line("authentication required: send /auth TOKEN first"))
+                return False
+            lines = self.framer.feed(data)
+        first, rest = lines[0], lines[1:]
+        parsed = protocol.parse(clean(first))
+        given = parsed.arg if isinstance(parsed, protocol.Command) and parsed.name == "auth" else ""
+        if not hmac.compare_digest(given.encode(), token.encode()):
+            self.outbox.push(protocol.error_line("authentication failed"))
+            self.log.info("auth_failed")
+            return False
+        self.head = b"".join(line + b"\n" for line in rest)
+        return True
+
+    def _read_loop(self) -> None:
+        framer = self.framer
+        idle = self.svc.config.idle_timeout or None
+        data: bytes | None = self.head
+        self.head = b""
+        while True:
+            if data:
+                t_read = time.perf_counter()
+                lines = framer.feed(data)
+                unread = len(data)
+                for raw in lines:
+                    unread -= len(raw) + 1
+                    if self.bucket is not None:
+                        delay = self.bucket.take()
+                        if delay:
+                            if not self._fakelag(delay, unread):
+                                return
+                            t_read = time.perf_counter()
+                    if not self._handle(raw, t_read):
+                        return
+                if framer.overflowed:
+                    self.outbox.push(protocol.error_line("line too long"))
+                    self.end("line_too_long")
+                    return
+            data = self._recv(idle)
+            if data is None:
+                return
+
+    def _fakelag(self, delay: float, unread: int) -> bool:
+        """Delay a line over the flood limit, or end a client that keeps flooding."""
+        config, bucket = self.svc.config, self.bucket
+        assert bucket is not None
+        self.svc.hub.stats.flood_delayed += 1
+        backlog = unread + self.framer.pending + _kernel_unread(self.sock)
+        sustained = config.flood_kick_after and bucket.throttled_for() > config.flood_kick_after
+        if backlog > config.flood_max_input_bytes or sustained:
+            self.log.warning("flood_disconnected", nick=self._nick_or_none(), unread_bytes=backlog)
+            self.outbox.push(protocol.error_line("excess flood"))
+            self.end("flood")
+            return False
+        if bucket.throttled_since != self._flood_episode:
+            self._flood_episode = bucket.throttled_since
+            self.log.info("flood_limited", nick=self._nick_or_none(), delay_s=round(delay, 3))
+        gevent.sleep(delay)
+        return True
+
+    # -- lines and commands -------------------------------------------------
+
+    def _handle(self, raw: bytes, t_read: float) -> bool:
+        """Act on one line; False ends the session."""
+        parsed = protocol.parse(clean(raw))
+        if parsed is None:
+            return True
+        member = self.member
+        assert member is not None
+        stats = self.svc.hub.stats
+        if isinstance(parsed, str):
+            stats.chat_messages += 1
+            if self.svc.config.log_messages:
+                self.log.debug("message", nick=member.nick, text=parsed)
+            self.svc.hub.say(member, protocol.chat_line(member.nick, parsed), t_read)
+            return True
+        if parsed.name == "msg":
+            stats.private_messages += 1
+        else:
+            stats.commands += 1
+        command = self._commands.get(parsed.name)
+        if command is None:
+            self._reply(protocol.error_line(f"unknown command /{parsed.name} (try /help)"))
+            return True
+        return command(parsed.arg)
+
+    def _reply(self, data: bytes) -> None:
+        assert self.member is not None
+        self.svc.hub.send_to(self.member, data)
+
+    def _nick(self, arg: str) -> bool:
+        member = self.member
+        assert member is not None
+        if not protocol.valid_nick(arg):
+            self._reply(protocol.error_line("invalid nick: use 1-32 letters, digits, _ - ."))
+            return True
+        old = member.nick
+        error = self.svc.claim_nick(member, arg)
+        if error:
+            self._reply(protocol.error_line(error))
+        elif old != arg:
+            self.log.info("nick_changed", old=old, nick=arg)
+        return True
+
+    def _join(self, arg: str) -> bool:
+        member = self.member
+        assert member is not None and member.room is not None
+        if not protocol.valid_room(arg):
+            self._reply(protocol.error_line("invalid room name: use 1-32 letters, digits, _ - . (optional leading #)"))
+            return True
+        if member.room.name == arg:
+            self._reply(protocol.info_line(f"you are already in {arg}"))
+            return True
+        self._reply(protocol.info_line(f"you joined {arg}"))
+        self.svc.hub.move(member, arg)
+        self.log.info("room_joined", nick=member.nick, room=arg)
+        return True
+
+    def _rooms(self, _: str) -> bool:
+        listing = ", ".join(f"{name} ({count})" for name, count in self.svc.room_counts())
+        self._reply(protocol.info_line(f"rooms: {listing}"))
+        return True
+
+    def _who(self, _: str) -> bool:
+        member = self.member
+        assert member is not None and member.room is not None
+        names = self.svc.who(member.room.name)
+        shown = ", ".join(names[:200]) + (f" and {len(names) - 200} more" if len(names) > 200 else "")
+        self._reply(protocol.info_line(f"in {member.room.name} ({len(names)}): {shown}"))
+        return True
+
+    def _me(self, arg: str) -> bool:
+        member = self.member
+        assert member is not None
+        if not arg:
+            self._reply(protocol.error_line("usage: /me ACTION"))
+            return True
+        self.svc.hub.say(member, protocol.action_line(member.nick, arg), time.perf_counter())
+        return True
+
+    def _msg(self, arg: str) -> bool:
+        member = self.member
+        assert member is not None
+        target, _, text = arg.partition(" ")
+        text = text.strip()
+        if not target or not text:
+            self._reply(protocol.error_line("usage: /msg NICK TEXT"))
+            return True
+        if not self.svc.whisper(member, target, text):
+            self._reply(protocol.error_line(f"no such nick: {target}"))
+        return True
+
+    def _help(self, _: str) -> bool:
+        self._reply(protocol.encode(protocol.HELP_TEXT))
+        return True
+
+    def _quit(self, _: str) -> bool:
+        self._reply(protocol.info_line("bye"))
+        self.end("quit")
+        return False
+
+    def _auth_again(self, _: str) -> bool:
+        self._reply(protocol.error_line("already authenticated" if self.svc.token else "no token is required"))
+        return True
+
+
+_FIONREAD = struct.Struct("i")
+
+
+def _kernel_unread(sock: Any) -> int:
+    """Bytes the client sent that still sit in the kernel's receive buffer."""
+    try:
+        buffer = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return 0
+    return int(_FIONREAD.unpack(buffer)[0])

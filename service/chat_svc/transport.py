@@ -1,0 +1,189 @@
+"""Sockets: accepting, TCP options, TLS, HTTP sniffing, and the write side.
+
+The sinks are the only code that writes to client sockets.  ``TcpSink``
+writes with the raw non-blocking socket and, when the kernel is full, lets
+an io watcher call back on writability: no greenlet per writer, no switch per
+delivery.  TLS cannot do partial non-blocking writes cleanly, so ``TlsSink``
+drains through a short-lived writer greenlet instead.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import time
+from typing import TYPE_CHECKING, Any
+
+import gevent
+from gevent.server import StreamServer
+
+from .httpfront import CHAT, HTTP, classify
+
+if TYPE_CHECKING:
+    from .app import Service
+    from .hub import Stats
+    from .outbox import Outbox
+
+LISTEN_BACKLOG = 4096
+_WRITE = 2
+
+
+class TcpSink:
+    """Non-blocking writes to a plain TCP socket; drains on writability callbacks."""
+
+    __slots__ = ("_fd", "_raw", "_watcher", "stats")
+
+    def __init__(self, sock: Any, stats: Stats) -> None:
+        self._raw = sock._sock  # the real non-blocking socket under gevent's wrapper
+        self._fd = sock.fileno()
+        self._watcher: Any = None
+        self.stats = stats
+
+    def send_nowait(self, data: bytes) -> int:
+        try:
+            sent: int = self._raw.send(data)
+        except BlockingIOError:
+            return 0
+        self.stats.bytes_out += sent
+        return sent
+
+    def kick(self, outbox: Outbox) -> None:
+        if self._watcher is None:
+            self._watcher = gevent.get_hub().loop.io(self._fd, _WRITE)
+        self._watcher.start(self._writable, outbox)
+
+    def _writable(self, outbox: Outbox) -> None:
+        if outbox.closed:
+            self.close()
+            return
+        data = outbox.take()
+        try:
+            sent = self.send_nowait(data)
+        except OSError:
+            self.close()
+            outbox.fail()
+            return
+        if sent < len(data):
+            outbox.unsend(data[sent:], sent > 0)
+        elif not outbox.size:
+            self._watcher.stop()
+            outbox.drained()
+
+    def close(self) -> None:
+        watcher = self._watcher
+        if watcher is not None:
+            self._watcher = None
+            watcher.stop()
+            watcher.close()
+
+
+class TlsSink:
+    """Writes through gevent's SSL socket from a writer greenlet that lives while data waits."""
+
+    __slots__ = ("_sock", "_writer", "stats")
+
+    def __init__(self, sock: Any, stats: Stats) -> None:
+        self._sock = sock
+        self._writer: gevent.Greenlet | None = None
+        self.stats = stats
+
+    def send_nowait(self, data: bytes) -> int:
+        return 0
+
+    def kick(self, outbox: Outbox) -> None:
+        if self._writer is None:
+            self._writer = gevent.spawn(self._drain, outbox)
+
+    def _drain(self, outbox: Outbox) -> None:
+        try:
+            while outbox.size and not outbox.closed:
+                data = outbox.take()
+                self._sock.sendall(data)
+                self.stats.bytes_out += len(data)
+            outbox.drained()
+        except OSError:
+            outbox.fail()
+        finally:
+            self._writer = None
+
+    def close(self) -> None:
+        writer = self._writer
+        if writer is not None and writer is not gevent.getcurrent():
+            writer.kill(block=False)
+
+
+def tune(sock: Any) -> None:
+    """Low latency for coalesced writes, and keepalive so dead peers are found."""
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    for option, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 15), ("TCP_KEEPCNT", 4)):
+        if hasattr(socket, option):
+            sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, option), value)
+
+
+def sniff(sock: Any, window: float, limit: float) -> tuple[bytes, str]:
+    """Read the first bytes and decide: HTTP request, chat, or gone (``eof``).
+
+    A silent client becomes chat after ``window`` seconds (the seed's client
+    sends nothing until its user types).  Bytes that may still grow into an
+    HTTP request line get until ``limit`` seconds to complete it.
+    """
+    head = b""
+    start = time.monotonic()
+    deadline = start + window
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return head, CHAT
+        sock.settimeout(remaining)
+        try:
+            data = sock.recv(4096)
+        except TimeoutError:
+            return head, CHAT
+        except OSError:
+            return head, "eof"
+        if not data:
+            return head, "eof" if not head else CHAT
+        head += data
+        kind = classify(head)
+        if kind in (HTTP, CHAT):
+            return head, kind
+        deadline = start + limit
+
+
+class ChatServer(StreamServer):  # type: ignore[misc]
+    """The chat port: every accepted socket gets its own greenlet running ``handle``."""
+
+    def __init__(self, svc: Service) -> None:
+        config = svc.config
+        super().__init__((config.host, config.port), self.handle_connection, backlog=LISTEN_BACKLOG)
+        self.svc = svc
+        self.tls: ssl.SSLContext | None = None
+        if config.tls_cert and config.tls_key:
+            self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self.tls.load_cert_chain(config.tls_cert, config.tls_key)
+
+    def handle_connection(self, sock: Any, address: tuple[str, int]) -> None:
+        svc = self.svc
+        config = svc.config
+        svc.open_connections += 1
+        svc.metrics.accepted.inc()
+        try:
+            tune(sock)
+            if self.tls is not None:
+                sock.settimeout(config.http_timeout)
+                try:
+                    sock = self.tls.wrap_socket(sock, server_side=True)
+                except (OSError, ValueError):
+                    return
+            head, kind = sniff(sock, config.http_sniff_ms / 1000.0, config.http_timeout)
+            if kind == HTTP:
+                svc.metrics.http_requests.inc()
+                sock.settimeout(config.http_timeout)
+                with gevent.Timeout(config.http_timeout * 2, False):
+                    svc.http.serve(sock, address, head)
+            elif kind == CHAT:
+                svc.start_session(sock, address, head, TlsSink if self.tls is not None else TcpSink)
+        finally:
+            svc.open_connections -= 1
+            sock.close()
