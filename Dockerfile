@@ -1,3 +1,5 @@
+ARG BASE_IMAGE=python:3.12-slim
+FROM ${BASE_IMAGE} AS wheels
 # chat-svc container image.
 #
 #   docker build -t chat-svc .
@@ -9,9 +11,7 @@
 # Works with the classic builder (DOCKER_BUILDKIT=0) and with BuildKit; no `# syntax=` line on
 # purpose, since that makes the builder pull a frontend image from a registry.
 # Stages: wheels (build every wheel) -> venv (install them, offline) -> runtime (only the venv).
-ARG BASE_IMAGE=python:3.12-slim
 
-FROM ${BASE_IMAGE} AS wheels
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
     PYTHONDONTWRITEBYTECODE=1

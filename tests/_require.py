@@ -48,17 +48,14 @@ def _docker_problem() -> str | None:
     if not (os.path.isfile(DOCKER) and os.access(DOCKER, os.X_OK)):
         return f"container engine client {DOCKER} is not installed; {SETUP_HINT}"
     try:
-        r = subprocess.run(
-            [DOCKER, "info", "--format", "{{.ServerVersion}}"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
+        r = subprocess.run([DOCKER, "info"], capture_output=True, text=True, timeout=30)
     except subprocess.TimeoutExpired:
         return f"`{DOCKER} info` timed out; is dockerd healthy? {SETUP_HINT}"
     if r.returncode != 0:
-        err = (r.stderr or r.stdout).strip().splitlines()[-1:] or ["?"]
-        return f"container engine not reachable ({err[0]}); {SETUP_HINT}"
+        lines = (r.stdout + r.stderr).splitlines()
+        errors = [ln.strip() for ln in lines if "error" in ln.lower() or "cannot" in ln.lower()]
+        err = "; ".join(errors[:3]) or f"exit {r.returncode}"
+        return f"container engine not reachable ({err}); {SETUP_HINT}"
     return None
 
 

@@ -1,0 +1,210 @@
+"""Helpers for the container and compose tests (tests/test_container.py, tests/test_compose.py).
+
+Everything goes through Debian's /usr/bin/docker (see tests/_require.py) and talks to
+containers only through ports published on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import socket
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+from _require import DOCKER, require_docker, require_image
+
+ROOT = Path(__file__).resolve().parent.parent
+# Offline base from deploy/offline/build-base-image.sh; override to test another base.
+BASE_IMAGE = os.environ.get("CHAT_TEST_BASE_IMAGE", "local/python-base:bookworm")
+IMAGE_TAG = os.environ.get("CHAT_TEST_IMAGE", "chat-svc:ci-test")
+LABEL = "chat-svc-test=1"
+
+_built: dict[str, float] = {}
+
+
+def docker(*args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
+    cmd = [DOCKER, *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} exited {r.returncode}:\n{r.stderr[-3000:]}")
+    return r
+
+
+def report(request: pytest.FixtureRequest, line: str) -> None:
+    """Show a measurement in the pytest output, past output capturing."""
+    text = f"[measured] {line}"
+    capman = request.config.pluginmanager.getplugin("capturemanager")
+    reporter = request.config.pluginmanager.getplugin("terminalreporter")
+    if capman is None or reporter is None:
+        print(text)
+        return
+    with capman.global_and_fixture_disabled():
+        reporter.ensure_newline()
+        reporter.write_line(text)
+
+
+def build_image() -> tuple[str, float]:
+    """Build the top-level Dockerfile on BASE_IMAGE with the classic builder, once per session.
+
+    Returns (tag, seconds the build took).  The classic builder is the stricter case: the
+    Dockerfile must not need BuildKit features or a registry.
+    """
+    require_docker()
+    require_image(BASE_IMAGE)
+    if IMAGE_TAG not in _built:
+        t0 = time.monotonic()
+        env = {**os.environ, "DOCKER_BUILDKIT": "0"}
+        cmd = [
+            DOCKER,
+            "build",
+            "--build-arg",
+            f"BASE_IMAGE={BASE_IMAGE}",
+            "-t",
+            IMAGE_TAG,
+            str(ROOT),
+        ]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+        if r.returncode != 0:
+            raise AssertionError(
+                f"docker build failed ({r.returncode}):\n{(r.stdout + r.stderr)[-5000:]}"
+            )
+        _built[IMAGE_TAG] = time.monotonic() - t0
+    return IMAGE_TAG, _built[IMAGE_TAG]
+
+
+def image_size(tag: str) -> int:
+    return int(docker("image", "inspect", "-f", "{{.Size}}", tag).stdout.strip())
+
+
+def inspect(name: str) -> dict:
+    return json.loads(docker("inspect", name).stdout)[0]
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+class Line:
+    """A raw-socket line client (the published port is all a user has)."""
+
+    def __init__(self, port: int, timeout: float = 5.0) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+        self.buf = b""
+
+    def send(self, text: str) -> None:
+        self.sock.sendall(text.encode() + b"\n")
+
+    def recv_line(self, timeout: float) -> str:
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.buf:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no line; partial {self.buf[:200]!r}")
+            self.sock.settimeout(remaining)
+            try:
+                chunk = self.sock.recv(65536)
+            except TimeoutError:
+                continue
+            if not chunk:
+                raise EOFError(f"closed; partial {self.buf[:200]!r}")
+            self.buf += chunk
+        line, _, self.buf = self.buf.partition(b"\n")
+        return line.decode("utf-8", "replace").rstrip("\r")
+
+    def expect(self, pattern: str, timeout: float = 5.0) -> str:
+        deadline = time.monotonic() + timeout
+        seen: list[str] = []
+        while True:
+            try:
+                line = self.recv_line(max(deadline - time.monotonic(), 0.001))
+            except (TimeoutError, EOFError) as exc:
+                raise AssertionError(f"expected /{pattern}/, saw {seen!r} ({exc})") from exc
+            if re.search(pattern, line):
+                return line
+            seen.append(line)
+
+    def lines_for(self, seconds: float) -> list[str]:
+        out: list[str] = []
+        deadline = time.monotonic() + seconds
+        while (remaining := deadline - time.monotonic()) > 0:
+            try:
+                out.append(self.recv_line(remaining))
+            except (TimeoutError, EOFError):
+                break
+        return out
+
+    def wait_closed(self, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                self.recv_line(deadline - time.monotonic())
+            except EOFError:
+                return True
+            except TimeoutError:
+                return False
+            except OSError:
+                return True
+        return False
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def member(port: int, nick: str) -> Line:
+    """Connect, read the welcome and take a nick."""
+    c = Line(port)
+    c.expect(r"^\* welcome to chat-svc")
+    c.send(f"/nick {nick}")
+    c.expect(rf"is now known as {re.escape(nick)}$")
+    return c
+
+
+def wait_chat_ready(port: int, timeout: float = 30.0, what: str = "container") -> None:
+    """Until a connection to 127.0.0.1:port gets the welcome line.
+
+    docker-proxy accepts on the host port before the server listens in the container, so a
+    successful connect is not enough: wait for the first protocol line.
+    """
+    deadline = time.monotonic() + timeout
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            c = Line(port, timeout=2)
+            try:
+                c.expect(r"^\* welcome", timeout=2)
+                return
+            finally:
+                c.close()
+        except (OSError, AssertionError) as exc:
+            last = exc
+            time.sleep(0.25)
+    raise AssertionError(f"{what} on 127.0.0.1:{port} never sent the welcome line: {last}")
+
+
+def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, str, str]:
+    """(status, content-type, body) of GET http://127.0.0.1:port/path."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as resp:
+            return resp.status, resp.headers.get("Content-Type", ""), resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.headers.get("Content-Type", ""), exc.read().decode()
+
+
+def sample(metrics_text: str, name: str, labels: str = "") -> float:
+    """Value of one sample in a Prometheus text exposition, e.g. sample(t, "chat_rooms")."""
+    wanted = f"{name}{{{labels}}}" if labels else name
+    for line in metrics_text.splitlines():
+        if line.startswith("#"):
+            continue
+        key, _, value = line.rpartition(" ")
+        if key == wanted:
+            return float(value)
+    raise AssertionError(f"sample {wanted} not in /metrics")
