@@ -68,17 +68,25 @@ class LineClient:
         line, _, self._buffer = self._buffer.partition(b"\n")
         return line.decode("utf-8", "replace")
 
-    def expect(self, pattern: str, timeout: float | None = None) -> str:
-        """Skip lines until one starts with ``pattern`` or matches it as a regex."""
+    def expect(self, prefix: str, timeout: float | None = None) -> str:
+        """Skip lines until one starts with ``prefix``; return it."""
+        return self._expect(lambda line: line.startswith(prefix), prefix, timeout)
+
+    def expect_re(self, pattern: str, timeout: float | None = None) -> str:
+        """Skip lines until one matches the regex ``pattern`` (re.search); return it."""
+        compiled = re.compile(pattern)
+        return self._expect(lambda line: compiled.search(line) is not None, pattern, timeout)
+
+    def _expect(self, match: Callable[[str], bool], what: str, timeout: float | None) -> str:
         deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
         seen = []
         while True:
             remaining = deadline - time.monotonic()
             try:
                 line = self.recv_line(max(remaining, 0.001))
-            except TimeoutError as exc:
-                raise AssertionError(f"expected {pattern!r}; saw {seen!r}") from exc
-            if line.startswith(pattern) or re.search(pattern, line):
+            except (TimeoutError, EOFError) as exc:
+                raise AssertionError(f"expected {what!r}; saw {seen!r} ({exc})") from exc
+            if match(line):
                 return line
             seen.append(line)
 
@@ -100,7 +108,7 @@ class LineClient:
         self.expect("* welcome")
         if nick:
             self.send(f"/nick {nick}")
-            self.expect(f"* .* is now known as {re.escape(nick)}$")
+            self.expect_re(f"is now known as {re.escape(nick)}$")
         if room:
             self.send(f"/join {room}")
             self.expect(f"* you joined {room}")
@@ -158,7 +166,7 @@ class ServerProcess:
         client.send(f"/nick {nick}" if nick else "/help")
         client.expect("* welcome")
         if nick:
-            client.expect(f"is now known as {re.escape(nick)}$")
+            client.expect_re(f"is now known as {re.escape(nick)}$")
         else:
             client.expect("* commands")
         if room:

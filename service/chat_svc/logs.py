@@ -19,6 +19,9 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 
 def configure(log_format: str = "auto", level: str = "info") -> None:
     """Install the processors; ``auto`` means JSON unless stdout is a terminal."""
+    # One event per line, visible at once: a container's stdout is a pipe,
+    # which Python would otherwise block-buffer.
+    sys.stdout.reconfigure(line_buffering=True)  # type: ignore[union-attr]
     as_json = log_format == "json" or (log_format == "auto" and not sys.stdout.isatty())
     shared: list[Any] = [
         structlog.contextvars.merge_contextvars,

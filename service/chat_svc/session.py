@@ -57,7 +57,8 @@ class Session:
             TokenBucket(svc.config.flood_burst, svc.config.flood_rate) if svc.config.flood_rate > 0 else None
         )
         self.started = time.monotonic()
-        self.bytes_in = 0
+        self.bytes_in = len(head)
+        svc.hub.stats.bytes_in += len(head)
         self.counted = False
         self._flood_episode: float | None = None
         self.log = structlog.get_logger("chat_svc.session").bind(conn_id=self.conn_id, peer=f"{self.ip}:{self.port}")
@@ -164,6 +165,9 @@ class Session:
             data: bytes = self.sock.recv(RECV_BYTES)
         except TimeoutError:
             self.end(on_timeout)
+            return None
+        except ConnectionResetError:
+            self.end("eof")
             return None
         except OSError:
             self.end("error")

@@ -1,0 +1,178 @@
+"""The chat contract over real sockets against a real server process."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+
+def test_line_reaches_every_other_member_and_is_not_echoed(chat_server):
+    srv = chat_server()
+    alice, bob, carol = (srv.member(n) for n in ("alice", "bob", "carol"))
+    alice.send("hello room")
+    assert bob.expect("[alice]") == "[alice] hello room"
+    assert carol.expect("[alice]") == "[alice] hello room"
+    assert not [line for line in alice.lines_for(0.5) if line.startswith("[alice]")]
+
+
+def test_join_and_leave_notices_name_the_member(chat_server):
+    srv = chat_server()
+    alice = srv.member("alice")
+    bob = srv.connect()
+    welcome = bob.expect("* welcome")
+    nick = welcome.split("you are ")[1].split(" ")[0]
+    host, port = nick.rsplit(":", 1)
+    assert host == "127.0.0.1" and int(port) == bob.sock.getsockname()[1]
+    assert "/help" in welcome
+    alice.expect(f"* {nick} joined lobby")
+    bob.close()
+    alice.expect(f"* {nick} left lobby")
+
+
+def test_blank_lines_are_ignored_and_crlf_is_accepted(chat_server):
+    srv = chat_server()
+    alice, bob = srv.member("alice"), srv.member("bob")
+    alice.send(b"\r\n   \n\nfirst\r\nsecond\n")
+    assert bob.recv_line() == "[alice] first"
+    assert bob.recv_line() == "[alice] second"
+
+
+def test_nick_rules(chat_server):
+    srv = chat_server()
+    alice, bob = srv.member("alice"), srv.member("bob")
+    alice.send("/nick bob")
+    assert alice.expect("!") == "! nick bob is taken"
+    for bad in ("", "a" * 33, "has space", "bad:colon", "émile"):
+        alice.send(f"/nick {bad}")
+        assert alice.expect("!").startswith("! invalid nick")
+    alice.send("/nick al.ice-2_X")
+    assert bob.expect("*") == "* alice is now known as al.ice-2_X"
+    alice.send("hi")
+    assert bob.expect("[") == "[al.ice-2_X] hi"
+
+
+def test_join_moves_between_rooms_created_on_demand(chat_server):
+    srv = chat_server()
+    alice, bob, carol = srv.member("alice"), srv.member("bob"), srv.member("carol")
+    bob.send("/join dev")
+    bob.expect("* you joined dev")
+    alice.expect("* bob left lobby")
+    carol.send("/join #dev")
+    carol.expect("* you joined #dev")
+    carol.send("/join dev")
+    bob.expect("* carol joined dev")
+    carol.send("in dev")
+    assert bob.expect("[carol]") == "[carol] in dev"
+    assert not [line for line in alice.lines_for(0.4) if "in dev" in line]
+    bob.send("/join dev")
+    assert bob.expect("*") == "* you are already in dev"
+    bob.send("/join bad/room")
+    assert bob.expect("!").startswith("! invalid room name")
+    bob.send("/rooms")
+    assert bob.expect("* rooms") == "* rooms: dev (2), lobby (1)"
+
+def test_rooms_and_who_list_members(chat_server):
+    srv = chat_server()
+    alice, bob = srv.member("alice"), srv.member("bob")
+    srv.member("carol", room="dev")
+    alice.send("/rooms")
+    assert alice.expect("* rooms") == "* rooms: dev (1), lobby (2)"
+    bob.send("/who")
+    assert bob.expect("* in ") == "* in lobby (2): alice, bob"
+
+
+def test_me_action_and_usage(chat_server):
+    srv = chat_server()
+    alice, bob = srv.member("alice"), srv.member("bob")
+    alice.send("/me waves")
+    assert bob.expect("* alice") == "* alice waves"
+    alice.send("/me")
+    assert alice.expect("!") == "! usage: /me ACTION"
+
+
+def test_private_message_goes_only_to_its_recipient(chat_server):
+    srv = chat_server()
+    alice, bob, carol = srv.member("alice"), srv.member("bob"), srv.member("carol")
+    alice.send("/msg bob meet at noon")
+    assert bob.expect("[alice ->") == "[alice -> bob] meet at noon"
+    assert alice.expect("[alice ->") == "[alice -> bob] meet at noon"
+    assert not [line for line in carol.lines_for(0.4) if "noon" in line]
+    alice.send("/msg nobody hi")
+    assert alice.expect("!") == "! no such nick: nobody"
+    alice.send("/msg bob")
+    assert alice.expect("!") == "! usage: /msg NICK TEXT"
+
+
+def test_help_unknown_command_and_literal_slash(chat_server):
+    srv = chat_server()
+    alice, bob = srv.member("alice"), srv.member("bob")
+    alice.send("/help")
+    assert "/nick NAME" in alice.expect("* commands")
+    alice.send("/dance now")
+    assert alice.expect("!").startswith("! unknown command")
+    alice.send("//shrug")
+    assert bob.expect("[alice]") == "[alice] /shrug"
+
+
+def test_quit_says_bye_closes_and_tells_the_room(chat_server):
+    srv = chat_server()
+    alice, bob = srv.member("alice"), srv.member("bob")
+    bob.send("/quit")
+    assert bob.expect("* bye") == "* bye"
+    assert bob.closed()
+    alice.expect("* bob left lobby")
+
+
+def test_joiner_gets_recent_history_marked_as_history(chat_server):
+    srv = chat_server("--history", "3")
+    alice = srv.member("alice")
+    for n in range(5):
+        alice.send(f"line {n}")
+    alice.send("/me is done")
+    time.sleep(0.3)
+    bob = srv.connect()
+    bob.expect("* welcome")
+    history = [bob.recv_line() for _ in range(3)]
+    assert history == ["[history] [alice] line 3", "[history] [alice] line 4", "[history] * alice is done"]
+    alice.send("live")
+    assert bob.expect("[alice]") == "[alice] live"
+
+
+def test_history_is_replayed_on_join_and_can_be_disabled(chat_server):
+    srv = chat_server("--history", "2")
+    alice = srv.member("alice", room="dev")
+    alice.send("dev talk")
+    bob = srv.member("bob")
+    bob.send("/join dev")
+    bob.expect("* you joined dev")
+    assert bob.recv_line() == "[history] [alice] dev talk"
+    quiet = chat_server("--history", "0")
+    carol = quiet.member("carol")
+    carol.send("nothing kept")
+    dave = quiet.connect()
+    dave.expect("* welcome")
+    dave.send("/who")
+    assert dave.recv_line().startswith("* in lobby")
+
+
+def test_line_over_the_limit_is_refused_and_disconnected(chat_server):
+    srv = chat_server("--max-line-bytes", "100")
+    alice, bob = srv.member("alice"), srv.member("bob")
+    alice.send("x" * 100)
+    assert bob.expect("[alice]") == "[alice] " + "x" * 100
+    alice.send("y" * 101)
+    assert alice.expect("!") == "! line too long"
+    assert alice.closed()
+    bob.expect("* alice left lobby")
+
+
+def test_invalid_utf8_and_escapes_never_reach_others(chat_server):
+    srv = chat_server()
+    alice, bob = srv.member("alice"), srv.member("bob")
+    alice.send(b"bad \xff\xfe utf8 \x1b[2J\x1b]0;title\x07 nul\x00 tab\there \xc2\x9b\n")
+    line = bob.expect("[alice]")
+    assert line == "[alice] bad \ufffd\ufffd utf8 [2J]0;title nul tab\there "
+    assert not any(ord(ch) < 32 and ch != "\t" for ch in line)
+    alice.send("still fine")
+    assert bob.expect("[alice]") == "[alice] still fine"
