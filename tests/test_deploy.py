@@ -1,0 +1,531 @@
+"""deploy/: Kubernetes manifests, Prometheus config and rules, Grafana dashboard, compose file.
+
+Static checks (schemas, promtool, PromQL syntax) plus live ones: the Debian `prometheus`
+binary scrapes a real chat-svc process, and every metric the rules and the dashboard use must
+be exported by a running server.  Needs promtool/prometheus (Debian package `prometheus`),
+redis-server and docker-compose: fails under CI=true when one is missing, skips elsewhere.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from _require import require_binary, require_module
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+K8S = DEPLOY / "k8s"
+PROM = DEPLOY / "prometheus"
+GRAFANA = DEPLOY / "grafana"
+DASHBOARD = GRAFANA / "dashboards" / "chat-svc.json"
+K8S_VERSIONS = ("1.27", "1.30")
+CRD_KINDS = {
+    ("monitoring.coreos.com/v1", "ServiceMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+}
+PROMQL_BUILTINS = {"up"}
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def load_all(path: Path) -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+
+
+def k8s_docs() -> list[dict[str, Any]]:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    docs: list[dict[str, Any]] = []
+    for name in kustomization["resources"]:
+        docs.extend(load_all(K8S / name))
+    return docs
+
+
+def find(kind: str, name: str | None = None) -> dict[str, Any]:
+    hits = [
+        d
+        for d in k8s_docs()
+        if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)
+    ]
+    assert len(hits) == 1, f"expected one {kind} {name or ''}, found {len(hits)}"
+    return hits[0]
+
+
+def alert_rules() -> list[dict[str, Any]]:
+    return [
+        r for g in yaml.safe_load((PROM / "alerts.yml").read_text())["groups"] for r in g["rules"]
+    ]
+
+
+def dashboard_exprs() -> list[str]:
+    dash = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    for var in dash.get("templating", {}).get("list", []):
+        q = var.get("query")
+        exprs.append(q["query"] if isinstance(q, dict) else q)
+    return exprs
+
+
+def concrete(expr: str) -> str:
+    """A dashboard expression with Grafana's variables replaced, so promtool can parse it."""
+    expr = expr.replace("$__rate_interval", "1m").replace("$__interval", "1m")
+    expr = re.sub(r"\$\{?instance\}?", ".*", expr)
+    m = re.fullmatch(r"label_values\((.*),\s*\w+\)", expr.strip())
+    return m.group(1) if m else expr
+
+
+def metric_names(expr: str) -> set[str]:
+    no_strings = re.sub(r'"[^"]*"', '""', expr)
+    names = set(re.findall(r"\b(chat_[a-z0-9_]+)\b", no_strings))
+    names |= {n for n in PROMQL_BUILTINS if re.search(rf"\b{n}\b(?=\s*[{{\[)])", no_strings)}
+    return names
+
+
+def used_metric_names() -> dict[str, set[str]]:
+    used: dict[str, set[str]] = {}
+    for rule in alert_rules():
+        for n in metric_names(rule["expr"]):
+            used.setdefault(n, set()).add(f"rule {rule['alert']}")
+    for expr in dashboard_exprs():
+        for n in metric_names(expr):
+            used.setdefault(n, set()).add("dashboard")
+    return used
+
+
+def used_label_values() -> set[tuple[str, str, str]]:
+    """(metric, label, value) for every equality matcher on a chat_ metric."""
+    out = set()
+    for expr in [r["expr"] for r in alert_rules()] + dashboard_exprs():
+        for metric, matchers in re.findall(r"\b(chat_[a-z0-9_]+)\{([^}]*)\}", expr):
+            for label, value in re.findall(r'(\w+)\s*=\s*"([^"$]*)"', matchers):
+                if label not in ("instance", "job"):
+                    out.add((metric, label, value))
+    return out
+
+
+def promtool(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
+    exe = require_binary("promtool")
+    return subprocess.run([exe, *args], capture_output=True, text=True, timeout=120, cwd=cwd)
+
+
+def exposition(port: int) -> str:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        return resp.read().decode()
+
+
+def exported_samples(text: str) -> tuple[set[str], set[tuple[str, str, str]]]:
+    names: set[str] = set()
+    labels: set[tuple[str, str, str]] = set()
+    for line in text.splitlines():
+        if not line or line.startswith("#"):
+            continue
+        m = re.match(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s", line)
+        assert m, line
+        names.add(m.group(1))
+        for label, value in re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""):
+            labels.add((m.group(1), label, value))
+    return names, labels
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+# ----------------------------------------------------------------------------- Kubernetes
+
+
+def test_kustomization_lists_every_manifest() -> None:
+    kustomization = yaml.safe_load((K8S / "kustomization.yaml").read_text())
+    listed = set(kustomization["resources"])
+    present = {p.name for p in K8S.glob("*.yaml")} - {"kustomization.yaml"}
+    assert listed == present, f"not listed: {present - listed}; missing files: {listed - present}"
+    assert {i["name"] for i in kustomization.get("images", [])} == {"chat-svc"}
+
+
+@pytest.mark.parametrize("version", K8S_VERSIONS)
+def test_k8s_manifests_validate_against_schemas(version: str) -> None:
+    kv = require_module("kubernetes_validate")
+    checked = 0
+    for doc in k8s_docs():
+        if (doc["apiVersion"], doc["kind"]) in CRD_KINDS:
+            continue  # no schema shipped for CRDs: checked structurally below
+        kv.validate(doc, version, strict=True)
+        checked += 1
+    assert checked >= 7
+
+
+def test_k8s_validation_rejects_a_broken_manifest() -> None:
+    """The validator really checks: a typo in a Deployment field is an error."""
+    kv = require_module("kubernetes_validate")
+    broken = find("Deployment", "chat-svc")
+    broken = json.loads(json.dumps(broken))
+    broken["spec"]["replicas"] = "three"
+    with pytest.raises(kv.ValidationError):
+        kv.validate(broken, K8S_VERSIONS[-1], strict=True)
+
+
+def test_deployment_contract() -> None:
+    dep = find("Deployment", "chat-svc")
+    cm = find("ConfigMap", "chat-svc-config")
+    spec = dep["spec"]
+    pod = spec["template"]["spec"]
+    (container,) = pod["containers"]
+    assert spec["replicas"] == 3
+    ports = {p["name"]: p for p in container["ports"]}
+    assert ports["chat"]["containerPort"] == 9009 and ports["chat"]["protocol"] == "TCP"
+
+    def probe_port(p: dict[str, Any]) -> int:
+        port = p["httpGet"]["port"]
+        return ports[port]["containerPort"] if isinstance(port, str) else port
+
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert probe_port(container["readinessProbe"]) == probe_port(container["livenessProbe"]) == 9009
+    res = container["resources"]
+    assert {"cpu", "memory"} <= set(res["requests"]) and {"cpu", "memory"} <= set(res["limits"])
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["securityContext"]["runAsUser"] != 0
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+    assert container["securityContext"]["allowPrivilegeEscalation"] is False
+    # grace period > preStop sleep + drain timeout
+    drain = float(cm["data"]["CHAT_SHUTDOWN_TIMEOUT"])
+    pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
+    pre_stop_s = float(pre_stop[1]) if pre_stop[:1] == ["sleep"] else 0.0
+    assert pod["terminationGracePeriodSeconds"] > drain + pre_stop_s
+    assert container["envFrom"][0]["configMapRef"]["name"] == cm["metadata"]["name"]
+    # every CHAT_* key is a real flag of the server
+    help_text = subprocess.run(
+        [str(ROOT / ".venv/bin/python"), "-m", "chat_svc", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
+    for key in cm["data"]:
+        flag = "--" + key.removeprefix("CHAT_").lower().replace("_", "-")
+        assert flag in help_text, f"ConfigMap key {key}: chat-svc has no {flag}"
+
+
+def test_deployment_user_matches_image() -> None:
+    user = re.findall(r"^USER\s+(\S+)", (ROOT / "Dockerfile").read_text(), re.M)[-1]
+    uid, _, gid = user.partition(":")
+    pod = find("Deployment", "chat-svc")["spec"]["template"]["spec"]
+    assert str(pod["securityContext"]["runAsUser"]) == uid
+    assert str(pod["securityContext"]["runAsGroup"]) == (gid or uid)
+
+
+def test_service_pdb_hpa_monitor_wiring() -> None:
+    dep = find("Deployment", "chat-svc")
+    pod_labels = dep["spec"]["template"]["metadata"]["labels"]
+
+    def selects(selector: dict[str, str]) -> bool:
+        return all(pod_labels.get(k) == v for k, v in selector.items())
+
+    svc = find("Service", "chat-svc")
+    assert selects(svc["spec"]["selector"])
+    (port,) = svc["spec"]["ports"]
+    assert port["port"] == 9009 and port["protocol"] == "TCP"
+    pdb = find("PodDisruptionBudget")
+    assert selects(pdb["spec"]["selector"]["matchLabels"])
+    hpa = find("HorizontalPodAutoscaler")
+    assert hpa["spec"]["scaleTargetRef"]["name"] == "chat-svc"
+    assert hpa["spec"]["minReplicas"] >= dep["spec"]["replicas"] - 0
+    sm = find("ServiceMonitor")
+    assert all(
+        svc["metadata"]["labels"].get(k) == v
+        for k, v in sm["spec"]["selector"]["matchLabels"].items()
+    )
+    assert [e["port"] for e in sm["spec"]["endpoints"]] == [port["name"]]
+    assert sm["spec"]["endpoints"][0]["path"] == "/metrics"
+    redis = find("StatefulSet", "chat-redis")
+    redis_svc = find("Service", "chat-redis")
+    url = find("ConfigMap")["data"]["CHAT_REDIS_URL"]
+    assert urllib.parse.urlparse(url).hostname == redis_svc["metadata"]["name"]
+    assert redis["spec"]["serviceName"] == redis_svc["metadata"]["name"]
+
+
+def test_prometheusrule_matches_rule_file() -> None:
+    rule = find("PrometheusRule")
+    assert rule["spec"] == yaml.safe_load((PROM / "alerts.yml").read_text())
+
+
+def test_prometheusrule_groups_pass_promtool(tmp_path: Path) -> None:
+    path = tmp_path / "operator-rules.yml"
+    path.write_text(yaml.safe_dump(find("PrometheusRule")["spec"]))
+    r = promtool("check", "rules", str(path))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+# ----------------------------------------------------------------------------- Prometheus
+
+
+def test_promtool_check_rules() -> None:
+    r = promtool("check", "rules", "deploy/prometheus/alerts.yml")
+    assert r.returncode == 0, r.stdout + r.stderr
+    required = {
+        "InstanceDown",
+        "SlowConsumerDisconnects",
+        "FanoutLatencyHigh",
+        "ConnectionsNearMax",
+        "BackplaneDown",
+    }
+    names = {r["alert"].removeprefix("ChatSvc") for r in alert_rules()}
+    assert required <= names
+    near_max = next(r for r in alert_rules() if r["alert"].endswith("ConnectionsNearMax"))
+    assert "chat_connections" in near_max["expr"] and "chat_max_clients" in near_max["expr"]
+
+
+def test_promtool_unit_tests_for_alerts() -> None:
+    r = promtool("test", "rules", "alerts_test.yml", cwd=PROM)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "SUCCESS" in r.stdout
+    tested = set(re.findall(r"alertname:\s*(\w+)", (PROM / "alerts_test.yml").read_text()))
+    assert tested == {r["alert"] for r in alert_rules()}, "every alert has a unit test"
+
+
+def test_promtool_check_config() -> None:
+    r = promtool("check", "config", "deploy/prometheus/prometheus.yml")
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+# ----------------------------------------------------------------------------- Grafana
+
+
+def test_dashboard_is_provisioned_and_wellformed() -> None:
+    dash = json.loads(DASHBOARD.read_text())
+    ds = yaml.safe_load((GRAFANA / "provisioning/datasources/prometheus.yaml").read_text())[
+        "datasources"
+    ]
+    uids = {d["uid"] for d in ds if d["type"] == "prometheus"}
+    provider = yaml.safe_load((GRAFANA / "provisioning/dashboards/chat-svc.yaml").read_text())[
+        "providers"
+    ][0]
+    assert provider["type"] == "file"
+    compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
+    mounts = compose["services"]["grafana"]["volumes"]
+    assert f"./grafana/dashboards:{provider['options']['path']}:ro" in mounts
+    ids = [p["id"] for p in dash["panels"]]
+    assert len(ids) == len(set(ids))
+    for p in dash["panels"]:
+        assert p["datasource"]["uid"] in uids, p["title"]
+        assert p["targets"], p["title"]
+        for t in p["targets"]:
+            assert t["datasource"]["uid"] in uids
+    # the panels the dashboard must have
+    exprs = "\n".join(dashboard_exprs())
+    for needle in (
+        "chat_connections",
+        "chat_messages_received_total",
+        "chat_deliveries_total",
+        "histogram_quantile(0.5, sum by (le) (rate(chat_fanout_latency_seconds_bucket",
+        "histogram_quantile(0.99, sum by (le) (rate(chat_fanout_latency_seconds_bucket",
+        "sum by (reason) (rate(chat_disconnects_total",
+        "chat_sendq_bytes",
+        "chat_backplane_up",
+    ):
+        assert needle in exprs, needle
+
+
+def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
+    rules = [
+        {"record": f"dashboard:q{i}", "expr": concrete(e)} for i, e in enumerate(dashboard_exprs())
+    ]
+    path = tmp_path / "dashboard-queries.yml"
+    path.write_text(yaml.safe_dump({"groups": [{"name": "dashboard", "rules": rules}]}))
+    r = promtool("check", "rules", str(path))
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+# ----------------------------------------------------------------------------- compose (static)
+
+
+def test_compose_file_is_valid() -> None:
+    exe = require_binary("docker-compose")
+    env = {k: v for k, v in os.environ.items() if not k.endswith(("_PORT", "_IMAGE", "_BIND_ADDR"))}
+    r = subprocess.run(
+        [exe, "-f", str(DEPLOY / "compose.yaml"), "config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
+    assert r.returncode == 0, r.stderr
+    services = yaml.safe_load(r.stdout)["services"]
+    raw = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
+    assert raw["grafana"]["profiles"] == ["grafana"]
+    for name, port in (("chat-a", 9009), ("chat-b", 9010)):
+        assert services[name]["ports"] == [f"127.0.0.1:{port}:9009/tcp"], services[name]["ports"]
+        assert services[name]["environment"]["CHAT_REDIS_URL"].startswith("redis://redis:")
+    for name, var in (
+        ("chat-a", "CHAT_IMAGE"),
+        ("redis", "REDIS_IMAGE"),
+        ("prometheus", "PROMETHEUS_IMAGE"),
+    ):
+        assert raw[name]["image"].startswith("${" + var), name
+    scrape = yaml.safe_load((PROM / "prometheus.yml").read_text())
+    (job,) = [j for j in scrape["scrape_configs"] if j["job_name"] == "chat-svc"]
+    assert job["static_configs"][0]["targets"] == ["chat-a:9009", "chat-b:9009"]
+
+
+# ----------------------------------------------------------------------------- live
+
+
+@pytest.fixture
+def redis_url() -> Iterator[str]:
+    exe = require_binary("redis-server")
+    port = free_port()
+    proc = subprocess.Popen(
+        [exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+                    s.sendall(b"PING\r\n")
+                    if s.recv(64).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "redis-server did not start"
+            time.sleep(0.05)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def test_probe_paths_of_the_manifests_answer(chat_server) -> None:
+    srv = chat_server()
+    container = find("Deployment", "chat-svc")["spec"]["template"]["spec"]["containers"][0]
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        path = container[probe]["httpGet"]["path"]
+        with urllib.request.urlopen(f"http://127.0.0.1:{srv.port}{path}", timeout=5) as resp:
+            assert resp.status == 200, (probe, path)
+    path = find("ServiceMonitor")["spec"]["endpoints"][0]["path"]
+    assert "chat_connections" in exposition(srv.port) and path == "/metrics"
+
+
+def test_every_metric_in_rules_and_dashboard_is_exported(chat_server, redis_url: str) -> None:
+    """Names (and label values such as reason="slow_consumer") must exist on a running server.
+
+    The server runs with --redis-url against a real redis-server, since the chat_backplane_*
+    series exist only with the backplane on.
+    """
+    srv = chat_server("--redis-url", redis_url)
+    alice = srv.member("alice")
+    bob = srv.member("bob")
+    alice.send("hello")
+    bob.expect("[alice]")
+    names, labels = exported_samples(exposition(srv.port))
+    used = used_metric_names()
+    missing = {n: sorted(w) for n, w in used.items() if n not in names and n not in PROMQL_BUILTINS}
+    missing_labels = {x for x in used_label_values() if x not in labels}
+    backplane_absent = not any(n.startswith("chat_backplane_") for n in names)
+    if (
+        missing
+        and backplane_absent
+        and all(n.startswith("chat_backplane_") for n in missing)
+        and not missing_labels
+    ):
+        pytest.xfail(
+            f"Redis backplane not in the server yet (issue 5): {sorted(missing)} not exported"
+        )
+    assert not missing, f"used but not exported: {missing}"
+    assert not missing_labels, f"label values used but not exported: {sorted(missing_labels)}"
+
+
+def test_prometheus_scrapes_a_running_server(chat_server, tmp_path: Path) -> None:
+    """The Debian prometheus binary scrapes chat-svc's chat port and loads the alert rules."""
+    exe = require_binary("prometheus")
+    srv = chat_server()
+    member = srv.member("alice")
+    member.send("/rooms")
+    web = free_port()
+    (tmp_path / "alerts.yml").write_text((PROM / "alerts.yml").read_text())
+    config = yaml.safe_load((PROM / "prometheus.yml").read_text())
+    config["global"]["scrape_interval"] = "1s"
+    config["global"]["evaluation_interval"] = "1s"
+    config["scrape_configs"] = [
+        {
+            "job_name": "chat-svc",
+            "metrics_path": "/metrics",
+            "static_configs": [{"targets": [f"127.0.0.1:{srv.port}"]}],
+        }
+    ]
+    (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
+    log = open(tmp_path / "prometheus.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen(
+        [
+            exe,
+            f"--config.file={tmp_path / 'prometheus.yml'}",
+            f"--storage.tsdb.path={tmp_path / 'data'}",
+            f"--web.listen-address=127.0.0.1:{web}",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+
+    def api(path: str, **params: str) -> Any:
+        url = f"http://127.0.0.1:{web}/api/v1/{path}?{urllib.parse.urlencode(params)}"
+        with urllib.request.urlopen(url, timeout=5) as resp:
+            body = json.load(resp)
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(q: str) -> list[dict[str, Any]]:
+        return api("query", query=q)["result"]
+
+    try:
+        deadline = time.monotonic() + 45
+        up: list[dict[str, Any]] = []
+        while time.monotonic() < deadline:
+            assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()[-3000:]
+            try:
+                up = query('up{job="chat-svc"}')
+                if up and up[0]["value"][1] == "1":
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        assert up and up[0]["value"][1] == "1", (
+            f"up: {up}\n{(tmp_path / 'prometheus.log').read_text()[-3000:]}"
+        )
+        assert up[0]["metric"]["instance"] == f"127.0.0.1:{srv.port}"
+        connections = query('chat_connections{job="chat-svc"}')
+        assert connections and float(connections[0]["value"][1]) >= 1, connections
+        build = query("chat_build_info")
+        assert build and build[0]["metric"]["version"], build
+        groups = api("rules")["groups"]
+        loaded = {r["name"]: r for g in groups for r in g["rules"]}
+        assert set(loaded) == {r["alert"] for r in alert_rules()}
+        assert all(r["health"] in ("ok", "unknown") for r in loaded.values()), loaded
+    finally:
+        member.close()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
