@@ -63,6 +63,7 @@ def build_image() -> tuple[str, float]:
         cmd = [
             DOCKER,
             "build",
+            "--force-rm",
             "--build-arg",
             f"BASE_IMAGE={BASE_IMAGE}",
             "-t",
