@@ -303,6 +303,7 @@ class Ledger:
         self.window: tuple[float | None, float | None] = (None, None)
         self.first_send: float | None = None
         self.last_send: float | None = None
+        self.frozen_at: float | None = None
 
     # -- input -----------------------------------------------------------------
 
@@ -315,6 +316,8 @@ class Ledger:
             self.room_members[room].append(nick)
         for nick, t in batch["leaves"]:
             m = self.members.get(nick)
+            if self.frozen_at is not None and t >= self.frozen_at:
+                continue  # the test stopping its users, after every verdict was settled
             if m is not None and m.leave_t is None:
                 m.leave_t = t
         for room, nick, seq, t_send in batch["sends"]:

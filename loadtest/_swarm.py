@@ -528,8 +528,16 @@ def _ship() -> None:
 
 
 def _flusher() -> None:
+    """Ship batches, and sample this process's CPU so the summary can warn when the
+    swarm itself was the bottleneck (Locust's own monitor samples only every 5 s)."""
+    wall, cpu = time.monotonic(), time.process_time()
     while True:
         gevent.sleep(FLUSH_INTERVAL)
+        now_wall, now_cpu = time.monotonic(), time.process_time()
+        if now_wall - wall >= 2.0 and STATE.recorder is not None:
+            busy = 100.0 * (now_cpu - cpu) / (now_wall - wall)
+            STATE.recorder.cpu_max = max(STATE.recorder.cpu_max, busy)
+            wall, cpu = now_wall, now_cpu
         try:
             _ship()
         except Exception:
@@ -589,12 +597,6 @@ def _on_spawning_complete(**_kw: Any) -> None:
         STATE.ledger.window = (time.time(), None)
 
 
-@events.usage_monitor.add_listener
-def _on_usage(environment: Environment, cpu_usage: float, **_kw: Any) -> None:
-    if STATE.recorder is not None:
-        STATE.recorder.cpu_max = max(STATE.recorder.cpu_max, float(cpu_usage))
-
-
 @events.test_stopping.add_listener
 def _on_test_stopping(environment: Environment, **_kw: Any) -> None:
     if _is_worker():
@@ -630,6 +632,8 @@ def _drain() -> None:
             break
         if now - start >= limit:
             break
+    # Users are stopped only after this returns: their leaves are not membership churn.
+    ledger.frozen_at = time.time()
 
 
 @events.test_stop.add_listener

@@ -1,0 +1,380 @@
+"""Capacity sweep: step users x per-user rate, one short headless swarm run per step.
+
+    python -m loadtest._sweep                       # starts its own server (--flood-rate 0)
+    python -m loadtest._sweep --host tcp://127.0.0.1:9009 --users 50,100,200 --rates 1,2
+
+Each step is a separate ``locust -f loadtest --headless`` process whose ``--summary-json``
+gives p50/p99 fan-out latency (every delivery), deliveries/s and loss; the server's CPU
+and memory come from its Prometheus ``/metrics`` (``process_cpu_seconds_total`` and
+``process_resident_memory_bytes``, read before and after the step). Results go to
+``<out>.csv``, ``<out>.png`` (latency against load, and server CPU) and ``<out>.md``.
+
+Why separate processes per step: every step starts from a fresh swarm (no leftover
+connections or rooms), and a step that breaks the server or the swarm cannot taint the
+next one. The swarm's own CPU is recorded too: a step where it nears 100 % measured the
+load generator, not the server, and is flagged in the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import os
+import platform
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+FIELDS = [
+    "users",
+    "msg_rate",
+    "offered_lines_per_s",
+    "deliveries_per_s",
+    "server_deliveries_per_s",
+    "p50_ms",
+    "p95_ms",
+    "p99_ms",
+    "max_ms",
+    "loss_ratio",
+    "lost_deliveries",
+    "expected_deliveries",
+    "server_cpu_pct",
+    "server_rss_mb",
+    "swarm_cpu_max_pct",
+    "passed",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _host_port(host: str) -> tuple[str, int]:
+    h = host.split("://", 1)[-1].rstrip("/")
+    addr, _, port = h.rpartition(":")
+    return addr.strip("[]") or "127.0.0.1", int(port or 9009)
+
+
+def scrape(url: str) -> dict[str, float]:
+    """The sample values of a Prometheus text page (labels kept in the key)."""
+    with urllib.request.urlopen(url, timeout=5) as r:
+        text = r.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            m = re.match(r"(\S+)\s+(\S+)", line)
+            if m:
+                try:
+                    out[m.group(1)] = float(m.group(2))
+                except ValueError:
+                    continue
+    return out
+
+
+class Server:
+    """chat-svc started for the sweep on a free loopback port, flood control off."""
+
+    def __init__(self, extra: list[str]) -> None:
+        self.port = _free_port()
+        self.args = ["--flood-rate", "0", "--log-level", "warning", *extra]
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "chat_svc",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                *self.args,
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
+                return
+            except OSError:
+                if self.proc.poll() is not None:
+                    raise RuntimeError("chat-svc exited during start-up") from None
+                time.sleep(0.1)
+        raise RuntimeError("chat-svc did not start listening")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def run_step(
+    opts: argparse.Namespace, host: str, metrics_url: str, users: int, rate: float
+) -> dict:
+    """One swarm run; returns a CSV row."""
+    with tempfile.TemporaryDirectory() as tmp:
+        summary = Path(tmp) / "summary.json"
+        cmd = [
+            sys.executable,
+            "-m",
+            "locust",
+            "-f",
+            str(ROOT / "loadtest"),
+            "--headless",
+            "--host",
+            host,
+            "-u",
+            str(users),
+            "-r",
+            str(opts.spawn_rate),
+            "-t",
+            f"{opts.duration}s",
+            "--msg-rate",
+            str(rate),
+            "--room-size",
+            str(opts.room_size),
+            "--deadline",
+            str(opts.deadline),
+            "--summary-json",
+            str(summary),
+            "--only-summary",
+            "--loglevel",
+            "WARNING",
+        ]
+        if opts.processes:
+            cmd += ["--processes", str(opts.processes)]
+        if opts.max_p99_ms is not None:
+            cmd += ["--max-p99-ms", str(opts.max_p99_ms)]
+        before, t0 = scrape(metrics_url), time.monotonic()
+        proc = subprocess.run(
+            cmd, cwd=tmp, capture_output=True, text=True, timeout=opts.duration + 120
+        )
+        after, t1 = scrape(metrics_url), time.monotonic()
+        if not summary.exists():
+            sys.stderr.write(proc.stdout[-2000:] + proc.stderr[-2000:])
+            raise RuntimeError(f"step users={users} rate={rate}: locust wrote no summary")
+        s = json.loads(summary.read_text())
+    t = s["totals"]
+    wall = t1 - t0
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    def r(v: float | None, nd: int = 2) -> float | str:
+        return "" if v is None else round(v, nd)
+
+    return {
+        "users": users,
+        "msg_rate": rate,
+        "offered_lines_per_s": round(users * rate, 1),
+        "deliveries_per_s": r(t["deliveries_per_s"], 1),
+        "server_deliveries_per_s": r(delta("chat_deliveries_total") / wall, 1),
+        "p50_ms": r(t["p50_ms"]),
+        "p95_ms": r(t["p95_ms"]),
+        "p99_ms": r(t["p99_ms"]),
+        "max_ms": r(t["max_ms"]),
+        "loss_ratio": round(t["loss_ratio"], 6),
+        "lost_deliveries": t["lost_deliveries"],
+        "expected_deliveries": t["expected_deliveries"],
+        "server_cpu_pct": r(100.0 * delta("process_cpu_seconds_total") / wall, 1),
+        "server_rss_mb": r(after.get("process_resident_memory_bytes", 0.0) / 2**20, 1),
+        "swarm_cpu_max_pct": r(t["swarm_cpu_max"], 0),
+        "passed": bool(s["passed"]),
+    }
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w.writeheader()
+        w.writerows(rows)
+
+
+def write_plot(rows: list[dict], path: Path, title: str) -> None:
+    """Latency percentiles against achieved deliveries/s, and server CPU, per per-user rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for rate in sorted({row["msg_rate"] for row in rows}):
+        pts = [row for row in rows if row["msg_rate"] == rate and row["p99_ms"] != ""]
+        pts.sort(key=lambda row: row["deliveries_per_s"])
+        x = [row["deliveries_per_s"] for row in pts]
+        (line,) = ax1.plot(
+            x, [row["p99_ms"] for row in pts], "o-", label=f"p99, {rate:g} line/s/user"
+        )
+        ax1.plot(
+            x,
+            [row["p50_ms"] for row in pts],
+            "s--",
+            color=line.get_color(),
+            alpha=0.7,
+            label=f"p50, {rate:g} line/s/user",
+        )
+        for row in pts:
+            ax1.annotate(
+                str(row["users"]),
+                (row["deliveries_per_s"], row["p99_ms"]),
+                textcoords="offset points",
+                xytext=(3, 4),
+                fontsize=7,
+            )
+        ax2.plot(
+            x,
+            [row["server_cpu_pct"] for row in pts],
+            "o-",
+            color=line.get_color(),
+            label=f"{rate:g} line/s/user",
+        )
+    ax1.set_yscale("log")
+    ax1.set_xlabel("deliveries/s (swarm-measured)")
+    ax1.set_ylabel("fan-out latency (ms, log)")
+    ax1.set_title("latency vs load (labels: users)")
+    ax1.grid(True, which="both", alpha=0.3)
+    ax1.legend(fontsize=7)
+    ax2.set_xlabel("deliveries/s (swarm-measured)")
+    ax2.set_ylabel("server CPU (% of one core)")
+    ax2.set_title("server CPU vs load")
+    ax2.grid(True, alpha=0.3)
+    ax2.legend(fontsize=7)
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown_table(rows: list[dict], header: str) -> str:
+    cols = [
+        ("users", "users"),
+        ("msg_rate", "lines/s/user"),
+        ("deliveries_per_s", "deliveries/s"),
+        ("p50_ms", "p50 ms"),
+        ("p99_ms", "p99 ms"),
+        ("max_ms", "max ms"),
+        ("loss_ratio", "loss"),
+        ("server_cpu_pct", "server CPU %"),
+        ("server_rss_mb", "server RSS MB"),
+        ("swarm_cpu_max_pct", "swarm CPU % (max)"),
+        ("passed", "checks"),
+    ]
+    lines = [header, "", "| " + " | ".join(c[1] for c in cols) + " |"]
+    lines.append("|" + "|".join("---:" for _ in cols) + "|")
+    for row in rows:
+        cells = []
+        for key, _ in cols:
+            v = row[key]
+            if key == "passed":
+                v = "pass" if v else "FAIL"
+            elif key == "swarm_cpu_max_pct" and v != "" and float(v) >= 90:
+                v = f"{v} (swarm-bound)"
+            cells.append(str(v))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the sweep and write the CSV, PNG and markdown table."""
+    ap = argparse.ArgumentParser(prog="python -m loadtest._sweep", description=__doc__)
+    ap.add_argument("--host", help="target tcp://H:P (default: start chat-svc on a free port)")
+    ap.add_argument("--metrics-url", help="default: http://H:P/metrics on the chat port")
+    ap.add_argument(
+        "--server-arg",
+        action="append",
+        default=[],
+        help="extra flag for the server the sweep starts (repeatable)",
+    )
+    ap.add_argument("--users", default="50,100,200,400")
+    ap.add_argument("--rates", default="1,2", help="chat lines per second per user")
+    ap.add_argument("--duration", type=int, default=20, help="seconds per step (incl. ramp-up)")
+    ap.add_argument("--spawn-rate", type=float, default=100)
+    ap.add_argument("--room-size", type=int, default=20)
+    ap.add_argument("--deadline", type=float, default=5.0)
+    ap.add_argument("--processes", type=int, default=0, help="locust --processes per step")
+    ap.add_argument("--max-p99-ms", type=float, default=None)
+    ap.add_argument(
+        "--stop-p99-ms",
+        type=float,
+        default=2000.0,
+        help="skip larger user counts for a rate once p99 exceeds this, or on loss",
+    )
+    ap.add_argument(
+        "--out",
+        default=str(ROOT / "docs" / "capacity"),
+        help="output path without extension (.csv, .png, .md are written)",
+    )
+    opts = ap.parse_args(argv)
+
+    users = [int(u) for u in opts.users.split(",")]
+    rates = [float(r) for r in opts.rates.split(",")]
+    server = None
+    if opts.host:
+        host = opts.host
+        server_desc = f"external server at {host}"
+    else:
+        server = Server(opts.server_arg)
+        host = f"tcp://127.0.0.1:{server.port}"
+        server_desc = "chat-svc " + " ".join(server.args)
+    h, p = _host_port(host)
+    metrics_url = opts.metrics_url or f"http://{h}:{p}/metrics"
+    rows: list[dict[str, Any]] = []
+    try:
+        for rate in rates:
+            for u in users:
+                print(f"step: {u} users x {rate:g} lines/s ...", flush=True)
+                row = run_step(opts, host, metrics_url, u, rate)
+                rows.append(row)
+                print("  " + ", ".join(f"{k}={row[k]}" for k in FIELDS[3:]), flush=True)
+                p99 = row["p99_ms"]
+                if row["loss_ratio"] > 0 or (p99 != "" and p99 > opts.stop_p99_ms):
+                    print(f"  stopping this rate: p99 {p99} ms, loss {row['loss_ratio']}")
+                    break
+    finally:
+        if server is not None:
+            server.stop()
+
+    out = Path(opts.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    when = time.strftime("%Y-%m-%d")
+    machine = (
+        f"{os.cpu_count()} cores, {platform.python_implementation()} {platform.python_version()}"
+    )
+    title = (
+        f"chat-svc capacity sweep {when}: {machine}; server and swarm on the same host; "
+        f"rooms of {opts.room_size}, {opts.duration}s per step"
+    )
+    write_csv(rows, out.with_suffix(".csv"))
+    write_plot(rows, out.with_suffix(".png"), title)
+    swarm = f"--processes {opts.processes}" if opts.processes else "1 process"
+    header = " ".join(
+        [
+            f"Capacity sweep ({when}; {machine}; {server_desc}; swarm {swarm};",
+            f"rooms of {opts.room_size}; {opts.duration} s per step incl. ramp-up at",
+            f"{opts.spawn_rate:g} users/s; latency = send to receipt over every delivery;",
+            "deliveries/s after ramp-up).",
+        ]
+    )
+    out.with_suffix(".md").write_text(markdown_table(rows, header))
+    print(f"wrote {out.with_suffix('.csv')}, {out.with_suffix('.png')}, {out.with_suffix('.md')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
