@@ -47,12 +47,20 @@ for b in "$DOCKER" /usr/sbin/dockerd /usr/sbin/debootstrap /usr/bin/docker-compo
 done
 
 # --- 2. engine ---------------------------------------------------------------------------
+# A dockerd killed hard leaves /var/run/docker.pid behind; its pid may be gone, reused by
+# another program, or a zombie nobody reaps (kill -0 succeeds on those), so look at /proc.
+dockerd_alive() {
+    local pid="$1"
+    [ -n "$pid" ] && [ -r "/proc/$pid/status" ] || return 1
+    [ "$(cat "/proc/$pid/comm" 2>/dev/null)" = dockerd ] || return 1
+    ! grep -q '^State:[[:space:]]*Z' "/proc/$pid/status"
+}
 if "$DOCKER" info >/dev/null 2>&1; then
     log "dockerd already running ($("$DOCKER" version -f '{{.Server.Version}}'))"
 else
     if [ -f /var/run/docker.pid ]; then
         pid="$(cat /var/run/docker.pid 2>/dev/null || true)"
-        if [ -n "$pid" ] && kill -0 "$pid" 2>/dev/null; then
+        if dockerd_alive "$pid"; then
             log "dockerd pid $pid exists but does not answer yet; waiting for it"
         else
             log "removing stale /var/run/docker.pid (pid '${pid}' is not running)"
