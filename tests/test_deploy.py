@@ -14,6 +14,7 @@ import re
 import signal
 import socket
 import subprocess
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -210,7 +211,7 @@ def test_deployment_contract() -> None:
     assert container["envFrom"][0]["configMapRef"]["name"] == cm["metadata"]["name"]
     # every CHAT_* key is a real flag of the server
     help_text = subprocess.run(
-        [str(ROOT / ".venv/bin/python"), "-m", "chat_svc", "--help"],
+        [sys.executable, "-m", "chat_svc", "--help"],
         capture_output=True,
         text=True,
         timeout=30,
