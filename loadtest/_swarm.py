@@ -335,6 +335,15 @@ class ChatUser(User):
         self._closing = False
         self.sock = sock
         self.reader = gevent.spawn(self._read_loop, sock, self.nick)
+        # Speak first: the server holds the welcome for up to 250 ms while it sniffs for an
+        # HTTP request line, unless the client's first line shows it is a chat client.
+        t1 = time.perf_counter()
+        with contextlib.suppress(OSError):
+            sock.sendall(
+                f"/nick {self.nick}\n/join {self.room}\n/msg {self.nick} ".encode()
+                + self._sync_token
+                + b"\n"
+            )
         if not self._welcome.wait(self.join_timeout) or self.sock is not sock:
             rec.count("connect_failures")
             _fire(
@@ -346,13 +355,6 @@ class ChatUser(User):
             self._abandon(sock)
             return
         _fire("TCP", "connect", (time.perf_counter() - t0) * 1000)
-        t1 = time.perf_counter()
-        with contextlib.suppress(OSError):
-            sock.sendall(
-                f"/nick {self.nick}\n/join {self.room}\n/msg {self.nick} ".encode()
-                + self._sync_token
-                + b"\n"
-            )
         ok = self._synced.wait(self.join_timeout) and self.sock is sock
         if not ok or self._handshake_errors:
             rec.count("join_failures")

@@ -353,6 +353,24 @@ def test_faulty_server_fails_the_run_and_names_the_loss(faulty_server: Any, tmp_
 
 
 @pytest.mark.slow
+def test_server_disconnects_fail_the_run_and_users_reconnect(
+    chat_server: Any, tmp_path: Path
+) -> None:
+    """Listen-only users idle past the server's --idle-timeout get dropped by the server."""
+    srv = chat_server("--idle-timeout", "1")
+    rc, out, s = _run_locust(
+        tmp_path, srv.port, "-u", "4", "-r", "4", "-t", "4s", "--msg-rate", "0", "--deadline", "1"
+    )
+    t = s["totals"]
+    assert rc != 0, out[-3000:]
+    result = next(line for line in out.splitlines() if line.startswith("RESULT:"))
+    assert "server disconnects" in result
+    assert t["disconnects"] >= 4
+    assert t["members"] > 4  # dropped users reconnected under a new nick
+    assert "ServerDisconnectError" in out
+
+
+@pytest.mark.slow
 def test_distributed_two_workers_clean(chat_server: Any, tmp_path: Path) -> None:
     srv = chat_server("--flood-rate", "0")
     rc, out, s = _run_distributed(tmp_path, srv.port, "-u", "30", "-r", "30", "-t", "8s")
