@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import time
 
-import pytest
-
 
 def test_line_reaches_every_other_member_and_is_not_echoed(chat_server):
     srv = chat_server()

@@ -15,6 +15,7 @@ import gevent.event
 import structlog
 
 from . import __version__, logs, protocol
+from .backplane import RedisBackplane
 from .config import Config, load
 from .httpfront import Health, HttpFront, make_app, serve_metrics_port
 from .hub import Hub, Member, Stats
@@ -35,12 +36,22 @@ class Service:
         self.log = structlog.get_logger("chat_svc")
         self.metrics = Metrics()
         self.hub = Hub(
-            gevent.get_hub().loop.run_callback,
             Stats(),
             history=config.history,
             notice_threshold=config.notice_threshold,
             observe_latency=self.metrics.observe_latencies,
         )
+        # Cluster mode (--redis-url): the hub relays through Redis; see backplane.py.
+        self.backplane: RedisBackplane | None = None
+        if config.redis_url:
+            self.backplane = RedisBackplane(
+                config.redis_url,
+                self.hub,
+                instance_id=config.instance_id,
+                presence_ttl=config.presence_ttl,
+            )
+            self.hub.backplane = self.backplane
+            self.metrics.registry.register(self.backplane.collector())
         self.sessions: set[Session] = set()
         self.per_ip: dict[str, int] = {}
         self.open_connections = 0
@@ -85,12 +96,14 @@ class Service:
                 del self.per_ip[session.ip]
 
     def claim_nick(self, member: Member, nick: str) -> str | None:
+        if self.backplane is not None:
+            return self.backplane.claim_nick(member, nick)
         return self.hub.rename(member, nick)
 
     def whisper(self, member: Member, target: str, text: str) -> bool:
         recipient = self.hub.find(target)
         if recipient is None:
-            return False
+            return self.backplane is not None and self.backplane.whisper(member, target, text)
         line = protocol.private_line(member.nick, target, text)
         self.hub.send_to(recipient, line)
         self.hub.stats.deliveries += 1
@@ -99,9 +112,13 @@ class Service:
         return True
 
     def room_counts(self) -> list[tuple[str, int]]:
+        if self.backplane is not None:
+            return self.backplane.room_counts()
         return self.hub.room_counts()
 
     def who(self, room: str) -> list[str]:
+        if self.backplane is not None:
+            return self.backplane.who(room)
         found = self.hub.rooms.get(room)
         return self.hub.who(found) if found is not None else []
 
@@ -118,6 +135,10 @@ class Service:
             return False, "draining"
         if not self.accepting:
             return False, "not accepting"
+        if self.backplane is not None and not self.backplane.up:
+            if self.config.ready_requires_backplane:
+                return False, "backplane down"
+            return True, "ready (degraded: backplane down)"
         return True, "ready"
 
     def _watch_loop(self) -> None:
@@ -130,6 +151,8 @@ class Service:
     # -- running ----------------------------------------------------------
 
     def start(self) -> None:
+        if self.backplane is not None:
+            self.backplane.start()
         self.server.start()
         self.accepting = True
         gevent.spawn(self._watch_loop)
@@ -163,6 +186,8 @@ class Service:
             session.kill("shutdown")
         while self.sessions and time.monotonic() < deadline + 1.0:
             gevent.sleep(0.01)
+        if self.backplane is not None:
+            self.backplane.stop()
         if self.metrics_server is not None:
             self.metrics_server.close()
         self.log.info("shutdown_complete", members=members, seconds=round(time.monotonic() - started, 3))

@@ -113,6 +113,13 @@ SETTINGS: tuple[Setting, ...] = (
         1048576,
         "Outbound queue limit per member; past it the member is dropped as a slow consumer.",
     ),
+    Setting(
+        "sndbuf_bytes",
+        _non_negative_int,
+        262144,
+        "Kernel send buffer per client socket (SO_SNDBUF); bounds what the kernel holds for a "
+        "slow reader beyond --sendq-bytes. 0 = kernel autotuning (up to tcp_wmem max).",
+    ),
     Setting("flood_burst", _positive_int, 20, "Lines a client may send at once before fakelag."),
     Setting(
         "flood_rate",
@@ -152,12 +159,20 @@ SETTINGS: tuple[Setting, ...] = (
         "arriving first is served as HTTP).",
     ),
     Setting("http_timeout", _non_negative_float, 5.0, "Seconds an HTTP client has to send its request headers."),
-    Setting("auth_timeout", _non_negative_float, 5.0, "Seconds a client has to send '/auth TOKEN' when a token is set."),
+    Setting(
+        "auth_timeout", _non_negative_float, 5.0, "Seconds a client has to send '/auth TOKEN' when a token is set."
+    ),
     Setting("tls_cert", str, None, "PEM certificate: serve chat over TLS (needs --tls-key)."),
     Setting("tls_key", str, None, "PEM private key for --tls-cert."),
     Setting("token", str, None, "Access token; clients must send '/auth TOKEN' first.", secret=True),
     Setting("token_file", str, None, "File holding the access token (first line).", secret=True),
-    Setting("redis_url", str, None, "Redis URL enabling the multi-instance backplane, e.g. redis://redis:6379/0.", secret=True),
+    Setting(
+        "redis_url",
+        str,
+        None,
+        "Redis URL enabling the multi-instance backplane, e.g. redis://redis:6379/0.",
+        secret=True,
+    ),
     Setting(
         "ready_requires_backplane",
         _flag,
@@ -183,6 +198,7 @@ class Config:
     history: int = 20
     max_line_bytes: int = 8192
     sendq_bytes: int = 1048576
+    sndbuf_bytes: int = 262144
     flood_burst: int = 20
     flood_rate: float = 10.0
     flood_max_input_bytes: int = 65536

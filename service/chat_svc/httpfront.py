@@ -69,7 +69,8 @@ def make_app(registry: CollectorRegistry, health: Health) -> Callable[[dict[str,
             def start_closing(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
                 return start_response(status, [*headers, ("Connection", "close")], exc_info)
 
-            return metrics_app(environ, start_closing)
+            # prometheus_client's app answers GET only; pywsgi drops the body for HEAD.
+            return metrics_app({**environ, "REQUEST_METHOD": "GET"}, start_closing)
         ok, detail = health.alive() if path == "/healthz" else health.ready()
         status = "200 OK" if ok else "503 Service Unavailable"
         return _reply(start_response, status, (detail + "\n").encode())

@@ -1,13 +1,18 @@
 """Rooms, members, fan-out and history; knows nothing about sockets.
 
-Fan-out is batched per room and per event-loop iteration: ``broadcast`` only
-appends the encoded line to the room's pending list and asks the scheduler
-for one flush.  By the time the flush runs, every reader that had input in
-this iteration has added its lines, so each recipient gets all of them in a
-single ``Outbox.push`` (one ``send`` call) and the bytes are joined once and
-shared by every recipient.  Under load batches grow by themselves, which is
-what keeps the number of ``send`` calls, and so the kernel's per-call cost,
-far below one per delivery.
+Fan-out works like a sweeper over an append-only room log.  ``broadcast``
+only appends the encoded line to the room's log (O(1), whatever the room
+size).  One sweeper greenlet walks the members of each busy room and hands
+each member everything it has not had yet in a single ``Outbox.push``, so
+under load one ``send`` call carries many lines: the kernel's per-call cost,
+which dominates fan-out on loopback, is paid per member per pass, not per
+delivery.  The joined bytes are built once per pass and shared by every
+member at the same position.  The sweeper yields to the event loop every
+few dozen members, so new input is read during a pass and reaches the rest
+of the room in that same pass: a line waits at most about one pass.
+Members' positions (``rseq``) only move forward, so each sender's lines
+keep their order, and a line is trimmed from the log once every member
+has been handed it.
 """
 
 from __future__ import annotations
@@ -18,14 +23,23 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Protocol
 
+import gevent
+import gevent.event
+
 from . import protocol
 from .outbox import Outbox
 
+# Members served between two looks at new input during a sweep.
+YIELD_EVERY = 48
+# Bytes a room may have waiting for the sweeper before readers in that room
+# pause (overload backpressure: senders slow down, nothing is dropped).
+ROOM_BACKLOG_LIMIT = 8 * 1024 * 1024
+
 
 class Member:
-    """A chat participant as the hub sees it: a nick, a room and an outbox."""
+    """A chat participant as the hub sees it: a nick, a room, a position and an outbox."""
 
-    __slots__ = ("__weakref__", "conn_id", "ip", "nick", "outbox", "room")
+    __slots__ = ("__weakref__", "conn_id", "ip", "nick", "outbox", "room", "rseq")
 
     def __init__(self, nick: str, ip: str, outbox: Outbox, conn_id: int = 0) -> None:
         self.nick = nick
@@ -33,19 +47,29 @@ class Member:
         self.outbox = outbox
         self.conn_id = conn_id
         self.room: Room | None = None
+        self.rseq = 0
 
 
 class Room:
-    """Members of one room, their pending fan-out batch and the recent history."""
+    """Members of one room, the log of lines not yet handed to all, and recent history."""
 
-    __slots__ = ("_snapshot", "history", "members", "name", "pending")
+    __slots__ = ("_snapshot", "base", "history", "lines", "members", "name", "senders", "times", "waiting")
 
     def __init__(self, name: str, history: int) -> None:
         self.name = name
         self.members: dict[Member, None] = {}
-        self.pending: list[tuple[bytes, Member | None, float]] = []
+        self.lines: list[bytes] = []
+        self.senders: list[Member | None] = []
+        self.times: list[float] = []
+        self.base = 0
+        self.waiting = 0
         self.history: deque[bytes] = deque(maxlen=history)
         self._snapshot: tuple[Member, ...] | None = None
+
+    @property
+    def end(self) -> int:
+        """Sequence number the next line will get."""
+        return self.base + len(self.lines)
 
     def add(self, member: Member) -> None:
         self.members[member] = None
@@ -56,7 +80,7 @@ class Room:
         self._snapshot = None
 
     def snapshot(self) -> tuple[Member, ...]:
-        """The member list to iterate while fan-out may remove members."""
+        """The member list to iterate while the sweep may yield and members may leave."""
         if self._snapshot is None:
             self._snapshot = tuple(self.members)
         return self._snapshot
@@ -68,6 +92,12 @@ class Backplane(Protocol):
     def publish(self, room: str, data: bytes) -> None: ...
 
     def room_active(self, room: str, active: bool) -> None: ...
+
+    def joining(self, member: Member, room: str) -> list[bytes] | None:
+        """Before ``member`` enters ``room`` (may block): the history to replay, None = local."""
+
+    def left(self, member: Member) -> None:
+        """``member`` left a room (to move or to go)."""
 
 
 @dataclass
@@ -89,37 +119,35 @@ class Stats:
 
 
 class Hub:
-    """All rooms of this process and the nick registry.
-
-    ``schedule`` runs a callable soon, after the current batch of input has
-    been read (gevent's ``loop.run_callback`` in the server, a list in tests).
-    """
+    """All rooms of this process, the nick registry and the fan-out sweeper."""
 
     def __init__(
         self,
-        schedule: Callable[[Callable[[], None]], object],
         stats: Stats,
         history: int = 20,
         notice_threshold: int = 200,
         observe_latency: Callable[[Iterable[float]], None] | None = None,
     ) -> None:
-        self._schedule = schedule
         self.stats = stats
         self.history = history
         self.notice_threshold = notice_threshold
         self.members: dict[str, Member] = {}
         self.rooms: dict[str, Room] = {}
-        self._dirty: list[Room] = []
-        self._flush_scheduled = False
-        self._observe_latency = observe_latency
         self.backplane: Backplane | None = None
+        self._observe_latency = observe_latency
+        self._busy: dict[Room, None] = {}
+        self._wake = gevent.event.Event()
+        self._sweeper = gevent.spawn(self._sweep_forever)
+
+    def close(self) -> None:
+        self._sweeper.kill(block=False)
 
     # -- membership -------------------------------------------------------
 
     def attach(self, member: Member, room_name: str) -> None:
         """Register a new member under its nick and put it in ``room_name``."""
         self.members[member.nick] = member
-        self.send_to(member, protocol.welcome_line(member.nick, room_name))
+        member.outbox.push(protocol.welcome_line(member.nick, room_name))
         self._enter(member, room_name)
 
     def detach(self, member: Member) -> None:
@@ -129,15 +157,11 @@ class Hub:
         room = member.room
         if room is not None:
             self._leave(member, room)
-            member.room = None
 
     def move(self, member: Member, room_name: str) -> None:
-        """/join: leave the current room (unless it is the same) and enter another."""
+        """/join: leave the current room and enter ``room_name``."""
         room = member.room
         if room is not None:
-            if room.name == room_name:
-                self.send_to(member, protocol.info_line(f"you are already in {room_name}"))
-                return
             self._leave(member, room)
         self._enter(member, room_name)
 
@@ -160,32 +184,35 @@ class Hub:
         return None
 
     def _enter(self, member: Member, room_name: str) -> None:
+        # The backplane may block here (subscribe, read Redis history): before any state changes.
+        recent = self.backplane.joining(member, room_name) if self.backplane is not None else None
         room = self.rooms.get(room_name)
         if room is None:
             room = self.rooms[room_name] = Room(room_name, self.history)
             if self.backplane is not None:
                 self.backplane.room_active(room_name, True)
-        elif room.pending:
-            self.flush_room(room)
-        if room.history:
-            self.send_to(member, protocol.history_block(list(room.history)))
+        if recent is None:
+            recent = list(room.history)
+        if recent:
+            member.outbox.push(protocol.history_block(recent))
         room.add(member)
         member.room = room
+        member.rseq = room.end
         if len(room.members) <= self.notice_threshold:
             self.broadcast(room, protocol.joined_line(member.nick, room_name), member)
 
     def _leave(self, member: Member, room: Room) -> None:
-        if room.pending:
-            self.flush_room(room)
+        self._catch_up(member, room)
         room.remove(member)
+        member.room = None
         if len(room.members) < self.notice_threshold:
             self.broadcast(room, protocol.left_line(member.nick, room.name), member)
         if not room.members:
-            if room.pending:
-                self.flush_room(room)
             del self.rooms[room.name]
             if self.backplane is not None:
                 self.backplane.room_active(room.name, False)
+        if self.backplane is not None:
+            self.backplane.left(member)
 
     # -- fan-out ----------------------------------------------------------
 
@@ -194,71 +221,96 @@ class Hub:
         room = member.room
         if room is None:
             return
+        while room.waiting > ROOM_BACKLOG_LIMIT and member.room is room:
+            gevent.sleep(0.005)
         room.history.append(data)
         self.broadcast(room, data, member, t_read)
 
-    def broadcast(
-        self, room: Room, data: bytes, sender: Member | None, t_read: float | None = None
-    ) -> None:
-        """Queue ``data`` for everyone in ``room`` but ``sender``; sent at the next flush."""
+    def broadcast(self, room: Room, data: bytes, sender: Member | None, t_read: float | None = None) -> None:
+        """Queue ``data`` for everyone in ``room`` but ``sender``."""
         if self.backplane is not None:
             self.backplane.publish(room.name, data)
         self.deliver_local(room, data, sender, t_read)
 
-    def deliver_local(
-        self, room: Room, data: bytes, sender: Member | None, t_read: float | None = None
-    ) -> None:
-        """Add ``data`` to this process's fan-out batch for ``room`` (no relay)."""
-        if not room.pending:
-            self._dirty.append(room)
-            if not self._flush_scheduled:
-                self._flush_scheduled = True
-                self._schedule(self.flush)
-        room.pending.append((data, sender, time.perf_counter() if t_read is None else t_read))
-
-    def flush(self) -> None:
-        """Hand every pending batch to its recipients' outboxes."""
-        self._flush_scheduled = False
-        dirty = self._dirty
-        self._dirty = []
-        for room in dirty:
-            self.flush_room(room)
-
-    def flush_room(self, room: Room) -> None:
-        pending = room.pending
-        if not pending:
-            return
-        room.pending = []
-        members = room.snapshot()
-        if len(pending) == 1:
-            data, sender, _ = pending[0]
-            for member in members:
-                if member is not sender:
-                    member.outbox.push(data)
-            own = 1 if sender is not None and sender in room.members else 0
-        else:
-            batch = b"".join([entry[0] for entry in pending])
-            senders = {entry[1] for entry in pending}
-            own = 0
-            for member in members:
-                if member in senders:
-                    others = [entry[0] for entry in pending if entry[1] is not member]
-                    own += len(pending) - len(others)
-                    if others:
-                        member.outbox.push(b"".join(others))
-                else:
-                    member.outbox.push(batch)
-        self.stats.deliveries += len(pending) * len(members) - own
-        if self._observe_latency is not None:
-            now = time.perf_counter()
-            self._observe_latency([now - entry[2] for entry in pending])
+    def deliver_local(self, room: Room, data: bytes, sender: Member | None, t_read: float | None = None) -> None:
+        """Append ``data`` to the room log for this process's members (no relay)."""
+        room.lines.append(data)
+        room.senders.append(sender)
+        room.times.append(time.perf_counter() if t_read is None else t_read)
+        room.waiting += len(data)
+        if room not in self._busy:
+            self._busy[room] = None
+            self._wake.set()
 
     def send_to(self, member: Member, data: bytes) -> None:
-        """Direct output to one member, kept in order with its room's output."""
+        """Direct output to one member, after the room lines it is already owed."""
         room = member.room
-        if room is not None and room.pending:
-            self.flush_room(room)
+        if room is not None and member.rseq < room.end:
+            self._catch_up(member, room)
         member.outbox.push(data)
+
+    def _sweep_forever(self) -> None:
+        while True:
+            self._wake.wait()
+            self._wake.clear()
+            while self._busy:
+                busy = list(self._busy)
+                self._busy.clear()
+                for room in busy:
+                    self._sweep(room)
+
+    def _sweep(self, room: Room) -> None:
+        """One pass over a room: every member gets what it is owed, in one push each."""
+        target = room.end
+        cache: dict[int, tuple[int, bytes, set[Member | None], int]] = {}
+        for index, member in enumerate(room.snapshot(), 1):
+            if member.rseq < room.end and member.room is room:
+                self._catch_up(member, room, cache)
+            if not index % YIELD_EVERY:
+                gevent.sleep(0)
+        self._trim(room, target)
+        if room.lines and room not in self._busy:
+            self._busy[room] = None
+
+    def _catch_up(
+        self,
+        member: Member,
+        room: Room,
+        cache: dict[int, tuple[int, bytes, set[Member | None], int]] | None = None,
+    ) -> None:
+        start, end = member.rseq, room.end
+        if start >= end:
+            return
+        offset = start - room.base
+        entry = cache.get(start) if cache is not None else None
+        if entry is None or entry[0] != end:
+            lines = room.lines[offset:]
+            entry = (end, b"".join(lines), set(room.senders[offset:]), len(lines))
+            if cache is not None:
+                cache[start] = entry
+        _, data, senders, count = entry
+        member.rseq = end
+        if member in senders:
+            others = [line for line, sender in zip(room.lines[offset:], room.senders[offset:], strict=True)
+                      if sender is not member]
+            if not others:
+                return
+            count = len(others)
+            data = b"".join(others)
+        self.stats.deliveries += count
+        member.outbox.push(data)
+
+    def _trim(self, room: Room, upto: int) -> None:
+        """Drop lines every member has been handed; they have reached every queue."""
+        cut = upto - room.base
+        if cut <= 0:
+            return
+        if self._observe_latency is not None:
+            now = time.perf_counter()
+            self._observe_latency([now - t for t in room.times[:cut]])
+        room.waiting -= sum(len(line) for line in room.lines[:cut])
+        del room.lines[:cut], room.senders[:cut], room.times[:cut]
+        room.base = upto
 
     # -- queries ----------------------------------------------------------
 

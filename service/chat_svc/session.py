@@ -60,6 +60,7 @@ class Session:
         self.bytes_in = len(head)
         svc.hub.stats.bytes_in += len(head)
         self.counted = False
+        self.last_room: str | None = None
         self._flood_episode: float | None = None
         self.log = structlog.get_logger("chat_svc.session").bind(conn_id=self.conn_id, peer=f"{self.ip}:{self.port}")
         self._commands: dict[str, Callable[[str], bool]] = {
@@ -122,6 +123,7 @@ class Session:
     def _leave_hub(self) -> None:
         member = self.member
         if member is not None and member.room is not None:
+            self.last_room = member.room.name
             self.svc.hub.detach(member)
 
     def _nick_or_none(self) -> str | None:
@@ -130,7 +132,6 @@ class Session:
     def _close(self) -> None:
         reason = self.reason or "error"
         member = self.member
-        room = member.room.name if member is not None and member.room is not None else None
         self._leave_hub()
         if reason in _GRACEFUL:
             self._drain(1.0)
@@ -142,7 +143,7 @@ class Session:
             self.log.info(
                 "client_disconnected",
                 nick=member.nick,
-                room=room,
+                room=self.last_room,
                 reason=reason,
                 duration_s=round(time.monotonic() - self.started, 3),
                 bytes_in=self.bytes_in,

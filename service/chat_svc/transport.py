@@ -112,9 +112,11 @@ class TlsSink:
             writer.kill(block=False)
 
 
-def tune(sock: Any) -> None:
-    """Low latency for coalesced writes, and keepalive so dead peers are found."""
+def tune(sock: Any, sndbuf: int) -> None:
+    """Low latency for coalesced writes, a bounded kernel send buffer, and keepalive."""
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    if sndbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
     for option, value in (("TCP_KEEPIDLE", 60), ("TCP_KEEPINTVL", 15), ("TCP_KEEPCNT", 4)):
         if hasattr(socket, option):
@@ -151,7 +153,7 @@ def sniff(sock: Any, window: float, limit: float) -> tuple[bytes, str]:
         deadline = start + limit
 
 
-class ChatServer(StreamServer):  # type: ignore[misc]
+class ChatServer(StreamServer):
     """The chat port: every accepted socket gets its own greenlet running ``handle``."""
 
     def __init__(self, svc: Service) -> None:
@@ -169,7 +171,7 @@ class ChatServer(StreamServer):  # type: ignore[misc]
         svc.open_connections += 1
         svc.metrics.accepted.inc()
         try:
-            tune(sock)
+            tune(sock, config.sndbuf_bytes)
             if self.tls is not None:
                 sock.settimeout(config.http_timeout)
                 try:
