@@ -130,8 +130,7 @@ def _add_arguments(parser: Any, **_kw: Any) -> None:
         "--fanout-sample-every",
         type=int,
         default=10,
-        help="Fire a Locust 'fanout' event for 1 of N deliveries (all are counted "
-        "in the summary's latency histogram).",
+        help="Fire a Locust 'fanout' event for 1 of N deliveries (all are counted in the summary's latency histogram).",
     )
     g.add_argument("--room-prefix", default="swarm", help="Prefix of the swarm's room names.")
     g.add_argument(
@@ -191,9 +190,7 @@ def _is_master() -> bool:
     return isinstance(STATE.env.runner if STATE.env else None, MasterRunner)
 
 
-def _fire(
-    request_type: str, name: str, ms: float, length: int = 0, exc: Exception | None = None
-) -> None:
+def _fire(request_type: str, name: str, ms: float, length: int = 0, exc: Exception | None = None) -> None:
     if STATE.env is not None:
         STATE.env.events.request.fire(
             request_type=request_type,
@@ -339,11 +336,7 @@ class ChatUser(User):
         # HTTP request line, unless the client's first line shows it is a chat client.
         t1 = time.perf_counter()
         with contextlib.suppress(OSError):
-            sock.sendall(
-                f"/nick {self.nick}\n/join {self.room}\n/msg {self.nick} ".encode()
-                + self._sync_token
-                + b"\n"
-            )
+            sock.sendall(f"/nick {self.nick}\n/join {self.room}\n/msg {self.nick} ".encode() + self._sync_token + b"\n")
         if not self._welcome.wait(self.join_timeout) or self.sock is not sock:
             rec.count("connect_failures")
             _fire(
@@ -557,9 +550,7 @@ def _report_lost(lost: list[LostMessage]) -> None:
     ledger = STATE.ledger
     if ledger is None:
         return
-    exc = LostMessageError(
-        f"lost: not received by every room member within the {ledger.deadline:g}s deadline"
-    )
+    exc = LostMessageError(f"lost: not received by every room member within the {ledger.deadline:g}s deadline")
     for _ in lost:
         _fire("CHAT", "fanout", ledger.deadline * 1000, 0, exc)
 
@@ -595,8 +586,12 @@ def _on_test_start(environment: Environment, **_kw: Any) -> None:
 
 @events.spawning_complete.add_listener
 def _on_spawning_complete(**_kw: Any) -> None:
-    if STATE.ledger is not None and not _is_worker():
-        STATE.ledger.window = (time.time(), None)
+    """Ramp-up is over: deliveries/s and the latency thresholds count from here on."""
+    now = time.time()
+    if STATE.recorder is not None and STATE.recorder.steady_from is None:
+        STATE.recorder.steady_from = now
+    if STATE.ledger is not None and not _is_worker() and STATE.ledger.window[1] is None:
+        STATE.ledger.window = (now, None)
 
 
 @events.test_stopping.add_listener
