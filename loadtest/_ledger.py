@@ -154,6 +154,7 @@ class Recorder:
         self._late: dict[tuple[str, int], list[str]] = {}
         self._hist = LatencyHistogram()
         self._steady = LatencyHistogram()
+        self._lag = LatencyHistogram()
         self._per_sec: dict[int, int] = {}
         self._delta: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
 
@@ -161,6 +162,10 @@ class Recorder:
         """Bump a counter (disconnects, failures, ...) that the judge sums over nodes."""
         self.counters[name] += n
         self._delta[name] += n
+
+    def loop_lag(self, seconds: float) -> None:
+        """How late a timer fired in this process: time it could not spend reading sockets."""
+        self._lag.add_us(int(seconds * 1_000_000))
 
     def joined(self, room: str, nick: str, t: float) -> None:
         """``nick`` is a member of ``room`` from ``t`` on (server confirmed the join)."""
@@ -229,6 +234,8 @@ class Recorder:
             "hist_max_us": self._hist.max_us,
             "steady": self._steady.to_wire(),
             "steady_max_us": self._steady.max_us,
+            "lag": self._lag.to_wire(),
+            "lag_max_us": self._lag.max_us,
             "per_sec": [[s, n] for s, n in self._per_sec.items()],
             "counters": {k: v for k, v in self._delta.items() if v},
             "cpu_max": self.cpu_max,
@@ -290,6 +297,7 @@ class Ledger:
         self.done: set[tuple[str, int]] = set()
         self.hist = LatencyHistogram()
         self.steady_hist = LatencyHistogram()
+        self.lag_hist = LatencyHistogram()
         self.per_sec: dict[int, int] = defaultdict(int)
         self.counters: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
         self.cpu_max: dict[str, float] = {}
@@ -348,6 +356,7 @@ class Ledger:
                     (rec if attr == "received" else late).update(recipients)
         self.hist.merge_wire(batch["hist"], batch.get("hist_max_us", 0))
         self.steady_hist.merge_wire(batch.get("steady", []), batch.get("steady_max_us", 0))
+        self.lag_hist.merge_wire(batch.get("lag", []), batch.get("lag_max_us", 0))
         for sec, n in batch["per_sec"]:
             self.per_sec[sec] += n
         for k, v in batch["counters"].items():
@@ -484,6 +493,8 @@ class Ledger:
             "connect_failures": self.counters.get("connect_failures", 0),
             "join_failures": self.counters.get("join_failures", 0),
             "swarm_cpu_max": max(self.cpu_max.values(), default=0.0),
+            "swarm_lag_p99_ms": self.lag_hist.percentile_ms(0.99),
+            "swarm_lag_max_ms": self.lag_hist.max_us / 1000.0 if self.lag_hist.total else None,
         }
 
 
@@ -500,6 +511,9 @@ class Check:
     result: str
     ok: bool
     checked: bool = True
+
+
+SWARM_LAG_WARN_MS = 20.0
 
 
 def _fmt_ms(v: float | None) -> str:
@@ -594,10 +608,17 @@ def format_summary(totals: dict[str, Any], checks: list[Check], title: str) -> s
     run = " ".join(f"{q} {_fmt_ms(t['run_' + q + '_ms'])}" for q in ("p50", "p99", "max"))
     lines.append(f"latency over the whole run incl. ramp-up: {run}")
     cpu = t["swarm_cpu_max"]
+    lag = t.get("swarm_lag_p99_ms")
     lines.append(
         f"swarm: {t['nodes']} node(s), {t['members']} connections, {t['rooms']} rooms, "
-        f"max CPU {cpu:.0f}% per process" + ("  WARNING: swarm CPU-bound, latencies are inflated" if cpu >= 90 else "")
+        f"max CPU {cpu:.0f}% per process, event-loop lag p99 {_fmt_ms(lag)} "
+        f"max {_fmt_ms(t.get('swarm_lag_max_ms'))}"
     )
+    if cpu >= 90 or (lag is not None and lag >= SWARM_LAG_WARN_MS):
+        lines.append(
+            "WARNING: the swarm itself was short of CPU (busy or starved by other processes);"
+            " its latencies include that delay. Use --processes or a quieter machine."
+        )
     failed = [c for c in checks if not c.ok]
     if failed:
         lines.append("RESULT: FAIL - " + "; ".join(f"{c.name} {c.result} violates {c.threshold}" for c in failed))

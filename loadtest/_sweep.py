@@ -33,6 +33,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
+from loadtest._ledger import SWARM_LAG_WARN_MS
+
 ROOT = Path(__file__).resolve().parent.parent
 
 FIELDS = [
@@ -46,12 +48,14 @@ FIELDS = [
     "p99_ms",
     "max_ms",
     "run_p99_ms",
+    "server_fanout_p99_ms",
     "loss_ratio",
     "lost_deliveries",
     "expected_deliveries",
     "server_cpu_pct",
     "server_rss_mb",
     "swarm_cpu_max_pct",
+    "swarm_lag_p99_ms",
     "host_load1",
     "passed",
 ]
@@ -67,6 +71,24 @@ def _host_port(host: str) -> tuple[str, int]:
     h = host.split("://", 1)[-1].rstrip("/")
     addr, _, port = h.rpartition(":")
     return addr.strip("[]") or "127.0.0.1", int(port or 9009)
+
+
+def histogram_quantile(before: dict[str, float], after: dict[str, float], name: str, q: float) -> float | None:
+    """Upper bucket bound holding quantile ``q`` of the observations made between scrapes."""
+    prefix = name + '_bucket{le="'
+    buckets = []
+    for key, value in after.items():
+        if key.startswith(prefix):
+            le = key[len(prefix) :].split('"', 1)[0]
+            buckets.append((float("inf") if le == "+Inf" else float(le), value - before.get(key, 0.0)))
+    buckets.sort()
+    if not buckets or buckets[-1][1] <= 0:
+        return None
+    rank = q * buckets[-1][1]
+    for le, count in buckets:
+        if count >= rank:
+            return le
+    return None
 
 
 def scrape(url: str) -> dict[str, float]:
@@ -188,15 +210,21 @@ def run_step(opts: argparse.Namespace, host: str, metrics_url: str, users: int, 
         "p99_ms": r(t["p99_ms"]),
         "max_ms": r(t["max_ms"]),
         "run_p99_ms": r(t["run_p99_ms"]),
+        "server_fanout_p99_ms": r(_ms(histogram_quantile(before, after, "chat_fanout_latency_seconds", 0.99)), 3),
         "loss_ratio": round(t["loss_ratio"], 6),
         "lost_deliveries": t["lost_deliveries"],
         "expected_deliveries": t["expected_deliveries"],
         "server_cpu_pct": r(100.0 * delta("process_cpu_seconds_total") / wall, 1),
         "server_rss_mb": r(after.get("process_resident_memory_bytes", 0.0) / 2**20, 1),
         "swarm_cpu_max_pct": r(t["swarm_cpu_max"], 0),
+        "swarm_lag_p99_ms": r(t["swarm_lag_p99_ms"], 1),
         "host_load1": round(os.getloadavg()[0], 2),
         "passed": bool(s["passed"]),
     }
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000.0
 
 
 def write_csv(rows: list[dict], path: Path) -> None:
@@ -268,10 +296,12 @@ def markdown_table(rows: list[dict], header: str) -> str:
         ("p99_ms", "p99 ms"),
         ("max_ms", "max ms"),
         ("run_p99_ms", "p99 ms incl. ramp-up"),
+        ("server_fanout_p99_ms", "server-side fan-out p99 ms (bucket)"),
         ("loss_ratio", "loss"),
         ("server_cpu_pct", "server CPU %"),
         ("server_rss_mb", "server RSS MB"),
         ("swarm_cpu_max_pct", "swarm CPU % (max)"),
+        ("swarm_lag_p99_ms", "swarm loop lag p99 ms"),
         ("host_load1", "host load (1 min)"),
         ("passed", "checks"),
     ]
@@ -283,8 +313,8 @@ def markdown_table(rows: list[dict], header: str) -> str:
             v = row[key]
             if key == "passed":
                 v = "pass" if v else "FAIL"
-            elif key == "swarm_cpu_max_pct" and v != "" and float(v) >= 90:
-                v = f"{v} (swarm-bound)"
+            elif key == "swarm_lag_p99_ms" and v != "" and float(v) >= SWARM_LAG_WARN_MS:
+                v = f"**{v}** (swarm starved)"
             cells.append(str(v))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

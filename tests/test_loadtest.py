@@ -202,6 +202,19 @@ def test_nothing_verified_fails() -> None:
     assert [c.name for c in checks if not c.ok] == ["messages verified"]
 
 
+def test_sweep_reads_server_histogram_quantiles_between_scrapes() -> None:
+    from loadtest._sweep import histogram_quantile
+
+    name = "chat_fanout_latency_seconds"
+    key = name + '_bucket{le="%s"}'
+    before = {key % "0.001": 50.0, key % "0.01": 50.0, key % "+Inf": 50.0}
+    after = {key % "0.001": 140.0, key % "0.01": 149.0, key % "+Inf": 150.0}
+    assert histogram_quantile(before, after, name, 0.5) == 0.001
+    assert histogram_quantile(before, after, name, 0.99) == 0.01
+    assert histogram_quantile(before, after, name, 0.999) == float("inf")
+    assert histogram_quantile(after, after, name, 0.5) is None  # nothing observed
+
+
 # ---------------------------------------------------------------------------
 # end-to-end helpers
 
