@@ -25,6 +25,7 @@ import platform
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -227,9 +228,35 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else seconds * 1000.0
 
 
-def write_csv(rows: list[dict], path: Path) -> None:
+def medians(runs: list[dict]) -> list[dict]:
+    """One row per (users, rate): the median of each figure over its runs.
+
+    Loss and lost deliveries take the worst run (one lossy run is a finding, not noise)
+    and ``passed`` needs every run to pass.
+    """
+    groups: dict[tuple[int, float], list[dict]] = {}
+    for row in runs:
+        groups.setdefault((row["users"], row["msg_rate"]), []).append(row)
+    out = []
+    for (users, rate), rows in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+        merged: dict[str, Any] = {"users": users, "msg_rate": rate, "runs": len(rows)}
+        for key in FIELDS[2:]:
+            values = [r[key] for r in rows if r[key] != ""]
+            if key == "passed":
+                merged[key] = all(r[key] for r in rows)
+            elif not values:
+                merged[key] = ""
+            elif key in ("loss_ratio", "lost_deliveries"):
+                merged[key] = max(values)
+            else:
+                merged[key] = round(statistics.median(values), 2)
+        out.append(merged)
+    return out
+
+
+def write_csv(rows: list[dict], path: Path, fields: list[str] | None = None) -> None:
     with path.open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=FIELDS)
+        w = csv.DictWriter(f, fieldnames=fields or [*FIELDS[:2], "runs", *FIELDS[2:]])
         w.writeheader()
         w.writerows(rows)
 
@@ -291,6 +318,7 @@ def markdown_table(rows: list[dict], header: str) -> str:
     cols = [
         ("users", "users"),
         ("msg_rate", "lines/s/user"),
+        ("runs", "runs"),
         ("deliveries_per_s", "deliveries/s"),
         ("p50_ms", "p50 ms"),
         ("p99_ms", "p99 ms"),
@@ -338,6 +366,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--room-size", type=int, default=20)
     ap.add_argument("--deadline", type=float, default=5.0)
     ap.add_argument("--processes", type=int, default=0, help="locust --processes per step")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per step; the table shows medians")
     ap.add_argument("--max-p99-ms", type=float, default=None)
     ap.add_argument(
         "--stop-p99-ms",
@@ -364,21 +393,29 @@ def main(argv: list[str] | None = None) -> int:
         server_desc = "chat-svc " + " ".join(server.args)
     h, p = _host_port(host)
     metrics_url = opts.metrics_url or f"http://{h}:{p}/metrics"
-    rows: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
+    ceiling: dict[float, int] = {}  # per rate: first user count that broke the stop rule
     try:
-        for rate in rates:
-            for u in users:
-                print(f"step: {u} users x {rate:g} lines/s ...", flush=True)
-                row = run_step(opts, host, metrics_url, u, rate)
-                rows.append(row)
-                print("  " + ", ".join(f"{k}={row[k]}" for k in FIELDS[3:]), flush=True)
-                p99 = row["p99_ms"]
-                if row["loss_ratio"] > 0 or (p99 != "" and p99 > opts.stop_p99_ms):
-                    print(f"  stopping this rate: p99 {p99} ms, loss {row['loss_ratio']}")
-                    break
+        # whole grid per repetition, so repeats of a step sample different moments of a
+        # shared machine instead of one burst of someone else's load
+        for rep in range(1, opts.repeat + 1):
+            for rate in rates:
+                for u in users:
+                    if u > ceiling.get(rate, u):
+                        continue
+                    print(f"run {rep}/{opts.repeat}: {u} users x {rate:g} lines/s ...", flush=True)
+                    row = run_step(opts, host, metrics_url, u, rate)
+                    runs.append({"run": rep, **row})
+                    print("  " + ", ".join(f"{k}={row[k]}" for k in FIELDS[3:]), flush=True)
+                    p99 = row["p99_ms"]
+                    if row["loss_ratio"] > 0 or (p99 != "" and p99 > opts.stop_p99_ms):
+                        print(f"  larger steps at this rate skipped: p99 {p99} ms, loss {row['loss_ratio']}")
+                        ceiling[rate] = min(u, ceiling.get(rate, u))
+                        break
     finally:
         if server is not None:
             server.stop()
+    rows = medians(runs)
 
     out = Path(opts.out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -389,14 +426,17 @@ def main(argv: list[str] | None = None) -> int:
         f"rooms of {opts.room_size}, {opts.duration}s per step"
     )
     write_csv(rows, out.with_suffix(".csv"))
+    write_csv(runs, out.parent / f"{out.name}-runs.csv", ["run", *FIELDS])
     write_plot(rows, out.with_suffix(".png"), title)
     swarm = f"--processes {opts.processes}" if opts.processes else "1 process"
     header = " ".join(
         [
             f"Capacity sweep ({when}; {machine}; {server_desc}; swarm {swarm};",
             f"rooms of {opts.room_size}; {opts.duration} s per step incl. ramp-up at",
-            f"{opts.spawn_rate:g} users/s; latency = send to receipt over every delivery after ramp-up;",
-            "deliveries/s after ramp-up).",
+            f"{opts.spawn_rate:g} users/s; latency = send to receipt over every delivery",
+            "after ramp-up; deliveries/s after ramp-up; each figure is the median of",
+            f"{opts.repeat} run(s) of the step, loss the worst run; raw runs in",
+            f"{out.name}-runs.csv).",
         ]
     )
     out.with_suffix(".md").write_text(markdown_table(rows, header))

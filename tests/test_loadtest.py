@@ -215,6 +215,19 @@ def test_sweep_reads_server_histogram_quantiles_between_scrapes() -> None:
     assert histogram_quantile(after, after, name, 0.5) is None  # nothing observed
 
 
+def test_sweep_medians_keep_the_worst_loss() -> None:
+    from loadtest._sweep import FIELDS, medians
+
+    def run(p99: float, loss: float) -> dict[str, Any]:
+        row: dict[str, Any] = dict.fromkeys(FIELDS, 1.0)
+        row.update(users=100, msg_rate=1.0, p99_ms=p99, loss_ratio=loss, passed=loss == 0)
+        return row
+
+    (row,) = medians([run(5.0, 0.0), run(900.0, 0.0), run(7.0, 0.01)])
+    assert row["runs"] == 3 and row["p99_ms"] == 7.0
+    assert row["loss_ratio"] == 0.01 and row["passed"] is False
+
+
 # ---------------------------------------------------------------------------
 # end-to-end helpers
 
@@ -489,6 +502,7 @@ def test_capacity_sweep_writes_csv_png_and_table(chat_server: Any, tmp_path: Pat
     rows = (tmp_path / "cap.csv").read_text().splitlines()
     assert rows[0].startswith("users,msg_rate,")
     assert len(rows) == 3
+    assert len((tmp_path / "cap-runs.csv").read_text().splitlines()) == 3
     assert (tmp_path / "cap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (tmp_path / "cap.md").read_text()
     assert "| users |" in table and table.count("\n| 10 |") + table.count("\n| 20 |") == 2
