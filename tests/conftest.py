@@ -214,3 +214,20 @@ def chat_server() -> Iterator[Callable[..., ServerProcess]]:
     yield start
     for server in started:
         server.stop()
+
+
+# ----------------------------------------------------------------------------- redis (issue 5)
+# Appended for the Redis backplane tests; the process wrapper lives in tests/_redis.py.
+
+from _redis import RedisServer  # noqa: E402
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server on a free loopback port; fails under CI=true if missing, skips elsewhere.
+
+    ``.url``, ``.kill()`` (SIGKILL), ``.start()`` (again, on the same port), ``.stop()``.
+    """
+    server = RedisServer()
+    yield server
+    server.stop()

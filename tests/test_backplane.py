@@ -1,0 +1,349 @@
+"""The Redis backplane (issue 5): real chat-svc processes sharing a real redis-server.
+
+Every test starts its own redis-server on a free loopback port (``redis_server``
+fixture: fails under CI=true when redis-server is missing, skips elsewhere) and
+two or three chat-svc instances pointed at it.  Waits are bounded polls, never
+bare sleeps standing in for a condition.
+"""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+import urllib.error
+import urllib.request
+from collections import deque
+from collections.abc import Callable
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import redis as redis_client
+from _redis import RedisServer
+from chat_svc import backplane as bp_module
+from chat_svc.backplane import RedisBackplane
+from conftest import LineClient, ServerProcess, free_port
+
+pytestmark = pytest.mark.redis
+
+Start = Callable[..., ServerProcess]
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def readyz(srv: ServerProcess) -> tuple[int, str]:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/readyz", timeout=3) as resp:
+            return resp.status, resp.read().decode()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read().decode()
+
+
+def metrics(srv: ServerProcess) -> dict[str, float]:
+    with urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
+    """Poll ``condition`` until true; returns the seconds it took."""
+    start = time.monotonic()
+    while not condition():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"not within {timeout}s: {what}")
+        time.sleep(0.05)
+    return time.monotonic() - start
+
+
+def wait_ready(srv: ServerProcess, timeout: float = 10.0) -> None:
+    wait_for(lambda: readyz(srv)[0] == 200, timeout, f"/readyz 200 on :{srv.port}")
+
+
+def cluster(chat_server: Start, redis: RedisServer, count: int, *args: str) -> list[ServerProcess]:
+    servers = [chat_server("--redis-url", redis.url, "--flood-rate", "0", *args) for _ in range(count)]
+    for srv in servers:
+        wait_ready(srv)
+    return servers
+
+
+def joined(srv: ServerProcess, nick: str, room: str) -> LineClient:
+    """A member in ``room`` whose join has fully completed on its instance.
+
+    The session answers "you joined" before the hub moves the member; commands
+    run in order, so the /who answer proves the move (and its subscription) is done.
+    """
+    client = srv.member(nick, room)
+    client.send("/who")
+    client.expect(f"* in {room} ")
+    return client
+
+
+def who(client: LineClient, room: str) -> list[str]:
+    client.send("/who")
+    line = client.expect(f"* in {room} ")
+    listed = line.split(": ", 1)[1] if ": " in line else ""
+    return [name for name in listed.split(", ") if name]
+
+
+def rooms(client: LineClient) -> dict[str, int]:
+    client.send("/rooms")
+    line = client.expect("* rooms:")
+    return {name: int(count) for name, count in re.findall(r"(\S+) \((\d+)\)", line)}
+
+
+def claim(client: LineClient, old: str, new: str) -> bool:
+    """Try ``/nick new`` as ``old``; True when it was granted."""
+    client.send(f"/nick {new}")
+    answer = client.expect_re(rf"^(! nick {new} is taken|\* {old} is now known as {new})$")
+    return answer.startswith("*")
+
+
+def chat_lines(lines: list[str]) -> list[str]:
+    return [line for line in lines if line.startswith("[") and not line.startswith("[history]")]
+
+
+# ----------------------------------------------------------------------------- fan-out
+
+
+@pytest.mark.parametrize("instances", [2, 3])
+def test_members_on_different_instances_chat_in_order_with_nothing_lost(
+    redis_server: RedisServer, chat_server: Start, instances: int
+) -> None:
+    servers = cluster(chat_server, redis_server, instances)
+    nicks = [f"m{i}" for i in range(instances)]
+    members = [joined(srv, nick, "r") for srv, nick in zip(servers, nicks, strict=True)]
+    per_sender = 150
+    for nick, member in zip(nicks, members, strict=True):  # all at once: one write each
+        member.send("".join(f"{nick} line {k}\n" for k in range(per_sender)))
+    for nick, member in zip(nicks, members, strict=True):
+        others = [n for n in nicks if n != nick]
+        want = {n: [f"[{n}] {n} line {k}" for k in range(per_sender)] for n in others}
+        got: dict[str, list[str]] = {n: [] for n in nicks}
+        deadline = time.monotonic() + 15
+        while any(len(got[n]) < per_sender for n in others) and time.monotonic() < deadline:
+            for line in chat_lines(member.lines_for(0.2)):
+                got[line[1:].split("]", 1)[0]].append(line)
+        for line in chat_lines(member.lines_for(0.3)):  # nothing twice, nothing extra
+            got[line[1:].split("]", 1)[0]].append(line)
+        assert got[nick] == [], f"{nick} got its own lines back"
+        for other in others:
+            assert got[other] == want[other], f"{nick} from {other}: lost, reordered or doubled"
+    for srv in servers:
+        samples = metrics(srv)
+        assert samples["chat_backplane_up"] == 1
+        assert samples["chat_backplane_published_total"] >= per_sender
+        assert samples["chat_backplane_received_total"] >= per_sender * (instances - 1)
+
+
+def test_an_instance_subscribes_only_to_rooms_with_local_members(redis_server: RedisServer, chat_server: Start) -> None:
+    a, b = cluster(chat_server, redis_server, 2)
+    store = redis_client.Redis.from_url(redis_server.url)
+
+    def subscribers(room: str) -> int:
+        return int(dict(store.pubsub_numsub(f"chat:room:{room}"))[f"chat:room:{room}".encode()])
+
+    alice = joined(a, "alice", "shared")
+    joined(b, "bob", "shared")
+    joined(a, "amy", "only-a")
+    assert subscribers("shared") == 2
+    assert subscribers("only-a") == 1
+    assert subscribers("lobby") == 0  # everyone moved on
+    alice.send("/join only-a")
+    alice.expect("* you joined only-a")
+    wait_for(lambda: subscribers("shared") == 1, 5, "a unsubscribes when its last member leaves")
+    assert subscribers("only-a") == 1
+
+
+def test_private_message_reaches_a_member_on_another_instance(redis_server: RedisServer, chat_server: Start) -> None:
+    a, b = cluster(chat_server, redis_server, 2)
+    alice = joined(a, "alice", "ra")
+    bob = joined(b, "bob", "rb")
+    alice.send("/msg bob psst, over here")
+    assert bob.expect("[alice ->") == "[alice -> bob] psst, over here"
+    assert alice.expect("[alice ->") == "[alice -> bob] psst, over here"
+    bob.send("/msg alice got it")
+    assert alice.expect("[bob ->") == "[bob -> alice] got it"
+    alice.send("/msg nobody hello?")
+    assert alice.expect("!") == "! no such nick: nobody"
+
+
+def test_nick_clash_across_instances_is_refused_and_freed_on_leave(
+    redis_server: RedisServer, chat_server: Start
+) -> None:
+    a, b = cluster(chat_server, redis_server, 2)
+    alice = a.member("alice")
+    other = b.member("other")
+    other.send("/nick alice")
+    assert other.expect("!") == "! nick alice is taken"
+    alice.send("/nick alice2")  # a rename frees the old nick cluster-wide
+    alice.expect("* alice is now known as alice2")
+    wait_for(lambda: claim(other, "other", "alice"), 5, "alice free after the rename")
+    alice.send("/nick alice")
+    assert alice.expect("!") == "! nick alice is taken"
+    alice.send("/quit")  # leaving frees the nick too
+    alice.expect("* bye")
+    newcomer = b.member("newcomer")
+    wait_for(lambda: claim(newcomer, "newcomer", "alice2"), 5, "alice2 free after /quit")
+
+
+def test_who_and_rooms_cover_every_instance(redis_server: RedisServer, chat_server: Start) -> None:
+    a, b, c = cluster(chat_server, redis_server, 3)
+    alice = joined(a, "alice", "r")
+    bob = joined(b, "bob", "r")
+    joined(c, "carol", "other")
+    wait_for(lambda: who(bob, "r") == ["alice", "bob"], 5, "/who on b lists alice from a")
+    assert who(alice, "r") == ["alice", "bob"]
+    wait_for(lambda: {"r": 2, "other": 1}.items() <= rooms(bob).items(), 5, "/rooms sums instances")
+    bob.send("/join elsewhere")
+    bob.expect("* you joined elsewhere")
+    wait_for(lambda: who(alice, "r") == ["alice"], 5, "bob gone from r on a")
+    want = {"r": 1, "other": 1, "elsewhere": 1}
+    wait_for(lambda: rooms(alice) == want, 5, "/rooms follows the move")
+
+
+def test_history_is_shared_and_survives_instance_restarts(redis_server: RedisServer, chat_server: Start) -> None:
+    a, b, c = cluster(chat_server, redis_server, 3, "--history", "3")
+    alice = joined(a, "alice", "h")
+    watcher = joined(b, "watcher", "h")
+    for text in ("zero", "one", "two", "three"):
+        alice.send(text)
+    watcher.expect("[alice] three")  # published, so already in the Redis list
+    expected = ["[history] [alice] one", "[history] [alice] two", "[history] [alice] three"]
+    # c has no member in h: its in-memory history is empty, the lines come from Redis
+    newcomer = c.member("newcomer")
+    newcomer.send("/join h")
+    newcomer.expect("* you joined h")
+    assert [newcomer.recv_line() for _ in expected] == expected
+    for srv in (a, b, c):
+        assert srv.stop() == 0
+    fresh = cluster(chat_server, redis_server, 1, "--history", "3")[0]
+    later = fresh.member("later")
+    later.send("/join h")
+    later.expect("* you joined h")
+    assert [later.recv_line() for _ in expected] == expected
+
+
+# ----------------------------------------------------------------------------- outages
+
+
+def test_redis_outage_keeps_local_rooms_working_and_fanout_resumes(
+    redis_server: RedisServer, chat_server: Start
+) -> None:
+    a = cluster(chat_server, redis_server, 1)[0]
+    b = cluster(chat_server, redis_server, 1, "--ready-requires-backplane", "false")[0]
+    alice, amy = joined(a, "alice", "r"), joined(a, "amy", "r")
+    bob = joined(b, "bob", "r")
+    alice.send("before")
+    assert bob.expect("[alice]") == "[alice] before"
+    amy.expect("[alice] before")
+
+    redis_server.kill()
+    wait_for(lambda: readyz(a) == (503, "backplane down\n"), 5, "a not ready")
+    assert readyz(b) == (200, "ready (degraded: backplane down)\n")
+    assert metrics(a)["chat_backplane_up"] == 0
+    assert metrics(b)["chat_backplane_up"] == 0
+    alice.send("during")  # delivered inside a, never relayed (at-most-once)
+    assert amy.expect("[alice]") == "[alice] during"
+    assert who(bob, "r") == ["bob"]  # local view, answered at once
+    # a joiner on b gets b's mirror of the history, remote lines included
+    late = b.member("late")
+    late.send("/join r")
+    late.expect("* you joined r")
+    assert late.expect("[history]") == "[history] [alice] before"
+
+    redis_server.start()  # same port, empty: nothing to replay
+    wait_ready(a, timeout=15)
+    wait_for(lambda: metrics(b)["chat_backplane_up"] == 1, 15, "b reconnected")
+    alice.send("after")
+    assert bob.expect("[alice]") == "[alice] after"  # "during" never arrives
+    bob.send("back")
+    assert alice.expect("[bob]") == "[bob] back"
+    for srv in (a, b):
+        assert srv.proc.poll() is None
+        samples = metrics(srv)
+        assert samples["chat_backplane_reconnects_total"] >= 1
+    assert metrics(a)['chat_backplane_publish_errors_total{reason="down"}'] >= 1
+    wait_for(lambda: who(bob, "r") == ["alice", "amy", "bob", "late"], 5, "presence rewritten")
+
+
+def test_instance_starts_degraded_without_redis_and_connects_later(chat_server: Start) -> None:
+    port = free_port()
+    srv = chat_server("--redis-url", f"redis://127.0.0.1:{port}/0", "--flood-rate", "0")
+    wait_for(lambda: readyz(srv) == (503, "backplane down\n"), 5, "not ready without Redis")
+    alice, bob = srv.member("alice"), srv.member("bob")
+    alice.send("local still works")
+    assert bob.expect("[alice]") == "[alice] local still works"
+    redis = RedisServer(port)
+    try:
+        wait_ready(srv, timeout=15)
+        assert metrics(srv)["chat_backplane_up"] == 1
+        assert metrics(srv)["chat_backplane_reconnects_total"] == 0  # first connection
+        store = redis_client.Redis.from_url(redis.url)
+        wait_for(lambda: store.zcard("chat:who:lobby") == 2, 5, "presence written to Redis")
+    finally:
+        redis.stop()
+
+
+def test_sigkilled_instance_vanishes_from_who_within_the_ttl(redis_server: RedisServer, chat_server: Start) -> None:
+    ttl = 2
+    a, b, c = cluster(chat_server, redis_server, 3, "--presence-ttl", str(ttl))
+    joined(a, "alice", "r")
+    bob = joined(b, "bob", "r")
+    joined(c, "carol", "r")
+    wait_for(lambda: who(bob, "r") == ["alice", "bob", "carol"], 5, "carol listed")
+    c.signal(signal.SIGKILL)
+    c.proc.wait(5)
+    took = wait_for(lambda: who(bob, "r") == ["alice", "bob"], ttl + 3, "carol expired")
+    assert took <= ttl + 1.0, f"carol vanished after {took:.1f}s, TTL {ttl}s"
+    assert rooms(bob)["r"] == 2
+    wait_for(lambda: claim(bob, "bob", "carol"), 2, "the dead instance's nick expired with it")
+
+
+def test_without_redis_url_there_is_no_backplane(chat_server: Start) -> None:
+    srv = chat_server()
+    assert readyz(srv) == (200, "ready\n")
+    assert not [name for name in metrics(srv) if name.startswith("chat_backplane")]
+
+
+# ----------------------------------------------------------------------------- in-process
+
+
+def _offline_backplane(**rooms: Any) -> RedisBackplane:
+    """A backplane on an unused port over a stand-in hub: no Redis call is made."""
+    hub = SimpleNamespace(rooms=rooms, members={}, history=20, delivered=[])
+    hub.deliver_local = lambda room, data, sender: hub.delivered.append((room.name, data))
+    return RedisBackplane(f"redis://127.0.0.1:{free_port()}/0", hub, instance_id="me")
+
+
+def test_publish_queue_is_bounded_and_counts_what_it_drops(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(bp_module, "QUEUE_MAX_ITEMS", 50)
+    plane = _offline_backplane()
+    plane.up = True
+    for k in range(60):
+        plane.publish("r", f"[x] {k}\n".encode())
+    assert len(plane._queue) == 50 and plane.errors["queue_full"] == 10
+    plane.up = False  # an outage: nothing more is queued, what was queued is dropped
+    plane.publish("r", b"[x] late\n")
+    plane._discard()
+    assert len(plane._queue) == 0 and plane._queued_bytes == 0
+    assert plane.errors["down"] == 51
+
+
+def test_received_messages_skip_our_own_and_mirror_chat_lines() -> None:
+    room = SimpleNamespace(name="r", history=deque(maxlen=20))
+    plane = _offline_backplane(r=room)
+    channel = b"chat:room:r"
+    plane._receive(channel, b"me\0h[a] mine\n")  # our own echo from Redis
+    plane._receive(channel, b"other\0h[b] theirs\n")
+    plane._receive(channel, b"other\0n* c joined r\n")
+    plane._receive(b"chat:room:elsewhere", b"other\0h[b] no local room\n")
+    assert plane.hub.delivered == [("r", b"[b] theirs\n"), ("r", b"* c joined r\n")]
+    assert list(room.history) == [b"[b] theirs\n"]  # notices are not history
+    assert plane.received == 2
