@@ -66,9 +66,10 @@ from redis.exceptions import RedisError
 from redis.retry import Retry
 
 from . import protocol
+from .hub import ROOM_BACKLOG_LIMIT
 
 if TYPE_CHECKING:
-    from .hub import Hub, Member
+    from .hub import Hub, Member, Room
 
 PREFIX = "chat:"
 INSTANCES = PREFIX + "instances"
@@ -213,6 +214,7 @@ class RedisBackplane:
         self._joining: dict[str, int] = {}
         self._check: set[str] = set()
         self._seed: tuple[str, list[bytes]] | None = None
+        self._backlog: Room | None = None
         self._reset = False
         self._stopped = False
         self._greenlets: list[gevent.Greenlet] = []
@@ -694,6 +696,12 @@ class RedisBackplane:
         return conn
 
     def _read(self, conn: Any) -> None:
+        """Deliver messages in order; pause while a room's backlog is over the hub's limit.
+
+        Pausing leaves the excess in Redis' output buffer for this client; past
+        Redis' ``client-output-buffer-limit pubsub`` it drops us and we
+        reconnect (at-most-once), so neither side's memory grows without bound.
+        """
         burst = 0
         while not self._stopped and not self._reset:
             if not conn.can_read(timeout=1.0):
@@ -703,6 +711,9 @@ class RedisBackplane:
             if burst >= READ_BURST:
                 burst = 0
                 gevent.sleep(0)
+            while self._backlog is not None and self._backlog.waiting > ROOM_BACKLOG_LIMIT:
+                gevent.sleep(0.005)
+            self._backlog = None
 
     def _lost(self, where: str, exc: BaseException) -> None:
         if self.up:
@@ -752,6 +763,8 @@ class RedisBackplane:
         if kind == _LINE:
             room.history.append(data)
         hub.deliver_local(room, data, None)
+        if room.waiting > ROOM_BACKLOG_LIMIT:
+            self._backlog = room
 
 
 class _Collector(Collector):
