@@ -63,6 +63,7 @@ class Service:
         self.server = ChatServer(self)
         self.metrics_server: Any = None
         self.stopped = gevent.event.Event()
+        self.exit_code = 0
 
     # -- sessions ---------------------------------------------------------
 
@@ -168,7 +169,19 @@ class Service:
         )
 
     def shutdown(self) -> None:
-        """Stop accepting, tell everyone, flush for up to --shutdown-timeout, close."""
+        """Stop accepting, tell everyone, flush for up to --shutdown-timeout, close.
+
+        Whatever goes wrong on the way, the process still stops (status 1 then).
+        """
+        try:
+            self._drain_and_close()
+        except Exception:
+            self.exit_code = 1
+            self.log.exception("shutdown_failed")
+        finally:
+            self.stopped.set()
+
+    def _drain_and_close(self) -> None:
         started = time.monotonic()
         self.draining = True
         self.accepting = False
@@ -191,7 +204,6 @@ class Service:
         if self.metrics_server is not None:
             self.metrics_server.close()
         self.log.info("shutdown_complete", members=members, seconds=round(time.monotonic() - started, 3))
-        self.stopped.set()
 
 
 def _raise_fd_limit() -> int:
@@ -227,4 +239,4 @@ def run(argv: Sequence[str] | None = None) -> int:
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, on_signal, signum)
     svc.stopped.wait()
-    return 0
+    return svc.exit_code

@@ -141,7 +141,7 @@ SETTINGS: tuple[Setting, ...] = (
         "Seconds a client may stay continuously throttled before it is disconnected for "
         "flood; 0 = never.",
     ),
-    Setting("max_clients", _positive_int, 10000, "Most chat members at once; past it '! server full'."),
+    Setting("max_clients", _positive_int, 20000, "Most chat members at once; past it '! server full'."),
     Setting("max_per_ip", _non_negative_int, 0, "Most chat members per client IP; 0 = no cap."),
     Setting("idle_timeout", _non_negative_float, 0.0, "Seconds without input before a member is dropped; 0 = off."),
     Setting("shutdown_timeout", _non_negative_float, 5.0, "Seconds to flush queues on SIGTERM/SIGINT before closing."),
@@ -203,7 +203,7 @@ class Config:
     flood_rate: float = 10.0
     flood_max_input_bytes: int = 65536
     flood_kick_after: float = 60.0
-    max_clients: int = 10000
+    max_clients: int = 20000
     max_per_ip: int = 0
     idle_timeout: float = 0.0
     shutdown_timeout: float = 5.0

@@ -202,12 +202,14 @@ class Hub:
             self.broadcast(room, protocol.joined_line(member.nick, room_name), member)
 
     def _leave(self, member: Member, room: Room) -> None:
-        self._catch_up(member, room)
+        # Out of the room first: handing over what it is owed may fail the
+        # member's socket, and that failure comes back here through detach().
         room.remove(member)
         member.room = None
+        self._catch_up(member, room)
         if len(room.members) < self.notice_threshold:
             self.broadcast(room, protocol.left_line(member.nick, room.name), member)
-        if not room.members:
+        if not room.members and self.rooms.get(room.name) is room:
             del self.rooms[room.name]
             if self.backplane is not None:
                 self.backplane.room_active(room.name, False)

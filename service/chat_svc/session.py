@@ -39,8 +39,36 @@ _ids = itertools.count(1)
 _GRACEFUL = frozenset({"quit", "line_too_long", "flood", "idle_timeout", "auth_failed", "server_full", "shutdown"})
 
 
+log = structlog.get_logger("chat_svc.session")
+
+
 class Session:
-    """Serves one chat client from first line to close."""
+    """Serves one chat client from first line to close.
+
+    Slotted and without per-session loggers or dispatch tables: an idle member
+    costs only what it must, since 19,000 of them share one process.  Log
+    context (conn_id, peer) lives in the greenlet's contextvars.
+    """
+
+    __slots__ = (
+        "_flood_episode",
+        "bucket",
+        "bytes_in",
+        "conn_id",
+        "counted",
+        "framer",
+        "head",
+        "ip",
+        "last_room",
+        "member",
+        "outbox",
+        "port",
+        "reason",
+        "sink",
+        "sock",
+        "started",
+        "svc",
+    )
 
     def __init__(self, svc: Service, sock: Any, address: tuple[str, int], head: bytes, sink: Any) -> None:
         self.svc = svc
@@ -62,18 +90,6 @@ class Session:
         self.counted = False
         self.last_room: str | None = None
         self._flood_episode: float | None = None
-        self.log = structlog.get_logger("chat_svc.session").bind(conn_id=self.conn_id, peer=f"{self.ip}:{self.port}")
-        self._commands: dict[str, Callable[[str], bool]] = {
-            "nick": self._nick,
-            "join": self._join,
-            "rooms": self._rooms,
-            "who": self._who,
-            "me": self._me,
-            "msg": self._msg,
-            "help": self._help,
-            "quit": self._quit,
-            "auth": self._auth_again,
-        }
 
     # -- lifecycle --------------------------------------------------------
 
@@ -91,11 +107,11 @@ class Session:
                 return
             self.member = Member(f"{self.ip}:{self.port}", self.ip, self.outbox, self.conn_id)
             svc.hub.attach(self.member, DEFAULT_ROOM)
-            self.log.info("client_connected", nick=self.member.nick, room=DEFAULT_ROOM)
+            log.info("client_connected", nick=self.member.nick, room=DEFAULT_ROOM)
             self._read_loop()
         except Exception:
             if self.reason is None:
-                self.log.exception("session_failed")
+                log.exception("session_failed")
                 self.reason = "error"
         finally:
             self._close()
@@ -114,7 +130,13 @@ class Session:
         self.sock.close()
 
     def _slow_consumer(self) -> None:
-        self.log.warning("slow_consumer_disconnected", nick=self._nick_or_none(), limit=self.outbox.limit)
+        log.warning(
+            "slow_consumer_disconnected",
+            conn_id=self.conn_id,
+            peer=f"{self.ip}:{self.port}",
+            nick=self._nick_or_none(),
+            limit=self.outbox.limit,
+        )
         self.kill("slow_consumer")
 
     def _socket_error(self) -> None:
@@ -140,7 +162,7 @@ class Session:
         self.svc.forget(self)
         if member is not None:
             self.svc.metrics.by_reason[reason].inc()
-            self.log.info(
+            log.info(
                 "client_disconnected",
                 nick=member.nick,
                 room=self.last_room,
@@ -150,7 +172,7 @@ class Session:
             )
         elif reason in ("auth_failed", "server_full"):
             self.svc.metrics.by_reason[reason].inc()
-            self.log.info("client_refused", reason=reason)
+            log.info("client_refused", reason=reason)
 
     def _drain(self, timeout: float) -> None:
         """Give queued lines (a goodbye, an error) up to ``timeout`` to reach the client."""
@@ -201,7 +223,7 @@ class Session:
         given = parsed.arg if isinstance(parsed, protocol.Command) and parsed.name == "auth" else ""
         if not hmac.compare_digest(given.encode(), token.encode()):
             self.outbox.push(protocol.error_line("authentication failed"))
-            self.log.info("auth_failed")
+            log.info("auth_failed")
             return False
         self.head = b"".join(line + b"\n" for line in rest)
         return True
@@ -242,13 +264,13 @@ class Session:
         backlog = unread + self.framer.pending + _kernel_unread(self.sock)
         sustained = config.flood_kick_after and bucket.throttled_for() > config.flood_kick_after
         if backlog > config.flood_max_input_bytes or sustained:
-            self.log.warning("flood_disconnected", nick=self._nick_or_none(), unread_bytes=backlog)
+            log.warning("flood_disconnected", nick=self._nick_or_none(), unread_bytes=backlog)
             self.outbox.push(protocol.error_line("excess flood"))
             self.end("flood")
             return False
         if bucket.throttled_since != self._flood_episode:
             self._flood_episode = bucket.throttled_since
-            self.log.info("flood_limited", nick=self._nick_or_none(), delay_s=round(delay, 3))
+            log.info("flood_limited", nick=self._nick_or_none(), delay_s=round(delay, 3))
         gevent.sleep(delay)
         return True
 
@@ -265,18 +287,18 @@ class Session:
         if isinstance(parsed, str):
             stats.chat_messages += 1
             if self.svc.config.log_messages:
-                self.log.debug("message", nick=member.nick, text=parsed)
+                log.debug("message", nick=member.nick, text=parsed)
             self.svc.hub.say(member, protocol.chat_line(member.nick, parsed), t_read)
             return True
         if parsed.name == "msg":
             stats.private_messages += 1
         else:
             stats.commands += 1
-        command = self._commands.get(parsed.name)
+        command = _COMMANDS.get(parsed.name)
         if command is None:
             self._reply(protocol.error_line(f"unknown command /{parsed.name} (try /help)"))
             return True
-        return command(parsed.arg)
+        return command(self, parsed.arg)
 
     def _reply(self, data: bytes) -> None:
         assert self.member is not None
@@ -293,7 +315,7 @@ class Session:
         if error:
             self._reply(protocol.error_line(error))
         elif old != arg:
-            self.log.info("nick_changed", old=old, nick=arg)
+            log.info("nick_changed", old=old, nick=arg)
         return True
 
     def _join(self, arg: str) -> bool:
@@ -307,7 +329,7 @@ class Session:
             return True
         self._reply(protocol.info_line(f"you joined {arg}"))
         self.svc.hub.move(member, arg)
-        self.log.info("room_joined", nick=member.nick, room=arg)
+        log.info("room_joined", nick=member.nick, room=arg)
         return True
 
     def _rooms(self, _: str) -> bool:
@@ -357,6 +379,18 @@ class Session:
         self._reply(protocol.error_line("already authenticated" if self.svc.token else "no token is required"))
         return True
 
+
+_COMMANDS: dict[str, Callable[[Session, str], bool]] = {
+    "nick": Session._nick,
+    "join": Session._join,
+    "rooms": Session._rooms,
+    "who": Session._who,
+    "me": Session._me,
+    "msg": Session._msg,
+    "help": Session._help,
+    "quit": Session._quit,
+    "auth": Session._auth_again,
+}
 
 _FIONREAD = struct.Struct("i")
 
