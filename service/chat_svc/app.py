@@ -142,6 +142,17 @@ class Service:
             return True, "ready (degraded: backplane down)"
         return True, "ready"
 
+    def _expire_idle(self) -> None:
+        """Drop members silent for --idle-timeout; one scan a second, no timer per member."""
+        limit = self.config.idle_timeout
+        notice = protocol.error_line("idle timeout")
+        while True:
+            gevent.sleep(min(1.0, limit / 2))
+            cutoff = time.monotonic() - limit
+            for session in [s for s in self.sessions if s.member is not None and s.last_input < cutoff]:
+                session.outbox.push(notice)
+                session.kill("idle_timeout")
+
     def _watch_loop(self) -> None:
         while True:
             before = time.monotonic()
@@ -157,6 +168,8 @@ class Service:
         self.server.start()
         self.accepting = True
         gevent.spawn(self._watch_loop)
+        if self.config.idle_timeout:
+            gevent.spawn(self._expire_idle)
         config = self.config
         if config.metrics_port is not None:
             self.metrics_server = serve_metrics_port(config.metrics_host, config.metrics_port, self.http.app)

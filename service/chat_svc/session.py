@@ -45,29 +45,39 @@ log = structlog.get_logger("chat_svc.session")
 class Session:
     """Serves one chat client from first line to close.
 
-    Slotted and without per-session loggers or dispatch tables: an idle member
-    costs only what it must, since 19,000 of them share one process.  Log
-    context (conn_id, peer) lives in the greenlet's contextvars.
+    An idle member holds no greenlet: once its input is used up the session
+    *parks* on an io watcher, and the watcher spawns a short-lived greenlet
+    when input arrives.  A waiting greenlet costs about 5 KB (its saved C
+    stack and a page of Python frame stack), more than everything else a
+    member needs, and 19,000 members share one process.  Slotted, without
+    per-session loggers or dispatch tables for the same reason; log context
+    (conn_id, peer) is bound in each serving greenlet's contextvars.
+    TLS sessions never park (the SSL layer buffers input the fd does not show).
     """
 
     __slots__ = (
         "_flood_episode",
         "bucket",
+        "busy",
         "bytes_in",
         "conn_id",
         "counted",
+        "finished",
         "framer",
         "head",
         "ip",
+        "last_input",
         "last_room",
         "member",
         "outbox",
         "port",
+        "raw",
         "reason",
         "sink",
         "sock",
         "started",
         "svc",
+        "watcher",
     )
 
     def __init__(self, svc: Service, sock: Any, address: tuple[str, int], head: bytes, sink: Any) -> None:
@@ -84,7 +94,11 @@ class Session:
         self.bucket = (
             TokenBucket(svc.config.flood_burst, svc.config.flood_rate) if svc.config.flood_rate > 0 else None
         )
-        self.started = time.monotonic()
+        self.started = self.last_input = time.monotonic()
+        self.raw = sock._sock if sink.parkable else None
+        self.watcher: Any = None
+        self.busy = True
+        self.finished = False
         self.bytes_in = len(head)
         svc.hub.stats.bytes_in += len(head)
         self.counted = False
@@ -94,27 +108,68 @@ class Session:
     # -- lifecycle --------------------------------------------------------
 
     def run(self) -> None:
-        structlog.contextvars.bind_contextvars(conn_id=self.conn_id, peer=f"{self.ip}:{self.port}")
+        """Admit the client, then serve it; runs in the connection's accept greenlet."""
+        self._bind_log_context()
         svc = self.svc
         try:
             if svc.token is not None and not self._authenticate():
                 self.end("auth_failed")
-                return
-            refusal = svc.admit(self)
-            if refusal:
+            elif refusal := svc.admit(self):
                 self.outbox.push(protocol.error_line(refusal))
                 self.end("server_full")
+            else:
+                self.member = Member(f"{self.ip}:{self.port}", self.ip, self.outbox, self.conn_id)
+                svc.hub.attach(self.member, DEFAULT_ROOM)
+                log.info("client_connected", nick=self.member.nick, room=DEFAULT_ROOM)
+                head, self.head = self.head, b""
+                self._serve(head)
                 return
-            self.member = Member(f"{self.ip}:{self.port}", self.ip, self.outbox, self.conn_id)
-            svc.hub.attach(self.member, DEFAULT_ROOM)
-            log.info("client_connected", nick=self.member.nick, room=DEFAULT_ROOM)
-            self._read_loop()
         except Exception:
-            if self.reason is None:
-                log.exception("session_failed")
-                self.reason = "error"
-        finally:
-            self._close()
+            self._failed()
+        self._finish()
+
+    def _bind_log_context(self) -> None:
+        structlog.contextvars.bind_contextvars(conn_id=self.conn_id, peer=f"{self.ip}:{self.port}")
+
+    def _failed(self) -> None:
+        if self.reason is None:
+            log.exception("session_failed")
+            self.reason = "error"
+
+    def _serve(self, head: bytes) -> None:
+        """Handle ``head`` and whatever else is readable now; then park or finish."""
+        self.busy = True
+        data: bytes | None = head
+        try:
+            while self.reason is None:
+                if data and not self._process(data):
+                    break
+                data = self._read_now()
+                if data is None:
+                    break
+                if data is _PARK:
+                    self._park()
+                    return
+        except Exception:
+            self._failed()
+        self._finish()
+
+    def _park(self) -> None:
+        """Wait for input without a greenlet: an io watcher calls ``_wake``."""
+        if self.watcher is None:
+            self.watcher = gevent.get_hub().loop.io(self.sock.fileno(), 1)
+        self.busy = False
+        self.watcher.start(self._wake)
+
+    def _wake(self) -> None:
+        self.watcher.stop()
+        if not self.finished:
+            self.busy = True
+            gevent.spawn(self._burst)
+
+    def _burst(self) -> None:
+        self._bind_log_context()
+        self._serve(b"")
 
     def end(self, reason: str) -> None:
         """Record why the session ends (the first reason wins)."""
@@ -122,12 +177,19 @@ class Session:
             self.reason = reason
 
     def kill(self, reason: str) -> None:
-        """End the session from outside its greenlet (hub or shutdown); never blocks."""
+        """End the session from outside its own flow (hub, sweeper, shutdown); never blocks.
+
+        A parked session is finished on the spot; a busy one leaves the room
+        now and its greenlet finishes once its socket call fails.
+        """
         self.end(reason)
-        self._leave_hub()
-        self.outbox.closed = True
-        self.sink.close()
-        self.sock.close()
+        if self.busy:
+            self._leave_hub()
+            self.outbox.closed = True
+            self.sink.close()
+            self.sock.close()
+        else:
+            self._finish()
 
     def _slow_consumer(self) -> None:
         log.warning(
@@ -151,19 +213,30 @@ class Session:
     def _nick_or_none(self) -> str | None:
         return self.member.nick if self.member is not None else None
 
-    def _close(self) -> None:
+    def _finish(self) -> None:
+        """Leave, flush what a graceful end owes the client, account, close; once."""
+        if self.finished:
+            return
+        self.finished = True
         reason = self.reason or "error"
         member = self.member
         self._leave_hub()
-        if reason in _GRACEFUL:
+        if reason in _GRACEFUL and self.busy:
             self._drain(1.0)
+        self.busy = False
         self.outbox.closed = True
         self.sink.close()
+        if self.watcher is not None:
+            self.watcher.stop()
+            self.watcher.close()
+            self.watcher = None
         self.svc.forget(self)
         if member is not None:
             self.svc.metrics.by_reason[reason].inc()
             log.info(
                 "client_disconnected",
+                conn_id=self.conn_id,
+                peer=f"{self.ip}:{self.port}",
                 nick=member.nick,
                 room=self.last_room,
                 reason=reason,
@@ -172,7 +245,9 @@ class Session:
             )
         elif reason in ("auth_failed", "server_full"):
             self.svc.metrics.by_reason[reason].inc()
-            log.info("client_refused", reason=reason)
+            log.info("client_refused", conn_id=self.conn_id, peer=f"{self.ip}:{self.port}", reason=reason)
+        self.sock.close()
+        self.svc.open_connections -= 1
 
     def _drain(self, timeout: float) -> None:
         """Give queued lines (a goodbye, an error) up to ``timeout`` to reach the client."""
@@ -182,22 +257,39 @@ class Session:
 
     # -- reading ----------------------------------------------------------
 
-    def _recv(self, timeout: float | None, on_timeout: str = "idle_timeout") -> bytes | None:
+    def _recv(self, timeout: float | None, on_timeout: str) -> bytes | None:
+        """Blocking read (in this greenlet) for the auth line."""
         self.sock.settimeout(timeout)
         try:
-            data: bytes = self.sock.recv(RECV_BYTES)
+            return self._received(self.sock.recv(RECV_BYTES))
         except TimeoutError:
             self.end(on_timeout)
-            return None
         except ConnectionResetError:
             self.end("eof")
-            return None
         except OSError:
             self.end("error")
-            return None
+        return None
+
+    def _read_now(self) -> bytes | None:
+        """What is readable now, ``_PARK`` when nothing is (TLS: wait for it)."""
+        try:
+            if self.raw is not None:
+                return self._received(self.raw.recv(RECV_BYTES))
+            self.sock.settimeout(None)
+            return self._received(self.sock.recv(RECV_BYTES))
+        except BlockingIOError:
+            return _PARK
+        except ConnectionResetError:
+            self.end("eof")
+        except OSError:
+            self.end("error")
+        return None
+
+    def _received(self, data: bytes) -> bytes | None:
         if not data:
             self.end("eof")
             return None
+        self.last_input = time.monotonic()
         self.bytes_in += len(data)
         self.svc.hub.stats.bytes_in += len(data)
         return data
@@ -228,33 +320,27 @@ class Session:
         self.head = b"".join(line + b"\n" for line in rest)
         return True
 
-    def _read_loop(self) -> None:
+    def _process(self, data: bytes) -> bool:
+        """Frame and act on one chunk of input; False ends the session."""
         framer = self.framer
-        idle = self.svc.config.idle_timeout or None
-        data: bytes | None = self.head
-        self.head = b""
-        while True:
-            if data:
-                t_read = time.perf_counter()
-                lines = framer.feed(data)
-                unread = len(data)
-                for raw in lines:
-                    unread -= len(raw) + 1
-                    if self.bucket is not None:
-                        delay = self.bucket.take()
-                        if delay:
-                            if not self._fakelag(delay, unread):
-                                return
-                            t_read = time.perf_counter()
-                    if not self._handle(raw, t_read):
-                        return
-                if framer.overflowed:
-                    self.outbox.push(protocol.error_line("line too long"))
-                    self.end("line_too_long")
-                    return
-            data = self._recv(idle)
-            if data is None:
-                return
+        t_read = time.perf_counter()
+        lines = framer.feed(data)
+        unread = len(data)
+        for raw in lines:
+            unread -= len(raw) + 1
+            if self.bucket is not None:
+                delay = self.bucket.take()
+                if delay:
+                    if not self._fakelag(delay, unread):
+                        return False
+                    t_read = time.perf_counter()
+            if not self._handle(raw, t_read):
+                return False
+        if framer.overflowed:
+            self.outbox.push(protocol.error_line("line too long"))
+            self.end("line_too_long")
+            return False
+        return True
 
     def _fakelag(self, delay: float, unread: int) -> bool:
         """Delay a line over the flood limit, or end a client that keeps flooding."""
@@ -391,6 +477,8 @@ _COMMANDS: dict[str, Callable[[Session, str], bool]] = {
     "quit": Session._quit,
     "auth": Session._auth_again,
 }
+
+_PARK = b"park"
 
 _FIONREAD = struct.Struct("i")
 

@@ -32,6 +32,7 @@ class TcpSink:
     """Non-blocking writes to a plain TCP socket; drains on writability callbacks."""
 
     __slots__ = ("_fd", "_raw", "_watcher", "stats")
+    parkable = True
 
     def __init__(self, sock: Any, stats: Stats) -> None:
         self._raw = sock._sock  # the real non-blocking socket under gevent's wrapper
@@ -81,6 +82,7 @@ class TlsSink:
     """Writes through gevent's SSL socket from a writer greenlet that lives while data waits."""
 
     __slots__ = ("_sock", "_writer", "stats")
+    parkable = False
 
     def __init__(self, sock: Any, stats: Stats) -> None:
         self._sock = sock
@@ -165,11 +167,20 @@ class ChatServer(StreamServer):
             self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             self.tls.load_cert_chain(config.tls_cert, config.tls_key)
 
+    def do_close(self, sock: Any, *args: Any) -> None:
+        """StreamServer closes a socket when its handler returns; ours may outlive it.
+
+        A chat session parks on an io watcher and its accept greenlet ends, so
+        whoever owns the socket closes it: ``handle_connection`` or the session.
+        """
+
     def handle_connection(self, sock: Any, address: tuple[str, int]) -> None:
+        """Sniff, then serve HTTP here or hand the socket to a chat session, which owns it."""
         svc = self.svc
         config = svc.config
         svc.open_connections += 1
         svc.metrics.accepted.inc()
+        owned = False
         try:
             tune(sock, config.sndbuf_bytes)
             if self.tls is not None:
@@ -185,7 +196,9 @@ class ChatServer(StreamServer):
                 with gevent.Timeout(config.http_timeout * 2, False):
                     svc.http.serve(sock, address, head)
             elif kind == CHAT:
+                owned = True
                 svc.start_session(sock, address, head, TlsSink if self.tls is not None else TcpSink)
         finally:
-            svc.open_connections -= 1
-            sock.close()
+            if not owned:
+                svc.open_connections -= 1
+                sock.close()
