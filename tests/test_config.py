@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-
 from chat_svc.config import SETTINGS, Config, load, markdown_table
 from conftest import ROOT
 
