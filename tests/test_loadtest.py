@@ -11,6 +11,7 @@ targets 127.0.0.1.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -29,6 +30,8 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+
+from _require import missing  # noqa: E402
 
 from loadtest._ledger import Ledger, Recorder, evaluate, format_summary  # noqa: E402
 
@@ -232,6 +235,14 @@ def test_sweep_medians_keep_the_worst_loss() -> None:
 # end-to-end helpers
 
 
+def _need(*modules: str) -> None:
+    """Locust runs as a subprocess: check it is installed without importing it here
+    (importing locust would gevent-monkey-patch the whole pytest process)."""
+    for name in modules:
+        if importlib.util.find_spec(name) is None:
+            missing(f"Python module {name} is not installed; pip install -e '.[loadtest]'")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -365,6 +376,7 @@ def _run_distributed(tmp_path: Path, port: int, *args: str) -> tuple[int, str, d
 @pytest.mark.slow
 def test_smoke_against_real_server(chat_server: Any, tmp_path: Path) -> None:
     """CI smoke: ~50 users for ~15 s, exit 0, every expected delivery arrived."""
+    _need("locust")
     srv = chat_server("--flood-rate", "0")
     rc, out, s = _run_locust(tmp_path, srv.port, "-u", "50", "-r", "25", "-t", "15s")
     t = s["totals"]
@@ -379,6 +391,7 @@ def test_smoke_against_real_server(chat_server: Any, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_faulty_server_fails_the_run_and_names_the_loss(faulty_server: Any, tmp_path: Path) -> None:
+    _need("locust")
     srv = faulty_server("--drop-every", "40", "--dup-every", "97")
     rc, out, s = _run_locust(tmp_path, srv.port, "-u", "20", "-r", "20", "-t", "6s", "--deadline", "2")
     fault = srv.stats()
@@ -399,6 +412,7 @@ def test_faulty_server_fails_the_run_and_names_the_loss(faulty_server: Any, tmp_
 @pytest.mark.slow
 def test_server_disconnects_fail_the_run_and_users_reconnect(chat_server: Any, tmp_path: Path) -> None:
     """Listen-only users idle past the server's --idle-timeout get dropped by the server."""
+    _need("locust")
     srv = chat_server("--idle-timeout", "1")
     rc, out, s = _run_locust(tmp_path, srv.port, "-u", "4", "-r", "4", "-t", "4s", "--msg-rate", "0", "--deadline", "1")
     t = s["totals"]
@@ -412,6 +426,7 @@ def test_server_disconnects_fail_the_run_and_users_reconnect(chat_server: Any, t
 
 @pytest.mark.slow
 def test_distributed_two_workers_clean(chat_server: Any, tmp_path: Path) -> None:
+    _need("locust")
     srv = chat_server("--flood-rate", "0")
     rc, out, s = _run_distributed(tmp_path, srv.port, "-u", "30", "-r", "30", "-t", "8s")
     t = s["totals"]
@@ -424,6 +439,7 @@ def test_distributed_two_workers_clean(chat_server: Any, tmp_path: Path) -> None
 
 @pytest.mark.slow
 def test_distributed_two_workers_detect_cross_worker_loss(faulty_server: Any, tmp_path: Path) -> None:
+    _need("locust")
     srv = faulty_server("--drop-every", "40")
     rc, out, s = _run_distributed(tmp_path, srv.port, "-u", "20", "-r", "20", "-t", "6s", "--deadline", "2")
     fault = srv.stats()
@@ -438,6 +454,7 @@ def test_distributed_two_workers_detect_cross_worker_loss(faulty_server: Any, tm
 @pytest.mark.slow
 def test_web_ui_runs_the_swarm(chat_server: Any, tmp_path: Path) -> None:
     """``locust -f loadtest`` with the web UI: start from the form, Ctrl-C prints the summary."""
+    _need("locust")
     srv = chat_server("--flood-rate", "0")
     web = _free_port()
     proc = subprocess.Popen(
@@ -474,6 +491,7 @@ def test_web_ui_runs_the_swarm(chat_server: Any, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_capacity_sweep_writes_csv_png_and_table(chat_server: Any, tmp_path: Path) -> None:
+    _need("locust", "matplotlib")
     srv = chat_server("--flood-rate", "0")
     env = {**os.environ, "MPLBACKEND": "Agg"}
     proc = subprocess.run(
@@ -502,7 +520,7 @@ def test_capacity_sweep_writes_csv_png_and_table(chat_server: Any, tmp_path: Pat
     rows = (tmp_path / "cap.csv").read_text().splitlines()
     assert rows[0].startswith("users,msg_rate,")
     assert len(rows) == 3
-    assert len((tmp_path / "cap-runs.csv").read_text().splitlines()) == 3
+    assert len((tmp_path / "cap.runs.csv").read_text().splitlines()) == 3
     assert (tmp_path / "cap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (tmp_path / "cap.md").read_text()
     assert "| users |" in table and table.count("\n| 10 |") + table.count("\n| 20 |") == 2
