@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import socket
 import subprocess
 import time
 import urllib.error
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 from _require import DOCKER, require_docker, require_image
+from conftest import LineClient, free_port  # noqa: F401  (free_port is re-exported)
 
 ROOT = Path(__file__).resolve().parent.parent
 # Offline base from deploy/offline/build-base-image.sh; override to test another base.
@@ -87,84 +87,12 @@ def inspect(name: str) -> dict:
     return json.loads(docker("inspect", name).stdout)[0]
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
-class Line:
-    """A raw-socket line client (the published port is all a user has)."""
-
-    def __init__(self, port: int, timeout: float = 5.0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
-        self.buf = b""
-
-    def send(self, text: str) -> None:
-        self.sock.sendall(text.encode() + b"\n")
-
-    def recv_line(self, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while b"\n" not in self.buf:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"no line; partial {self.buf[:200]!r}")
-            self.sock.settimeout(remaining)
-            try:
-                chunk = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            if not chunk:
-                raise EOFError(f"closed; partial {self.buf[:200]!r}")
-            self.buf += chunk
-        line, _, self.buf = self.buf.partition(b"\n")
-        return line.decode("utf-8", "replace").rstrip("\r")
-
-    def expect(self, pattern: str, timeout: float = 5.0) -> str:
-        deadline = time.monotonic() + timeout
-        seen: list[str] = []
-        while True:
-            try:
-                line = self.recv_line(max(deadline - time.monotonic(), 0.001))
-            except (TimeoutError, EOFError) as exc:
-                raise AssertionError(f"expected /{pattern}/, saw {seen!r} ({exc})") from exc
-            if re.search(pattern, line):
-                return line
-            seen.append(line)
-
-    def lines_for(self, seconds: float) -> list[str]:
-        out: list[str] = []
-        deadline = time.monotonic() + seconds
-        while (remaining := deadline - time.monotonic()) > 0:
-            try:
-                out.append(self.recv_line(remaining))
-            except (TimeoutError, EOFError):
-                break
-        return out
-
-    def wait_closed(self, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                self.recv_line(deadline - time.monotonic())
-            except EOFError:
-                return True
-            except TimeoutError:
-                return False
-            except OSError:
-                return True
-        return False
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-def member(port: int, nick: str) -> Line:
+def member(port: int, nick: str) -> LineClient:
     """Connect, read the welcome and take a nick."""
-    c = Line(port)
-    c.expect(r"^\* welcome to chat-svc")
+    c = LineClient("127.0.0.1", port)
+    c.expect("* welcome to chat-svc")
     c.send(f"/nick {nick}")
-    c.expect(rf"is now known as {re.escape(nick)}$")
+    c.expect_re(rf"is now known as {re.escape(nick)}$")
     return c
 
 
@@ -178,9 +106,9 @@ def wait_chat_ready(port: int, timeout: float = 30.0, what: str = "container") -
     last: Exception | None = None
     while time.monotonic() < deadline:
         try:
-            c = Line(port, timeout=2)
+            c = LineClient("127.0.0.1", port, timeout=2)
             try:
-                c.expect(r"^\* welcome", timeout=2)
+                c.expect("* welcome", timeout=2)
                 return
             finally:
                 c.close()

@@ -13,12 +13,7 @@ import subprocess
 import time
 
 from _require import require_binary
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+from conftest import free_port
 
 
 class RedisServer:
@@ -26,7 +21,7 @@ class RedisServer:
 
     def __init__(self, port: int | None = None) -> None:
         self.exe = require_binary("redis-server")
-        self.port = port or _free_port()
+        self.port = port or free_port()
         self.proc: subprocess.Popen[bytes] | None = None
         self.start()
 

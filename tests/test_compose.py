@@ -185,7 +185,7 @@ def test_chat_across_instances(stack: Stack) -> None:
         for i in range(20):
             alice.send(f"ping {i}")
             try:
-                got = bob.expect(r"^\[alice\] ping \d+$", timeout=0.5)
+                got = bob.expect_re(r"^\[alice\] ping \d+$", timeout=0.5)
                 break
             except AssertionError:
                 continue
@@ -193,9 +193,9 @@ def test_chat_across_instances(stack: Stack) -> None:
         for i in range(5):
             alice.send(f"in order {i}")
         for i in range(5):
-            bob.expect(rf"^\[alice\] in order {i}$", timeout=5)
+            bob.expect_re(rf"^\[alice\] in order {i}$", timeout=5)
         bob.send("hello from chat-b")
-        alice.expect(r"^\[bob\] hello from chat-b$", timeout=5)
+        alice.expect_re(r"^\[bob\] hello from chat-b$", timeout=5)
     finally:
         alice.close()
         bob.close()
