@@ -25,9 +25,12 @@ from typing import Protocol
 
 import gevent
 import gevent.event
+import structlog
 
 from . import protocol
 from .outbox import Outbox
+
+log = structlog.get_logger("chat_svc.hub")
 
 # Members served between two looks at new input during a sweep.
 YIELD_EVERY = 48
@@ -259,7 +262,11 @@ class Hub:
                 busy = list(self._busy)
                 self._busy.clear()
                 for room in busy:
-                    self._sweep(room)
+                    try:
+                        self._sweep(room)
+                    except Exception:
+                        # A bug must cost one pass of one room, never fan-out itself.
+                        log.exception("fanout_failed", room=room.name)
 
     def _sweep(self, room: Room) -> None:
         """One pass over a room: every member gets what it is owed, in one push each."""
