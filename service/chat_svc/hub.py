@@ -32,7 +32,10 @@ from .outbox import Outbox
 
 log = structlog.get_logger("chat_svc.hub")
 
-# Members served between two looks at new input during a sweep.
+# Members served between two looks at new input during a sweep.  The look is
+# gevent.idle(), not sleep(0): sleep(0) only runs queued callbacks (the loop
+# does not poll sockets while callbacks keep coming), so input would wait for
+# the whole sweep; idle() returns after the loop has polled and served I/O.
 YIELD_EVERY = 48
 # Bytes a room may have waiting for the sweeper before readers in that room
 # pause (overload backpressure: senders slow down, nothing is dropped).
@@ -276,7 +279,7 @@ class Hub:
             if member.rseq < room.end and member.room is room:
                 self._catch_up(member, room, cache)
             if not index % YIELD_EVERY:
-                gevent.sleep(0)
+                gevent.idle()
         self._trim(room, target)
         if room.lines and room not in self._busy:
             self._busy[room] = None
