@@ -1,7 +1,7 @@
 """One chat connection: its read loop, limits and commands.
 
 The session owns everything about a single client that is not shared:
-the line framer, the flood bucket, the idle timer and the reason it ended.
+the line framer, the flood bucket, its last input time and the reason it ended.
 It talks to the room hub only through ``Hub`` methods, and to its socket only
 for reading; writes go through the member's Outbox.
 """
