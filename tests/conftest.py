@@ -16,6 +16,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# A shell that starts a job in the background (`.ci/run &`, nohup, some CI
+# runners) makes it ignore SIGINT, and an ignored signal stays ignored in every
+# child: the Ctrl-C tests of chat-client and locust would then hang.  A handled
+# signal resets to the default in children, so handle it here.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 def free_port() -> int:
     with socket.socket() as probe:
