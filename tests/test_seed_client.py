@@ -7,63 +7,17 @@ types reach a raw-socket member, and lines that member sends arrive whole on its
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import Any
 
 import pytest
+from _streams import StreamWatcher
 
 SEED_CLIENT = Path(__file__).resolve().parent / "seed_chat_client.py"
 WELCOME = re.compile(r"\* welcome to chat-svc, you are (\S+) in room (\S+);")
-
-
-class Output:
-    """Collects a pipe's bytes in the background so tests can wait for a pattern."""
-
-    def __init__(self, stream: Any) -> None:
-        self._stream = stream
-        self._buf = b""
-        self._eof = False
-        self._cond = threading.Condition()
-        threading.Thread(target=self._run, daemon=True).start()
-
-    def _run(self) -> None:
-        while True:
-            chunk = os.read(self._stream.fileno(), 65536)
-            with self._cond:
-                if not chunk:
-                    self._eof = True
-                else:
-                    self._buf += chunk
-                self._cond.notify_all()
-            if not chunk:
-                return
-
-    @property
-    def text(self) -> str:
-        with self._cond:
-            return self._buf.decode("utf-8", "replace")
-
-    def wait_for(self, pattern: str | re.Pattern[str], timeout: float = 10.0) -> re.Match[str]:
-        regex = pattern if isinstance(pattern, re.Pattern) else re.compile(re.escape(pattern))
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                match = regex.search(self._buf.decode("utf-8", "replace"))
-                if match:
-                    return match
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or self._eof:
-                    raise AssertionError(
-                        f"{regex.pattern!r} not seen within {timeout}s; seed client output:\n"
-                        f"{self._buf.decode('utf-8', 'replace')!r}"
-                    )
-                self._cond.wait(remaining)
 
 
 @pytest.fixture
@@ -71,7 +25,7 @@ def seed_client() -> Any:
     """Start the seed client as the seed's README does: ``python chat_client.py HOST PORT``."""
     procs: list[subprocess.Popen[bytes]] = []
 
-    def start(host: str, port: int) -> tuple[subprocess.Popen[bytes], Output]:
+    def start(host: str, port: int) -> tuple[subprocess.Popen[bytes], StreamWatcher]:
         proc = subprocess.Popen(
             [sys.executable, str(SEED_CLIENT), host, str(port)],
             stdin=subprocess.PIPE,
@@ -79,7 +33,7 @@ def seed_client() -> Any:
             stderr=subprocess.STDOUT,
         )
         procs.append(proc)
-        return proc, Output(proc.stdout)
+        return proc, StreamWatcher(proc.stdout.fileno())
 
     yield start
     for proc in procs:
