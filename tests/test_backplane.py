@@ -70,6 +70,9 @@ def cluster(chat_server: Start, redis: RedisServer, count: int, *args: str) -> l
     servers = [chat_server("--redis-url", redis.url, "--flood-rate", "0", *args) for _ in range(count)]
     for srv in servers:
         wait_ready(srv)
+        # /readyz is 200 before the backplane is up with --ready-requires-backplane false;
+        # a member joining then is local-only until the first connect resubscribes.
+        wait_for(lambda srv=srv: metrics(srv)["chat_backplane_up"] == 1, 10, f"backplane up on :{srv.port}")
     return servers
 
 
