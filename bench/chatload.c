@@ -73,7 +73,7 @@ typedef struct {
 /* ---------- options ---------- */
 static const char *o_host = "127.0.0.1";
 static int o_ports[MAX_PORTS], o_nports = 0;
-static int o_clients = 10, o_senders = -1, o_size = 64, o_idle = 0, o_rst = 0;
+static int o_clients = 10, o_senders = -1, o_size = 64, o_idle = 0, o_rst = 0, o_observe = 0;
 static double o_rate = 10, o_duration = 5, o_warmup = 1, o_drain = 5, o_connect_rate = 1000;
 static double o_connect_timeout = 10, o_sync_timeout = 15;
 static int o_pids[MAX_PIDS], o_npids = 0;
@@ -317,8 +317,27 @@ static inline int parse_u64(const char **pp, const char *end, uint64_t *v) {
     return 1;
 }
 
+static int64_t t_begin_g;
+
+/* --observe: another process sent the line, so only its clock is checked */
+static void on_observed_token(const char *p, const char *end, int64_t t) {
+    uint64_t gid, ts;
+    if (!parse_u64(&p, end, &gid) || !parse_u64(&p, end, &ts) || (int64_t)ts > t || (int64_t)ts < t_begin_g - 600000000000LL) {
+        malformed++;
+        return;
+    }
+    delivered++;
+    int64_t lat = t - (int64_t)ts;
+    hist[hbucket((uint64_t)(lat / 1000))]++;
+    hist_n++;
+    lat_sum_us += (double)lat / 1000.0;
+    if (lat > lat_max_ns) lat_max_ns = lat;
+    t_last_delivery = t;
+}
+
 static void on_load_token(int ridx, const char *p, const char *end, int64_t t) {
     uint64_t gid, ts;
+    if (o_observe) { on_observed_token(p, end, t); return; }
     if (!parse_u64(&p, end, &gid) || !parse_u64(&p, end, &ts) || gid >= nsent || msgs[gid].ts != (int64_t)ts) {
         malformed++;
         return;
@@ -371,6 +390,19 @@ static void on_line(int ridx, const char *p, const char *nl, int64_t t) {
             q += 4;
         } else {
             q++;
+        }
+    }
+    if (o_observe && tokens == 0) {
+        /* the observer also understands the independent generator's documented "LT <sender> <seq> <t_ns> "
+           lines, so the two generators can be compared against the same passive clients */
+        const char *r = p;
+        while (r + 3 <= nl && (r = memmem(r, (size_t)(nl - r), "LT ", 3)) != NULL) {
+            if (r == p || !((r[-1] >= '0' && r[-1] <= '9') || (r[-1] >= 'A' && r[-1] <= 'Z') || (r[-1] >= 'a' && r[-1] <= 'z'))) {
+                uint64_t sidx;
+                const char *f = r + 3;
+                if (parse_u64(&f, nl, &sidx)) { tokens++; on_observed_token(f, nl, t); }
+            }
+            r += 3;
         }
     }
     if (tokens == 0) ignored_lines++;
@@ -437,7 +469,7 @@ static void usage(void) {
     fprintf(stderr,
             "usage: chatload --port P[,P...] [--host H] [--clients N] [--senders S] [--rate R]\n"
             "  [--duration T] [--warmup W] [--drain D] [--size B] [--connect-rate C]\n"
-            "  [--connect-timeout S] [--sync-timeout S] [--idle] [--server-pid P[,P...]]\n"
+            "  [--connect-timeout S] [--sync-timeout S] [--idle | --observe] [--server-pid P[,P...]]\n"
             "  [--rst] [--label L] [--verbose]\n");
     exit(2);
 }
@@ -455,7 +487,7 @@ int main(int argc, char **argv) {
         {"host", 1, 0, 'h'}, {"port", 1, 0, 'p'}, {"clients", 1, 0, 'n'}, {"senders", 1, 0, 's'},
         {"rate", 1, 0, 'r'}, {"duration", 1, 0, 'd'}, {"warmup", 1, 0, 'w'}, {"drain", 1, 0, 'D'},
         {"size", 1, 0, 'b'}, {"connect-rate", 1, 0, 'c'}, {"connect-timeout", 1, 0, 'C'},
-        {"sync-timeout", 1, 0, 'Y'}, {"idle", 0, 0, 'I'}, {"server-pid", 1, 0, 'P'}, {"rst", 0, 0, 'R'},
+        {"sync-timeout", 1, 0, 'Y'}, {"idle", 0, 0, 'I'}, {"observe", 0, 0, 'O'}, {"server-pid", 1, 0, 'P'}, {"rst", 0, 0, 'R'},
         {"label", 1, 0, 'l'}, {"verbose", 0, 0, 'v'}, {0, 0, 0, 0}};
     int opt;
     while ((opt = getopt_long(argc, argv, "", lo, NULL)) != -1) {
@@ -473,6 +505,7 @@ int main(int argc, char **argv) {
         case 'C': o_connect_timeout = atof(optarg); break;
         case 'Y': o_sync_timeout = atof(optarg); break;
         case 'I': o_idle = 1; break;
+        case 'O': o_observe = 1; o_idle = 1; break;
         case 'P': o_npids = parse_list(optarg, o_pids, MAX_PIDS); break;
         case 'R': o_rst = 1; break;
         case 'l': o_label = optarg; break;
@@ -517,7 +550,7 @@ int main(int argc, char **argv) {
 
     srv_sample_t s_start = srv_sample();
     double g_cpu_start = self_cpu();
-    int64_t t_begin = now_ns(), t_ramp_end = -1, t_sync_end = -1, t_next_sync = 0, t_warm_end = 0;
+    int64_t t_begin = t_begin_g = now_ns(), t_ramp_end = -1, t_sync_end = -1, t_next_sync = 0, t_warm_end = 0;
     int64_t t_send_start = 0, t_send_end = 0, t_drain_deadline = 0, t_hold_end = 0, t_probe_deadline = 0;
     int64_t t_next_sample = 0, t_next_timeout_scan = 0, t_done = 0;
     int next_conn = 0;
@@ -556,6 +589,16 @@ int main(int argc, char **argv) {
                 for (int i = 0; i < o_clients; i++)
                     if (conns[i].state == C_OPEN) { syncer = i; break; }
                 if (syncer < 0) { fprintf(stderr, "chatload: no connection succeeded\n"); phase = P_DONE; break; }
+                if (o_observe) { /* a passive observer: no barrier, no probe, just listen */
+                    s_send = srv_sample();
+                    g_cpu_send = self_cpu();
+                    c_send = cpu_sample();
+                    t_send_start = t;
+                    counting = 1;
+                    t_hold_end = t + (int64_t)(o_duration * 1e9);
+                    phase = P_HOLD;
+                    break;
+                }
                 phase = P_SYNC;
                 t_next_sync = t;
                 t_sync_end = t + (int64_t)(o_sync_timeout * 1e9);
@@ -621,6 +664,7 @@ int main(int argc, char **argv) {
             else if (t_drain_deadline < deadline) deadline = t_drain_deadline;
             break;
         case P_HOLD:
+            if (o_observe && t >= t_hold_end) { t_done = t; phase = P_DONE; break; }
             if (t >= t_hold_end) {
                 s_hold = srv_sample();
                 char l[64];
@@ -699,7 +743,7 @@ int main(int argc, char **argv) {
     uint64_t lost = expected > delivered ? expected - delivered : 0;
     double srv_cpu_win = s_end.cpu_s - s_send.cpu_s;
 
-    printf("{\"tool\":\"chatload\",\"label\":\"%s\",\"mode\":\"%s\",", o_label, o_idle ? "idle" : "fanout");
+    printf("{\"tool\":\"chatload\",\"label\":\"%s\",\"mode\":\"%s\",", o_label, o_observe ? "observe" : o_idle ? "idle" : "fanout");
     printf("\"clients\":%d,\"senders\":%d,\"rate\":%.3f,\"duration\":%.3f,\"size\":%d,\"ports\":%d,",
            o_clients, S, o_rate, o_duration, o_size, o_nports);
     printf("\"connected\":%" PRIu64 ",\"connect_failed\":%" PRIu64 ",\"ramp_s\":%.3f,\"open_at_end\":%" PRIu64 ",",

@@ -543,6 +543,37 @@ def run_external(
 
 
 @contextlib.contextmanager
+def observer(ctx: Ctx, srv: Server, count: int, members: int, connect_rate: float) -> Iterator[dict[str, Any]]:
+    """A passive chatload (--observe) with ``count`` members, started before the main generator,
+    at a higher priority so it reads as soon as data arrives; yields its JSON once it has ended."""
+    result: dict[str, Any] = {}
+    if count <= 0:
+        yield result
+        return
+    # outlast the main run: its ramp, barrier, warmup, sending and longest drain
+    hold = (members - count) / connect_rate + 3 + ctx.warmup + ctx.duration + ctx.drain + 2
+    cmd = [str(ctx.loadgen), "--port", str(srv.port), "--clients", str(count), "--observe",
+           "--duration", f"{hold:g}", "--connect-rate", "1000", "--label", "observer"]  # fmt: skip
+    prio = Pinning(ctx.pin.enabled, ctx.pin.server_core, ctx.pin.gen_core, nice=min(ctx.pin.nice, 0) - 4)
+    proc = subprocess.Popen(
+        prio.gen(cmd), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    prio.prioritize(proc.pid)
+    try:
+        time.sleep(0.5)  # connected and in the room before the main generator starts
+        yield result
+        out, err = proc.communicate(timeout=hold + 30)
+        if proc.returncode == 0 and out.strip():
+            result.update(json.loads(out))
+        else:
+            log(f"  observer failed ({proc.returncode}): {err.strip()[-300:]}")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@contextlib.contextmanager
 def server(ctx: Ctx, kind: str, extra: Sequence[str] = ()) -> Iterator[Server]:
     k = ctx.kinds[kind]
     port = free_port()
@@ -563,21 +594,27 @@ def measure(
     idle: bool = False,
     extra: Sequence[str] = (),
     tool: str = "chatload",
+    observers: int = 0,
 ) -> dict[str, Any]:
-    """One measurement on a fresh server, repeated (bounded) while other load disturbs it."""
+    """One measurement on a fresh server, repeated (bounded) while other load disturbs it.
+
+    With ``observers``, that many of the ``members`` are passive clients in a separate, lightly
+    loaded chatload process (``--observe``) that time every line they receive: an independent
+    check of the main generator's latency figures."""
     k = ctx.kinds[kind]
     attempts: list[dict[str, Any]] = []
     for attempt in range(ctx.retries + 1):
         pre = wait_for_quiet([ctx.pin.server_core, ctx.pin.gen_core] if ctx.pin.enabled else [0], ctx.quiet_wait)
-        with server(ctx, kind, extra) as srv:
+        with server(ctx, kind, extra) as srv, observer(ctx, srv, observers, members, k.connect_rate) as obs:
+            members_main = members - observers
             if tool == "external":
-                raw = run_external(ctx, srv.port, srv.pid, members, rate, label, k.connect_rate)
+                raw = run_external(ctx, srv.port, srv.pid, members_main, rate, label, k.connect_rate)
             else:
                 raw = run_chatload(
                     ctx,
                     [srv.port],
                     [srv.pid],
-                    members,
+                    members_main,
                     rate,
                     label,
                     idle=idle,
@@ -587,6 +624,16 @@ def measure(
             alive = srv.proc.poll() is None
         run = summarize(raw, {"server": kind, "tool": tool, "attempt": attempt, "other_cpu_before": round(pre, 2)})
         run["server_alive"] = alive
+        if obs:
+            lat = obs.get("latency_ms", {})
+            run["observer"] = {
+                "members": observers,
+                "received": obs.get("delivered"),
+                "malformed": obs.get("malformed"),
+                "p50_ms": lat.get("p50"),
+                "p99_ms": lat.get("p99"),
+                "p999_ms": lat.get("p999"),
+            }
         if idle:
             run.update(idle_fields(raw, members))
         if tool == "external":
@@ -908,18 +955,40 @@ def wait_backplane(ports: Sequence[int], timeout: float = 15) -> tuple[bool, str
     return False, last
 
 
+OBSERVERS = 20
+
+
 def scenario_crosscheck(ctx: Ctx, points: Sequence[tuple[str, float]], members: int, repeat: int) -> dict[str, Any]:
-    log(f"== cross-check against {ctx.external}: {list(points)}, alternating, {repeat} run(s) each")
-    out: dict[str, Any] = {"tool": str(ctx.external), "members": members, "points": []}
+    """The same points driven alternately by chatload and by the external generator.
+
+    In every run OBSERVERS of the members are passive clients of a separate chatload --observe
+    process, identical for both tools: each tool's latency can be checked against what these
+    lightly loaded clients saw in the same run."""
+    log(
+        f"== cross-check against {ctx.external}: {list(points)}, alternating, {repeat} run(s) each, "
+        f"{OBSERVERS} of the {members} members are passive observers"
+    )
+    out: dict[str, Any] = {"tool": str(ctx.external), "members": members, "observers": OBSERVERS, "points": []}
     for kind, rate in points:
         own: list[dict[str, Any]] = []
         ext: list[dict[str, Any]] = []
         for rep in range(repeat):
-            own.append(measure(ctx, kind, members, rate, f"xcheck-own-{kind}-{rate:g}-{rep}"))
-            ext.append(measure(ctx, kind, members, rate, f"xcheck-ext-{kind}-{rate:g}-{rep}", tool="external"))
+            own.append(measure(ctx, kind, members, rate, f"xcheck-own-{kind}-{rate:g}-{rep}", observers=OBSERVERS))
+            ext.append(
+                measure(
+                    ctx, kind, members, rate, f"xcheck-ext-{kind}-{rate:g}-{rep}", tool="external", observers=OBSERVERS
+                )
+            )
         a, b = aggregate(own), aggregate(ext)
+        for agg, runs in ((a, own), (b, ext)):
+            seen = [r["observer"] for r in runs if r.get("observer")]
+            agg["observer_p50_ms"] = med([o.get("p50_ms") for o in seen])
+            agg["observer_p99_ms"] = med([o.get("p99_ms") for o in seen])
         diff = {}
-        for key in ("deliveries_per_s", "p50_ms", "p99_ms", "p999_ms", "server_us_per_delivery", "gen_cpu"):
+        for key in (
+            "deliveries_per_s", "p50_ms", "p99_ms", "p999_ms", "server_us_per_delivery", "gen_cpu",
+            "observer_p50_ms", "observer_p99_ms",
+        ):  # fmt: skip
             r = ratio(a.get(key), b.get(key))
             diff[key] = None if r is None else round(r - 1, 3)
         out["points"].append({"server": kind, "rate": rate, "chatload": a, "external": b, "relative_diff": diff})
@@ -1213,6 +1282,8 @@ def report(results: dict[str, Any]) -> str:
                 ("p99_ms", "p99 ms"),
                 ("server_us_per_delivery", "server µs/delivery"),
                 ("gen_cpu", "gen CPU"),
+                ("observer_p50_ms", "observers' p50 ms"),
+                ("observer_p99_ms", "observers' p99 ms"),
             ):
                 rows.append(
                     [
@@ -1224,6 +1295,14 @@ def report(results: dict[str, Any]) -> str:
                     ]
                 )
         out.append(table(rows, ["point", "metric", "chatload", "external", "difference"]))
+        for p in xc["points"]:
+            a, b = p["chatload"], p["external"]
+            ra, rb = ratio(a.get("p50_ms"), a.get("observer_p50_ms")), ratio(b.get("p50_ms"), b.get("observer_p50_ms"))
+            if ra is not None and rb is not None:
+                out.append(
+                    f"  {p['server']} @ {p['rate']:g}: p50 against the same run's passive observers: "
+                    f"chatload {ra - 1:+.0%}, external {rb - 1:+.0%}"
+                )
     prof = results.get("profile")
     if prof:
         out.append("")
