@@ -40,7 +40,7 @@ RUN groupadd --system --gid 10001 chat \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin chat
 COPY --from=venv /opt/chat-svc /opt/chat-svc
-# Configuration is environment only: every flag is also CHAT_<NAME> (docs/CONTRACT.md).
+# Configuration is environment only: every flag is also CHAT_<NAME> (`chat-svc --help`).
 ENV PATH=/opt/chat-svc/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \
