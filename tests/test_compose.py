@@ -23,7 +23,6 @@ from typing import Any
 import pytest
 from _docker import (
     ROOT,
-    backplane_implemented,
     build_image,
     docker,
     free_port,
@@ -164,10 +163,6 @@ def test_prometheus_reports_both_targets_up(stack: Stack) -> None:
 
 def test_chat_across_instances(stack: Stack) -> None:
     """A member on chat-a and one on chat-b share the lobby through Redis."""
-    if not backplane_implemented():
-        pytest.xfail(
-            "Redis backplane not in the server yet (issue 5): no chat_backplane_up in service/"
-        )
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if all(
@@ -199,5 +194,13 @@ def test_chat_across_instances(stack: Stack) -> None:
     finally:
         alice.close()
         bob.close()
-    seen = stack.prom("query", query="chat_backplane_up")["result"]
-    assert seen == [] or all(r["value"][1] == "1" for r in seen)
+    # Prometheus scrapes every 5 s: wait until it has seen both instances' backplane up.
+    deadline = time.monotonic() + 30
+    seen: list[tuple[str, str]] = []
+    while time.monotonic() < deadline:
+        result = stack.prom("query", query="chat_backplane_up")["result"]
+        seen = sorted((r["metric"]["instance"], r["value"][1]) for r in result)
+        if seen == [("chat-a:9009", "1"), ("chat-b:9009", "1")]:
+            break
+        time.sleep(1)
+    assert seen == [("chat-a:9009", "1"), ("chat-b:9009", "1")], seen

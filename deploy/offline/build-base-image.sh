@@ -14,7 +14,7 @@
 #
 # Environment: DOCKER (/usr/bin/docker), SUITE (bookworm), DEBIAN_MIRROR
 # (http://deb.debian.org/debian), OFFLINE_CACHE (/var/cache/chat-svc-offline), FORCE (0).
-# Needs root, debootstrap and a running docker engine.
+# Needs root (no sudo inside: run it as root), debootstrap and a running docker engine.
 set -Eeuo pipefail
 
 DOCKER="${DOCKER:-/usr/bin/docker}"
@@ -26,7 +26,8 @@ FORCE="${FORCE:-0}"
 log() { printf '[build-base-image] %s\n' "$*"; }
 die() { printf '[build-base-image] ERROR: %s\n' "$*" >&2; exit 1; }
 
-[ "$(id -u)" -eq 0 ] || die "must run as root (debootstrap, chroot)"
+[ "$(id -u)" -eq 0 ] || die "must run as root (debootstrap, chroot, mount): run it from a root shell," \
+    "or as \`sudo $0 ${*:-python}\` where sudo is installed"
 command -v debootstrap >/dev/null || die "debootstrap not installed (apt-get install debootstrap debian-archive-keyring)"
 "$DOCKER" info >/dev/null 2>&1 || die "docker engine not reachable with $DOCKER"
 
