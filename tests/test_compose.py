@@ -161,6 +161,21 @@ def test_prometheus_reports_both_targets_up(stack: Stack) -> None:
     assert "ChatSvcInstanceDown" in rules
 
 
+def test_prometheus_targets_page(stack: Stack) -> None:
+    """The page the docs name: Debian's Prometheus 2.42 (the offline image) has only the
+    classic UI, so /targets is a 404 there and /classic/targets lists both instances."""
+    served: dict[str, str] = {}
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the page lists targets once discovery has run
+        pages = {path: http_get(stack.prometheus, path) for path in ("/targets", "/classic/targets")}
+        served = {path: body for path, (code, _, body) in pages.items() if code == 200}
+        assert served, {path: code for path, (code, _, _) in pages.items()}
+        if all("chat-a:9009" in body and "chat-b:9009" in body for body in served.values()):
+            return
+        time.sleep(1)
+    raise AssertionError(f"targets missing from {sorted(served)}: {next(iter(served.values()))[-2000:]}")
+
+
 def test_chat_across_instances(stack: Stack) -> None:
     """A member on chat-a and one on chat-b share the lobby through Redis."""
     deadline = time.monotonic() + 30
