@@ -11,6 +11,9 @@ FROM ${BASE_IMAGE} AS wheels
 # Works with the classic builder (DOCKER_BUILDKIT=0) and with BuildKit; no `# syntax=` line on
 # purpose, since that makes the builder pull a frontend image from a registry.
 # Stages: wheels (build every wheel) -> venv (install them, offline) -> runtime (only the venv).
+# The classic builder keeps each earlier stage as an untagged image (it is also its layer
+# cache); the label finds them:  docker image prune -f --filter label=chat-svc.build-stage
+LABEL chat-svc.build-stage=wheels
 
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1 \
@@ -23,6 +26,7 @@ RUN python3 -m venv /tmp/build-venv \
  && ls -1 /wheels
 
 FROM ${BASE_IMAGE} AS venv
+LABEL chat-svc.build-stage=venv
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
 COPY --from=wheels /wheels /wheels
@@ -40,7 +44,7 @@ RUN groupadd --system --gid 10001 chat \
  && useradd --system --uid 10001 --gid 10001 --no-create-home --home-dir /nonexistent \
         --shell /usr/sbin/nologin chat
 COPY --from=venv /opt/chat-svc /opt/chat-svc
-# Configuration is environment only: every flag is also CHAT_<NAME> (docs/CONTRACT.md).
+# Configuration is environment only: every flag is also CHAT_<NAME> (`chat-svc --help`).
 ENV PATH=/opt/chat-svc/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1 \

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Prepare this machine for the container / compose / deploy tests (issue 8).
+# Prepare this machine for the container / compose / deploy tests.
 #
 # Idempotent: every step checks first and only does what is missing.
 #   1. install Debian's container engine (docker.io 20.10), debootstrap, docker-compose 1.29,

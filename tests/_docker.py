@@ -25,7 +25,10 @@ BASE_IMAGE = os.environ.get("CHAT_TEST_BASE_IMAGE", "local/python-base:bookworm"
 IMAGE_TAG = os.environ.get("CHAT_TEST_IMAGE", "chat-svc:ci-test")
 LABEL = "chat-svc-test=1"
 
+STAGE_LABEL = "chat-svc.build-stage"
+
 _built: dict[str, float] = {}
+_stages: dict[str, set[str]] = {}
 
 
 def docker(*args: str, timeout: float = 60, check: bool = True) -> subprocess.CompletedProcess[str]:
@@ -76,7 +79,50 @@ def build_image() -> tuple[str, float]:
                 f"docker build failed ({r.returncode}):\n{(r.stdout + r.stderr)[-5000:]}"
             )
         _built[IMAGE_TAG] = time.monotonic() - t0
+        _stages[IMAGE_TAG] = stage_images(r.stdout)
+        prune_stale_images(_stages[IMAGE_TAG])
     return IMAGE_TAG, _built[IMAGE_TAG]
+
+
+def stage_images(build_output: str) -> set[str]:
+    """Short ids of the earlier stages' final images in a classic `docker build` log.
+
+    Each stage ends with the ` ---> <id>` line just before the next `Step n/N : FROM`.
+    """
+    stages, last = set(), None
+    for line in build_output.splitlines():
+        if re.match(r"Step \d+/\d+ : FROM ", line) and last:
+            stages.add(last)
+        if m := re.fullmatch(r" ---> ([0-9a-f]{12})", line):
+            last = m.group(1)
+    return stages
+
+
+def built_stages(tag: str) -> set[str]:
+    """The stage images of this session's build of `tag` (see build_image)."""
+    return _stages[tag]
+
+
+def untagged_images() -> set[str]:
+    """Untagged chat-svc images: build stages, and final images whose tag moved to a newer build."""
+    found: set[str] = set()
+    for label in (STAGE_LABEL, "org.opencontainers.image.title=chat-svc"):
+        r = docker("images", "-q", "--filter", "dangling=true", "--filter", f"label={label}")
+        found.update(r.stdout.split())
+    return found
+
+
+def prune_stale_images(keep: set[str]) -> None:
+    """Remove untagged chat-svc images other than `keep`, the current build's stage images.
+
+    The classic builder keeps every earlier stage as an untagged image, and a rebuild leaves
+    the previous final image untagged. The current build's stages are its layer cache and
+    stay; the rest are left over from older source trees and would pile up with every change.
+    """
+    assert keep, "no stage images found in the build log: has its format changed?"
+    stale = sorted(untagged_images() - keep)
+    if stale:
+        docker("rmi", *stale, check=False)
 
 
 def image_size(tag: str) -> int:
@@ -137,14 +183,3 @@ def sample(metrics_text: str, name: str, labels: str = "") -> float:
         if key == wanted:
             return float(value)
     raise AssertionError(f"sample {wanted} not in /metrics")
-
-
-def backplane_implemented() -> bool:
-    """True once the server's source defines the Redis backplane metrics (issue 5).
-
-    Until then the cross-instance checks are expected failures; from then on they must pass
-    (absence of chat_backplane_* at run time is then a real failure, e.g. CHAT_REDIS_URL
-    not reaching the server).
-    """
-    src = ROOT / "service" / "chat_svc"
-    return any("chat_backplane_up" in p.read_text(errors="replace") for p in src.rglob("*.py"))

@@ -9,6 +9,7 @@ redis-server and docker-compose: fails under CI=true when one is missing, skips 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import signal
@@ -24,7 +25,6 @@ from typing import Any
 
 import pytest
 import yaml
-from _docker import backplane_implemented
 from _require import require_binary, require_module
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,6 +39,16 @@ CRD_KINDS = {
     ("monitoring.coreos.com/v1", "PrometheusRule"),
 }
 PROMQL_BUILTINS = {"up"}
+# 0/1 series: a panel showing one (not a sum or count of them) must map 0 to red.
+BOOLEAN_METRICS = {"chat_ready", "chat_backplane_up", "up"}
+# Panels that draw an alert's threshold as a line: alert -> panel title.
+ALERT_PANELS = {
+    "ChatSvcFanoutLatencyHigh": "Fan-out latency per instance",
+    "ChatSvcEventLoopStalled": "Event-loop lag per instance",
+    "ChatSvcCpuSaturated": "CPU per instance",
+    "ChatSvcFdsNearMax": "Open fds / max per instance",
+    "ChatSvcConnectionsNearMax": "Connections / max per instance",
+}
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -72,9 +82,23 @@ def alert_rules() -> list[dict[str, Any]]:
     ]
 
 
+def dashboard_panels() -> list[dict[str, Any]]:
+    """Every panel but the row headers, which hold no query."""
+    return [p for p in json.loads(DASHBOARD.read_text())["panels"] if p["type"] != "row"]
+
+
+def panel(title: str) -> dict[str, Any]:
+    (hit,) = [p for p in dashboard_panels() if p["title"] == title]
+    return hit
+
+
+def panel_exprs(p: dict[str, Any]) -> list[str]:
+    return [t["expr"] for t in p["targets"]]
+
+
 def dashboard_exprs() -> list[str]:
     dash = json.loads(DASHBOARD.read_text())
-    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    exprs = [e for p in dashboard_panels() for e in panel_exprs(p)]
     for var in dash.get("templating", {}).get("list", []):
         q = var.get("query")
         exprs.append(q["query"] if isinstance(q, dict) else q)
@@ -91,7 +115,7 @@ def concrete(expr: str) -> str:
 
 def metric_names(expr: str) -> set[str]:
     no_strings = re.sub(r'"[^"]*"', '""', expr)
-    names = set(re.findall(r"\b(chat_[a-z0-9_]+)\b", no_strings))
+    names = set(re.findall(r"\b((?:chat|process)_[a-z0-9_]+)\b", no_strings))
     names |= {n for n in PROMQL_BUILTINS if re.search(rf"\b{n}\b(?=\s*[{{\[)])", no_strings)}
     return names
 
@@ -111,11 +135,32 @@ def used_label_values() -> set[tuple[str, str, str]]:
     """(metric, label, value) for every equality matcher on a chat_ metric."""
     out = set()
     for expr in [r["expr"] for r in alert_rules()] + dashboard_exprs():
-        for metric, matchers in re.findall(r"\b(chat_[a-z0-9_]+)\{([^}]*)\}", expr):
+        for metric, matchers in re.findall(r"\b((?:chat|process)_[a-z0-9_]+)\{([^}]*)\}", expr):
             for label, value in re.findall(r'(\w+)\s*=\s*"([^"$]*)"', matchers):
                 if label not in ("instance", "job"):
                     out.add((metric, label, value))
     return out
+
+
+def alert_lhs(expr: str) -> str:
+    """The measured side of an alert expression: `a / b > 0.9` -> `a / b`."""
+    m = re.fullmatch(r"(.*?)\s*(?:>|<|==)\s*[0-9.]+\s*", expr, re.S)
+    assert m, expr
+    return m.group(1)
+
+
+def grafana_color(p: dict[str, Any], value: float) -> str:
+    """The colour Grafana gives `value`: a matching value mapping first, else the thresholds."""
+    defaults = p["fieldConfig"]["defaults"]
+    for mapping in defaults.get("mappings", []):
+        hit = mapping["options"].get(f"{value:g}", {}) if mapping["type"] == "value" else {}
+        if "color" in hit:
+            return str(hit["color"])
+    color = ""
+    for step in defaults["thresholds"]["steps"]:
+        if step["value"] is None or value >= step["value"]:
+            color = step["color"]
+    return color
 
 
 def promtool(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
@@ -322,7 +367,7 @@ def test_dashboard_is_provisioned_and_wellformed() -> None:
     assert f"./grafana/dashboards:{provider['options']['path']}:ro" in mounts
     ids = [p["id"] for p in dash["panels"]]
     assert len(ids) == len(set(ids))
-    for p in dash["panels"]:
+    for p in dashboard_panels():
         assert p["datasource"]["uid"] in uids, p["title"]
         assert p["targets"], p["title"]
         for t in p["targets"]:
@@ -333,13 +378,77 @@ def test_dashboard_is_provisioned_and_wellformed() -> None:
         "chat_connections",
         "chat_messages_received_total",
         "chat_deliveries_total",
-        "histogram_quantile(0.5, sum by (le) (rate(chat_fanout_latency_seconds_bucket",
-        "histogram_quantile(0.99, sum by (le) (rate(chat_fanout_latency_seconds_bucket",
+        "histogram_quantile(0.5, sum by (instance, le) (rate(chat_fanout_latency_seconds_bucket",
+        "histogram_quantile(0.99, sum by (instance, le) (rate(chat_fanout_latency_seconds_bucket",
+        "chat_event_loop_tick_lag_seconds_bucket",
+        "chat_event_loop_lag_seconds",
+        "process_cpu_seconds_total",
+        "process_resident_memory_bytes",
+        "process_open_fds",
+        "process_max_fds",
         "sum by (reason) (rate(chat_disconnects_total",
         "chat_sendq_bytes",
         "chat_backplane_up",
+        "chat_backplane_queue",
+        "sum by (reason) (rate(chat_backplane_publish_errors_total",
     ):
         assert needle in exprs, needle
+    # process_* series also come from Prometheus itself (job prometheus): select chat-svc's
+    for expr in dashboard_exprs():
+        for m in re.finditer(r"\bprocess_[a-z_]+(\{[^}]*\})?", expr):
+            assert 'job="chat-svc"' in (m.group(1) or ""), expr
+
+
+def test_every_panel_has_a_unit() -> None:
+    for p in dashboard_panels():
+        assert p["fieldConfig"]["defaults"].get("unit"), f"panel {p['title']!r} has no unit"
+
+
+def test_boolean_panels_map_zero_to_red() -> None:
+    """With Grafana's defaults `Ready = 0` rendered green: every 0/1 panel needs mappings."""
+    boolean = []
+    for p in dashboard_panels():
+        for expr in panel_exprs(p):
+            aggregated = re.match(r"\s*(sum|count)\b", expr)
+            if metric_names(expr) & BOOLEAN_METRICS and not aggregated:
+                boolean.append(p["title"])
+                texts = {
+                    k: v.get("text")
+                    for m in p["fieldConfig"]["defaults"]["mappings"]
+                    if m["type"] == "value"
+                    for k, v in m["options"].items()
+                }
+                assert texts.get("0") and texts.get("1"), f"{p['title']!r}: no 0/1 value mappings"
+                assert grafana_color(p, 0) == "red", p["title"]
+                assert grafana_color(p, 1) == "green", p["title"]
+    assert {"Ready", "Backplane up", "Backplane state"} <= set(boolean), boolean
+    # a count of healthy instances is not boolean, but none up is red too
+    assert grafana_color(panel("Instances up"), 0) == "red"
+
+
+def test_alert_thresholds_are_drawn_on_their_panels() -> None:
+    """Each alert's threshold is a red line on a panel that shows what the alert measures,
+    per instance as the alert is."""
+    rules = {r["alert"]: r for r in alert_rules()}
+    for alert, title in ALERT_PANELS.items():
+        expr = rules[alert]["expr"]
+        le = re.search(r'le="([0-9.]+)"', expr)
+        threshold = float(le.group(1) if le else re.findall(r"[0-9.]+", expr)[-1])
+        p = panel(title)
+        defaults = p["fieldConfig"]["defaults"]
+        assert defaults["custom"]["thresholdsStyle"]["mode"] in ("line", "line+area"), title
+        assert {"color": "red", "value": threshold} in defaults["thresholds"]["steps"], title
+        exprs = panel_exprs(p)
+        assert metric_names(alert_lhs(expr)) & set().union(*map(metric_names, exprs)), title
+        for e in exprs:
+            for by in re.findall(r"\b(?:sum|min|max|avg|count)\s*(?:by\s*\(([^)]*)\))?\s*\(", e):
+                assert "instance" in by, f"{title}: {e} drops the instance label"
+
+
+def test_no_panel_mixes_rate_and_increase() -> None:
+    for p in dashboard_panels():
+        used = {f for e in panel_exprs(p) for f in ("rate", "increase") if f"{f}(" in e}
+        assert len(used) <= 1, f"{p['title']!r} puts rate() and increase() on one axis"
 
 
 def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
@@ -443,24 +552,40 @@ def test_every_metric_in_rules_and_dashboard_is_exported(chat_server, redis_url:
     used = used_metric_names()
     missing = {n: sorted(w) for n, w in used.items() if n not in names and n not in PROMQL_BUILTINS}
     missing_labels = {x for x in used_label_values() if x not in labels}
-    if (
-        not backplane_implemented()
-        and missing
-        and all(n.startswith("chat_backplane_") for n in missing)
-    ):
-        assert not missing_labels, f"label values used but not exported: {sorted(missing_labels)}"
-        pytest.xfail(
-            f"Redis backplane not in the server yet (issue 5): {sorted(missing)} not exported"
-        )
     assert not missing, f"used but not exported: {missing}"
     assert not missing_labels, f"label values used but not exported: {sorted(missing_labels)}"
 
 
-def test_prometheus_scrapes_a_running_server(chat_server, tmp_path: Path) -> None:
-    """The Debian prometheus binary scrapes chat-svc's chat port and loads the alert rules."""
-    exe = require_binary("prometheus")
+def test_a_stall_shorter_than_a_scrape_is_counted(chat_server) -> None:
+    """ChatSvcEventLoopStalled counts ticks later than 1 s from the tick-lag histogram: a
+    2.2 s freeze (SIGSTOP) between two scrapes must land there, and an idle server has none."""
     srv = chat_server()
+
+    def late_ticks() -> float:
+        text = exposition(srv.port)
+        count = re.search(r"^chat_event_loop_tick_lag_seconds_count (\S+)$", text, re.M)
+        within = re.search(r'^chat_event_loop_tick_lag_seconds_bucket\{le="1.0"\} (\S+)$', text, re.M)
+        assert count and within, "tick-lag histogram not exported"
+        return float(count.group(1)) - float(within.group(1))
+
+    assert late_ticks() == 0
+    srv.signal(signal.SIGSTOP)
+    time.sleep(2.2)
+    srv.signal(signal.SIGCONT)
+    deadline = time.monotonic() + 5
+    while late_ticks() < 1:
+        assert time.monotonic() < deadline, "the 2.2 s stall was not counted"
+        time.sleep(0.1)
+    assert late_ticks() == 1
+
+
+def test_prometheus_scrapes_a_running_server(chat_server, redis_url: str, tmp_path: Path) -> None:
+    """The Debian prometheus binary scrapes chat-svc's chat port and loads the alert rules;
+    every dashboard query and every alert's measured side returns data from it."""
+    exe = require_binary("prometheus")
+    srv = chat_server("--redis-url", redis_url)
     member = srv.member("alice")
+    listener = srv.member("bob")
     member.send("/rooms")
     web = free_port()
     (tmp_path / "alerts.yml").write_text((PROM / "alerts.yml").read_text())
@@ -521,8 +646,28 @@ def test_prometheus_scrapes_a_running_server(chat_server, tmp_path: Path) -> Non
         loaded = {r["name"]: r for g in groups for r in g["rules"]}
         assert set(loaded) == {r["alert"] for r in alert_rules()}
         assert all(r["health"] in ("ok", "unknown") for r in loaded.values()), loaded
+        # Every panel and alert has data once a few scrapes are in and lines flow (the
+        # histogram quantiles need observations inside the rate window).
+        queries = [concrete(e) for e in dashboard_exprs()] + [
+            alert_lhs(r["expr"]) for r in alert_rules()
+        ]
+        empty: list[str] = queries
+        deadline = time.monotonic() + 30
+        while empty and time.monotonic() < deadline:
+            member.send("keep the histograms moving")
+            listener.expect("[alice] keep the histograms moving")
+            empty = [q for q in queries if not query(q)]
+            time.sleep(0.5)
+        assert not empty, f"no data from Prometheus for: {empty}"
+        for rule in alert_rules():
+            query(rule["expr"])  # the full expression evaluates (firing or not)
+        p99 = query(concrete(panel("Fan-out latency per instance")["targets"][0]["expr"]))
+        assert p99 and all(math.isfinite(float(r["value"][1])) for r in p99), p99  # not NaN: observed
+        cpu = query(concrete(panel("CPU per instance")["targets"][0]["expr"]))
+        assert [r["metric"]["instance"] for r in cpu] == [f"127.0.0.1:{srv.port}"], cpu
     finally:
         member.close()
+        listener.close()
         proc.send_signal(signal.SIGTERM)
         try:
             proc.wait(10)

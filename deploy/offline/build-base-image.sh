@@ -7,14 +7,15 @@
 #   local/redis:bookworm         bookworm minbase + redis-server        (runs as user redis, :6379)
 #   local/prometheus:bookworm    bookworm minbase + prometheus          (runs as user prometheus, :9090)
 #
-# An image that already exists is reused (FORCE=1 rebuilds it).  debootstrap runs once
-# (~70 s); its minbase tree is kept in $OFFLINE_CACHE and copied for each image.
+# An image that already exists is reused (FORCE=1 rebuilds it).  debootstrap runs once (mostly
+# downloads, so its time depends on the mirror); its minbase tree is kept in $OFFLINE_CACHE and
+# copied for each image.  Each step logs how long it took.
 # The host's extra CA certificates (/usr/local/share/ca-certificates/*.crt, needed behind a
 # TLS-intercepting proxy) are installed into every image with update-ca-certificates.
 #
 # Environment: DOCKER (/usr/bin/docker), SUITE (bookworm), DEBIAN_MIRROR
 # (http://deb.debian.org/debian), OFFLINE_CACHE (/var/cache/chat-svc-offline), FORCE (0).
-# Needs root, debootstrap and a running docker engine.
+# Needs root (no sudo inside: run it as root), debootstrap and a running docker engine.
 set -Eeuo pipefail
 
 DOCKER="${DOCKER:-/usr/bin/docker}"
@@ -26,7 +27,8 @@ FORCE="${FORCE:-0}"
 log() { printf '[build-base-image] %s\n' "$*"; }
 die() { printf '[build-base-image] ERROR: %s\n' "$*" >&2; exit 1; }
 
-[ "$(id -u)" -eq 0 ] || die "must run as root (debootstrap, chroot)"
+[ "$(id -u)" -eq 0 ] || die "must run as root (debootstrap, chroot, mount): run it from a root shell," \
+    "or as \`sudo $0 ${*:-python}\` where sudo is installed"
 command -v debootstrap >/dev/null || die "debootstrap not installed (apt-get install debootstrap debian-archive-keyring)"
 "$DOCKER" info >/dev/null 2>&1 || die "docker engine not reachable with $DOCKER"
 
@@ -49,7 +51,7 @@ minbase() {
     if [ -f "$dir/.complete" ]; then
         log "reusing cached $SUITE minbase at $dir" >&2
     else
-        log "debootstrap --variant=minbase $SUITE from $MIRROR (about 70 s)" >&2
+        log "debootstrap --variant=minbase $SUITE from $MIRROR (downloads; a minute or so)" >&2
         rm -rf --one-file-system "$dir"
         mkdir -p "$CACHE"
         local t0=$SECONDS
@@ -108,11 +110,22 @@ import_rootfs() {
     local root="$1" tag="$2"; shift 2
     local args=() c
     for c in "$@"; do args+=(--change "$c"); done
+    local old new
+    old="$("$DOCKER" image inspect -f '{{.Id}}' "$tag" 2>/dev/null || true)"
     log "docker import -> $tag" >&2
     tar --numeric-owner --one-file-system -C "$root" \
         --exclude='./proc/*' --exclude='./sys/*' --exclude='./dev/*' -cf - . \
         | "$DOCKER" import "${args[@]}" -m "offline $SUITE image built by $(basename "$0")" - "$tag" >/dev/null
     log "$tag: $("$DOCKER" image inspect -f '{{.Size}}' "$tag" | awk '{printf "%.1f MB", $1/1e6}')" >&2
+    # FORCE=1 leaves the image it replaced untagged: remove it unless something still uses it
+    new="$("$DOCKER" image inspect -f '{{.Id}}' "$tag")"
+    if [ -n "$old" ] && [ "$old" != "$new" ]; then
+        if "$DOCKER" rmi "$old" >/dev/null 2>&1; then
+            log "removed the replaced image ${old:7:12}" >&2
+        else
+            log "kept the replaced image ${old:7:12}: containers or images still use it" >&2
+        fi
+    fi
 }
 
 build_python() {
@@ -157,14 +170,16 @@ build_prometheus() {
     "$DOCKER" run --rm "$tag" --version
 }
 
+timed() { local t0=$SECONDS; "$@"; log "$1 took $((SECONDS - t0)) s"; }
+
 targets=("$@")
 [ "${#targets[@]}" -gt 0 ] || targets=(python)
 for t in "${targets[@]}"; do
     case "$t" in
-        all) build_python; build_redis; build_prometheus ;;
-        python|python-base) build_python ;;
-        redis) build_redis ;;
-        prometheus) build_prometheus ;;
+        all) timed build_python; timed build_redis; timed build_prometheus ;;
+        python|python-base) timed build_python ;;
+        redis) timed build_redis ;;
+        prometheus) timed build_prometheus ;;
         *) die "unknown image '$t' (python|redis|prometheus|all)" ;;
     esac
 done

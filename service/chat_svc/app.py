@@ -158,7 +158,9 @@ class Service:
             before = time.monotonic()
             gevent.sleep(LOOP_TICK)
             self.loop_tick = time.monotonic()
-            self.metrics.loop_lag.set(max(0.0, self.loop_tick - before - LOOP_TICK))
+            lag = max(0.0, self.loop_tick - before - LOOP_TICK)
+            self.metrics.loop_lag.set(lag)
+            self.metrics.loop_lag_ticks.observe(lag)
 
     # -- running ----------------------------------------------------------
 

@@ -51,6 +51,9 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 # The *_created series double the output and no dashboard here uses them.
 disable_created_metrics()
 
+# How late the 1 s loop timer ran: a few ms is normal, 0.25 s is the p99 target, seconds a stall.
+LOOP_LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
 ROOM_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
 
 
@@ -79,6 +82,14 @@ class Metrics:
         )
         self.loop_lag = Gauge(
             "chat_event_loop_lag_seconds", "How late the event loop ran a 1 s timer, last time.", registry=r
+        )
+        # The gauge holds one tick's lag for 1 s, so a stall shorter than the scrape interval is
+        # usually gone before the next scrape; the histogram counts every tick and loses none.
+        self.loop_lag_ticks = Histogram(
+            "chat_event_loop_tick_lag_seconds",
+            "How late each tick of the event loop's 1 s timer ran.",
+            buckets=LOOP_LAG_BUCKETS,
+            registry=r,
         )
         build = Gauge("chat_build_info", "Version of the running chat-svc.", ["version"], registry=r)
         build.labels(__version__).set(1)
