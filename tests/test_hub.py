@@ -33,7 +33,7 @@ class Sink:
 
 def make_member(hub: Hub, nick: str, sink: Sink, limit: int = 1 << 20, dropped: list[str] | None = None) -> Member:
     dropped = dropped if dropped is not None else []
-    member = Member(nick, "127.0.0.1", None)  # type: ignore[arg-type]
+    member = Member(nick, None)  # type: ignore[arg-type]
     member.outbox = Outbox(sink, limit, lambda: dropped.append(nick), lambda: dropped.append(nick))
     hub.attach(member, "lobby")
     return member

@@ -253,9 +253,6 @@ class RedisBackplane:
         self._writer_pool.disconnect()
         self.up = False
 
-    def status(self) -> tuple[bool, str]:
-        return (True, "backplane up") if self.up else (False, "backplane down")
-
     def collector(self) -> Collector:
         return _Collector(self)
 

@@ -45,13 +45,11 @@ ROOM_BACKLOG_LIMIT = 8 * 1024 * 1024
 class Member:
     """A chat participant as the hub sees it: a nick, a room, a position and an outbox."""
 
-    __slots__ = ("__weakref__", "conn_id", "ip", "nick", "outbox", "room", "rseq")
+    __slots__ = ("nick", "outbox", "room", "rseq")
 
-    def __init__(self, nick: str, ip: str, outbox: Outbox, conn_id: int = 0) -> None:
+    def __init__(self, nick: str, outbox: Outbox) -> None:
         self.nick = nick
-        self.ip = ip
         self.outbox = outbox
-        self.conn_id = conn_id
         self.room: Room | None = None
         self.rseq = 0
 
@@ -143,10 +141,7 @@ class Hub:
         self._observe_latency = observe_latency
         self._busy: dict[Room, None] = {}
         self._wake = gevent.event.Event()
-        self._sweeper = gevent.spawn(self._sweep_forever)
-
-    def close(self) -> None:
-        self._sweeper.kill(block=False)
+        gevent.spawn(self._sweep_forever)
 
     # -- membership -------------------------------------------------------
 

@@ -118,7 +118,7 @@ class Session:
                 self.outbox.push(protocol.error_line(refusal))
                 self.end("server_full")
             else:
-                self.member = Member(f"{self.ip}:{self.port}", self.ip, self.outbox, self.conn_id)
+                self.member = Member(f"{self.ip}:{self.port}", self.outbox)
                 svc.hub.attach(self.member, DEFAULT_ROOM)
                 log.info("client_connected", nick=self.member.nick, room=DEFAULT_ROOM)
                 head, self.head = self.head, b""
