@@ -213,7 +213,6 @@ class RedisBackplane:
         self._waiters: dict[str, gevent.event.Event] = {}
         self._joining: dict[str, int] = {}
         self._check: set[str] = set()
-        self._seed: tuple[str, list[bytes]] | None = None
         self._backlog: Room | None = None
         self._reset = False
         self._stopped = False
@@ -258,29 +257,17 @@ class RedisBackplane:
 
     # -- hub hooks (never block, except ``joining``) ------------------------
 
-    def publish(self, room: str, data: bytes) -> None:
-        """Relay a room line or notice; queued for the publisher, or dropped and counted.
-
-        ``Hub.say`` appends a line to the room's history right before it
-        broadcasts it, so "the newest history entry is this very object"
-        tells a chat line (kept in the Redis history) from a notice.
-        """
-        local = self.hub.rooms.get(room)
-        keep = local is not None and bool(local.history) and local.history[-1] is data
+    def publish(self, room: str, data: bytes, history: bool) -> None:
+        """Relay a room line (``history``: also kept in Redis) or notice; queued, or dropped and counted."""
         self._enqueue(
             key("room", room),
-            self._prefix + (_LINE if keep else _NOTICE) + data,
-            room if keep else None,
+            self._prefix + (_LINE if history else _NOTICE) + data,
+            room if history else None,
             data,
         )
 
     def room_active(self, room: str, active: bool) -> None:
         """First local member in (subscribe) or last one out (unsubscribe)."""
-        if active and self._seed is not None and self._seed[0] == room:
-            local = self.hub.rooms.get(room)
-            if local is not None and not local.history:
-                local.history.extend(self._seed[1])  # the mirror starts from Redis' history
-        self._seed = None
         if self.up:
             self._check.add(room)
             self._wake.set()
@@ -293,7 +280,6 @@ class RedisBackplane:
         published after the snapshot reaches the joiner live.  None means
         "use the hub's local history" (backplane down).
         """
-        self._seed = None
         if not self.up:
             return None
         self._joining[room] = self._joining.get(room, 0) + 1
@@ -323,7 +309,6 @@ class RedisBackplane:
             self._check.add(room)  # unsubscribes again if the join is abandoned
             self._wake.set()
         self._touch(member)
-        self._seed = (room, lines) if lines else None
         return lines
 
     def left(self, member: Member) -> None:
@@ -757,9 +742,7 @@ class RedisBackplane:
         if room is None:
             return
         self.received += 1
-        if kind == _LINE:
-            room.history.append(data)
-        hub.deliver_local(room, data, None)
+        hub.deliver_local(room, data, None, history=kind == _LINE)
         if room.waiting > ROOM_BACKLOG_LIMIT:
             self._backlog = room
 

@@ -93,12 +93,14 @@ class Room:
 class Backplane(Protocol):
     """Cross-instance relay; the hub works alone when there is none."""
 
-    def publish(self, room: str, data: bytes) -> None: ...
+    def publish(self, room: str, data: bytes, history: bool) -> None:
+        """Relay a line to the room on other instances; ``history``: a chat line, kept for joiners."""
 
-    def room_active(self, room: str, active: bool) -> None: ...
+    def room_active(self, room: str, active: bool) -> None:
+        """First local member in (``active``) or last one out of ``room``."""
 
     def joining(self, member: Member, room: str) -> list[bytes] | None:
-        """Before ``member`` enters ``room`` (may block): the history to replay, None = local."""
+        """Before ``member`` enters ``room`` (may block): the cluster's recent lines, None = use local."""
 
     def left(self, member: Member) -> None:
         """``member`` left a room (to move or to go)."""
@@ -190,6 +192,8 @@ class Hub:
         room = self.rooms.get(room_name)
         if room is None:
             room = self.rooms[room_name] = Room(room_name, self.history)
+            if recent:
+                room.history.extend(recent)  # a new room's local mirror starts from the cluster's history
             if self.backplane is not None:
                 self.backplane.room_active(room_name, True)
         if recent is None:
@@ -226,17 +230,26 @@ class Hub:
             return
         while room.waiting > ROOM_BACKLOG_LIMIT and member.room is room:
             gevent.sleep(0.005)
-        room.history.append(data)
-        self.broadcast(room, data, member, t_read)
+        self.broadcast(room, data, member, t_read, history=True)
 
-    def broadcast(self, room: Room, data: bytes, sender: Member | None, t_read: float | None = None) -> None:
-        """Queue ``data`` for everyone in ``room`` but ``sender``."""
+    def broadcast(
+        self, room: Room, data: bytes, sender: Member | None, t_read: float | None = None, history: bool = False
+    ) -> None:
+        """Queue ``data`` for everyone in ``room`` but ``sender``, on every instance.
+
+        ``history`` marks a chat line (kept and replayed to joiners) as opposed
+        to a notice (joins, leaves, renames), which only goes out live.
+        """
         if self.backplane is not None:
-            self.backplane.publish(room.name, data)
-        self.deliver_local(room, data, sender, t_read)
+            self.backplane.publish(room.name, data, history)
+        self.deliver_local(room, data, sender, t_read, history)
 
-    def deliver_local(self, room: Room, data: bytes, sender: Member | None, t_read: float | None = None) -> None:
+    def deliver_local(
+        self, room: Room, data: bytes, sender: Member | None, t_read: float | None = None, history: bool = False
+    ) -> None:
         """Append ``data`` to the room log for this process's members (no relay)."""
+        if history:
+            room.history.append(data)
         room.lines.append(data)
         room.senders.append(sender)
         room.times.append(time.perf_counter() if t_read is None else t_read)
