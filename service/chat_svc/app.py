@@ -17,8 +17,9 @@ import structlog
 from . import __version__, logs, protocol
 from .backplane import RedisBackplane
 from .config import Config, load
+from .directory import Directory
 from .httpfront import Health, HttpFront, make_app, serve_metrics_port
-from .hub import Hub, Member, Stats
+from .hub import Hub, Stats
 from .metrics import Metrics
 from .session import Session
 from .transport import ChatServer
@@ -52,6 +53,8 @@ class Service:
             )
             self.hub.backplane = self.backplane
             self.metrics.registry.register(self.backplane.collector())
+        # Who-is-where answers: this hub's alone, or the cluster's through Redis.
+        self.directory: Directory = self.backplane if self.backplane is not None else self.hub
         self.sessions: set[Session] = set()
         self.per_ip: dict[str, int] = {}
         self.open_connections = 0
@@ -95,33 +98,6 @@ class Service:
                 self.per_ip[session.ip] = left
             else:
                 del self.per_ip[session.ip]
-
-    def claim_nick(self, member: Member, nick: str) -> str | None:
-        if self.backplane is not None:
-            return self.backplane.claim_nick(member, nick)
-        return self.hub.rename(member, nick)
-
-    def whisper(self, member: Member, target: str, text: str) -> bool:
-        recipient = self.hub.find(target)
-        if recipient is None:
-            return self.backplane is not None and self.backplane.whisper(member, target, text)
-        line = protocol.private_line(member.nick, target, text)
-        self.hub.send_to(recipient, line)
-        self.hub.stats.deliveries += 1
-        if recipient is not member:
-            self.hub.send_to(member, line)
-        return True
-
-    def room_counts(self) -> list[tuple[str, int]]:
-        if self.backplane is not None:
-            return self.backplane.room_counts()
-        return self.hub.room_counts()
-
-    def who(self, room: str) -> list[str]:
-        if self.backplane is not None:
-            return self.backplane.who(room)
-        found = self.hub.rooms.get(room)
-        return self.hub.who(found) if found is not None else []
 
     # -- health -----------------------------------------------------------
 

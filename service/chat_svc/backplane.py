@@ -160,7 +160,7 @@ def _chunks(items: list[str]) -> Iterator[list[str]]:
 
 
 class RedisBackplane:
-    """The hub's ``Backplane`` on Redis, plus the cluster-wide queries the Service asks.
+    """The hub's ``Backplane`` on Redis, and the cluster-wide ``Directory``.
 
     Three kinds of greenlet touch Redis: the subscriber (``_listen_forever``,
     the only reader of the pub/sub connection, and the one that decides the
@@ -315,30 +315,32 @@ class RedisBackplane:
         """``member`` left a room (moving or disconnecting): update presence soon."""
         self._touch(member)
 
-    # -- cluster-wide queries (called by the Service from session greenlets) --
+    # -- Directory: cluster-wide answers (asked from session greenlets) -------
 
     def claim_nick(self, member: Member, nick: str) -> str | None:
         """/nick across the cluster: an error text, or None when the nick changed."""
         hub = self.hub
         if nick == member.nick or nick in hub.members or not self.up:
-            return hub.rename(member, nick)
+            return hub.claim_nick(member, nick)
         try:
             taken = self._claim(keys=[key("nick", nick)], args=[self.instance_id, self.ttl])
         except _ERRORS as exc:
             self.log.info("backplane_query_failed", query="claim_nick", error=str(exc))
-            return hub.rename(member, nick)
+            return hub.claim_nick(member, nick)
         if taken:
             return f"nick {nick} is taken"
         if hub.members.get(member.nick) is not member:  # disconnected while we asked
             self._orphans.add(nick)
             self._wake.set()
             return None
-        error = hub.rename(member, nick)
+        error = hub.claim_nick(member, nick)
         self._touch(member)  # the presence update releases the old nick
         return error
 
     def whisper(self, member: Member, target: str, text: str) -> bool:
-        """/msg to a member of another instance, through that instance's inbox."""
+        """/msg to a member here, or of another instance through that instance's inbox."""
+        if self.hub.whisper(member, target, text):
+            return True
         if not self.up:
             return False
         try:
@@ -367,9 +369,7 @@ class RedisBackplane:
                 nick, _, owner = entry.decode("utf-8", "replace").partition(" ")
                 if owner != self.instance_id:
                     names.add(nick)
-        local = self.hub.rooms.get(room)
-        if local is not None:
-            names.update(self.hub.who(local))
+        names.update(self.hub.who(room))
         return sorted(names)
 
     def room_counts(self) -> list[tuple[str, int]]:
@@ -730,11 +730,8 @@ class RedisBackplane:
         hub = self.hub
         if kind == _PRIVATE:
             target, _, line = data.partition(b"\0")
-            recipient = hub.find(target.decode("utf-8", "replace"))
-            if recipient is not None:
+            if hub.deliver(target.decode("utf-8", "replace"), line):
                 self.received += 1
-                hub.send_to(recipient, line)
-                hub.stats.deliveries += 1
             return
         if not channel.startswith(self._room_channel):
             return

@@ -125,7 +125,7 @@ class Stats:
 
 
 class Hub:
-    """All rooms of this process, the nick registry and the fan-out sweeper."""
+    """All rooms of this process, the nick registry and the fan-out sweeper; the local ``Directory``."""
 
     def __init__(
         self,
@@ -168,8 +168,8 @@ class Hub:
             self._leave(member, room)
         self._enter(member, room_name)
 
-    def rename(self, member: Member, new: str) -> str | None:
-        """/nick: returns an error text, or None when the nick changed."""
+    def claim_nick(self, member: Member, new: str) -> str | None:
+        """/nick on this instance: returns an error text, or None when the nick changed."""
         if new == member.nick:
             return None
         if new in self.members:
@@ -258,6 +258,25 @@ class Hub:
             self._busy[room] = None
             self._wake.set()
 
+    def whisper(self, member: Member, target: str, text: str) -> bool:
+        """/msg to a member of this instance: the line goes to both ends."""
+        if target not in self.members:
+            return False
+        line = protocol.private_line(member.nick, target, text)
+        self.deliver(target, line)
+        if target != member.nick:
+            self.send_to(member, line)
+        return True
+
+    def deliver(self, nick: str, data: bytes) -> bool:
+        """A private line to the member called ``nick``, counted as a delivery; False when not here."""
+        recipient = self.members.get(nick)
+        if recipient is None:
+            return False
+        self.send_to(recipient, data)
+        self.stats.deliveries += 1
+        return True
+
     def send_to(self, member: Member, data: bytes) -> None:
         """Direct output to one member, after the room lines it is already owed."""
         room = member.room
@@ -337,8 +356,6 @@ class Hub:
     def room_counts(self) -> list[tuple[str, int]]:
         return sorted((name, len(room.members)) for name, room in self.rooms.items())
 
-    def who(self, room: Room) -> list[str]:
-        return sorted(member.nick for member in room.members)
-
-    def find(self, nick: str) -> Member | None:
-        return self.members.get(nick)
+    def who(self, room: str) -> list[str]:
+        found = self.rooms.get(room)
+        return sorted(member.nick for member in found.members) if found is not None else []

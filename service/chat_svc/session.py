@@ -397,7 +397,7 @@ class Session:
             self._reply(protocol.error_line("invalid nick: use 1-32 letters, digits, _ - ."))
             return True
         old = member.nick
-        error = self.svc.claim_nick(member, arg)
+        error = self.svc.directory.claim_nick(member, arg)
         if error:
             self._reply(protocol.error_line(error))
         elif old != arg:
@@ -419,14 +419,14 @@ class Session:
         return True
 
     def _rooms(self, _: str) -> bool:
-        listing = ", ".join(f"{name} ({count})" for name, count in self.svc.room_counts())
+        listing = ", ".join(f"{name} ({count})" for name, count in self.svc.directory.room_counts())
         self._reply(protocol.info_line(f"rooms: {listing}"))
         return True
 
     def _who(self, _: str) -> bool:
         member = self.member
         assert member is not None and member.room is not None
-        names = self.svc.who(member.room.name)
+        names = self.svc.directory.who(member.room.name)
         shown = ", ".join(names[:200]) + (f" and {len(names) - 200} more" if len(names) > 200 else "")
         self._reply(protocol.info_line(f"in {member.room.name} ({len(names)}): {shown}"))
         return True
@@ -448,7 +448,7 @@ class Session:
         if not target or not text:
             self._reply(protocol.error_line("usage: /msg NICK TEXT"))
             return True
-        if not self.svc.whisper(member, target, text):
+        if not self.svc.directory.whisper(member, target, text):
             self._reply(protocol.error_line(f"no such nick: {target}"))
         return True
 
