@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import gevent
-from chat_svc.hub import Hub, Member, Stats
+from chat_svc.hub import Hub, Member
+from chat_svc.metrics import Counters
 from chat_svc.outbox import Outbox
 
 
 class Sink:
     """Accepts ``capacity`` bytes per call (None = everything) and records each write."""
+
+    parkable = True
 
     def __init__(self, capacity: int | None = None) -> None:
         self.capacity = capacity
@@ -44,7 +47,7 @@ def settle() -> None:
 
 
 def test_each_sender_keeps_order_and_nobody_hears_themselves() -> None:
-    hub = Hub(Stats(), history=0)
+    hub = Hub(Counters(), history=0)
     sinks = {nick: Sink() for nick in "abc"}
     members = {nick: make_member(hub, nick, sink) for nick, sink in sinks.items()}
     for n in range(50):
@@ -58,11 +61,11 @@ def test_each_sender_keeps_order_and_nobody_hears_themselves() -> None:
         assert not [line for line in chat if line.startswith(f"[{nick}]")]
         for other in set("abc") - {nick}:
             assert [line for line in chat if line.startswith(f"[{other}]")] == [f"[{other}] {n}" for n in range(50)]
-    assert hub.stats.deliveries >= 50 * 3 * 2
+    assert hub.counters.deliveries >= 50 * 3 * 2
 
 
 def test_a_burst_goes_out_in_one_write_per_member_with_shared_bytes() -> None:
-    hub = Hub(Stats(), history=0, notice_threshold=0)
+    hub = Hub(Counters(), history=0, notice_threshold=0)
     sinks = [Sink() for _ in range(5)]
     members = [make_member(hub, f"m{i}", sink) for i, sink in enumerate(sinks)]
     speaker = make_member(hub, "speaker", Sink())
@@ -79,7 +82,7 @@ def test_a_burst_goes_out_in_one_write_per_member_with_shared_bytes() -> None:
 
 
 def test_member_who_stops_reading_is_dropped_and_the_room_keeps_flowing() -> None:
-    hub = Hub(Stats(), history=0)
+    hub = Hub(Counters(), history=0)
     dropped: list[str] = []
     stuck = make_member(hub, "stuck", Sink(capacity=0), limit=10_000, dropped=dropped)
     fine = Sink()
@@ -98,7 +101,7 @@ def test_member_who_stops_reading_is_dropped_and_the_room_keeps_flowing() -> Non
 
 
 def test_direct_lines_stay_in_order_with_room_lines() -> None:
-    hub = Hub(Stats(), history=0)
+    hub = Hub(Counters(), history=0)
     bob_sink = Sink()
     alice = make_member(hub, "alice", Sink())
     bob = make_member(hub, "bob", bob_sink)
@@ -119,7 +122,7 @@ def test_partial_writes_queue_the_rest_and_ask_the_sink_to_drain() -> None:
 
 
 def test_room_log_is_trimmed_once_everyone_has_it() -> None:
-    hub = Hub(Stats(), history=0)
+    hub = Hub(Counters(), history=0)
     alice = make_member(hub, "alice", Sink())
     make_member(hub, "bob", Sink())
     for n in range(10):

@@ -15,13 +15,14 @@ import gevent.event
 import structlog
 
 from . import __version__, logs, protocol
+from .admission import Admission
 from .backplane import RedisBackplane
 from .config import Config, load
 from .directory import Directory
 from .httpfront import Health, HttpFront, make_app, serve_metrics_port
-from .hub import Hub, Stats
-from .metrics import Metrics
-from .session import Session
+from .hub import Hub
+from .metrics import Counters, Metrics
+from .session import Session, SessionContext, SessionLimits
 from .transport import ChatServer
 
 LOOP_TICK = 1.0
@@ -33,11 +34,11 @@ class Service:
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.token = config.access_token()
         self.log = structlog.get_logger("chat_svc")
         self.metrics = Metrics()
+        self.counters = Counters()
         self.hub = Hub(
-            Stats(),
+            self.counters,
             history=config.history,
             notice_threshold=config.notice_threshold,
             observe_latency=self.metrics.observe_latencies,
@@ -54,50 +55,31 @@ class Service:
             self.hub.backplane = self.backplane
             self.metrics.registry.register(self.backplane.collector())
         # Who-is-where answers: this hub's alone, or the cluster's through Redis.
-        self.directory: Directory = self.backplane if self.backplane is not None else self.hub
+        directory: Directory = self.backplane if self.backplane is not None else self.hub
         self.sessions: set[Session] = set()
-        self.per_ip: dict[str, int] = {}
-        self.open_connections = 0
+        self.connections = Admission()
+        self.members = Admission(config.max_clients, config.max_per_ip)
+        self.sessions_context = SessionContext(
+            hub=self.hub,
+            directory=directory,
+            limits=SessionLimits.from_config(config),
+            counters=self.counters,
+            connections=self.connections,
+            members=self.members,
+            disconnects=self.metrics.by_reason,
+            sessions=self.sessions,
+        )
         self.draining = False
         self.accepting = False
         self.loop_tick = time.monotonic()
-        self.metrics.watch(self.hub, lambda: self.open_connections, lambda: self._ready()[0], config.max_clients)
+        self.metrics.watch(
+            self.hub, self.counters, lambda: self.connections.count, lambda: self._ready()[0], config.max_clients
+        )
         self.http = HttpFront(make_app(self.metrics.registry, Health(self._alive, self._ready)))
-        self.server = ChatServer(self)
+        self.server = ChatServer(config, self.sessions_context, self.metrics, self.http)
         self.metrics_server: Any = None
         self.stopped = gevent.event.Event()
         self.exit_code = 0
-
-    # -- sessions ---------------------------------------------------------
-
-    def start_session(self, sock: Any, address: tuple[str, int], head: bytes, sink_class: Any) -> None:
-        session = Session(self, sock, address, head, sink_class(sock, self.hub.stats))
-        self.sessions.add(session)
-        session.run()
-
-    def admit(self, session: Session) -> str | None:
-        """Count the session in, or say why it is refused."""
-        if self.draining:
-            return "server shutting down"
-        if len(self.hub.members) >= self.config.max_clients:
-            return "server full"
-        cap = self.config.max_per_ip
-        count = self.per_ip.get(session.ip, 0)
-        if cap and count >= cap:
-            return "server full: too many connections from your address"
-        self.per_ip[session.ip] = count + 1
-        session.counted = True
-        return None
-
-    def forget(self, session: Session) -> None:
-        self.sessions.discard(session)
-        if session.counted:
-            session.counted = False
-            left = self.per_ip[session.ip] - 1
-            if left:
-                self.per_ip[session.ip] = left
-            else:
-                del self.per_ip[session.ip]
 
     # -- health -----------------------------------------------------------
 
@@ -174,6 +156,7 @@ class Service:
         started = time.monotonic()
         self.draining = True
         self.accepting = False
+        self.members.close("server shutting down")
         self.server.close()
         members = len(self.hub.members)
         self.log.info("shutdown_started", members=members)

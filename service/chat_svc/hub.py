@@ -20,7 +20,6 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Protocol
 
 import gevent
@@ -28,6 +27,7 @@ import gevent.event
 import structlog
 
 from . import protocol
+from .metrics import Counters
 from .outbox import Outbox
 
 log = structlog.get_logger("chat_svc.hub")
@@ -106,35 +106,17 @@ class Backplane(Protocol):
         """``member`` left a room (to move or to go)."""
 
 
-@dataclass
-class Stats:
-    """Hot-path counters kept as plain ints; exported at scrape time.
-
-    Incrementing an int attribute costs a few nanoseconds, where a
-    prometheus_client Counter takes a lock; these counts move millions of
-    times per second.
-    """
-
-    deliveries: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    chat_messages: int = 0
-    commands: int = 0
-    private_messages: int = 0
-    flood_delayed: int = 0
-
-
 class Hub:
     """All rooms of this process, the nick registry and the fan-out sweeper; the local ``Directory``."""
 
     def __init__(
         self,
-        stats: Stats,
+        counters: Counters,
         history: int = 20,
         notice_threshold: int = 200,
         observe_latency: Callable[[Iterable[float]], None] | None = None,
     ) -> None:
-        self.stats = stats
+        self.counters = counters
         self.history = history
         self.notice_threshold = notice_threshold
         self.members: dict[str, Member] = {}
@@ -274,7 +256,7 @@ class Hub:
         if recipient is None:
             return False
         self.send_to(recipient, data)
-        self.stats.deliveries += 1
+        self.counters.deliveries += 1
         return True
 
     def send_to(self, member: Member, data: bytes) -> None:
@@ -336,7 +318,7 @@ class Hub:
                 return
             count = len(others)
             data = b"".join(others)
-        self.stats.deliveries += count
+        self.counters.deliveries += count
         member.outbox.push(data)
 
     def _trim(self, room: Room, upto: int) -> None:

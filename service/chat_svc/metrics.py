@@ -1,7 +1,7 @@
 """Every Prometheus metric the service exports, defined in one place.
 
 Hot paths never touch prometheus_client objects per delivery: they bump
-plain ints in ``hub.Stats`` and a collector reads them at scrape time.
+plain ints in ``Counters`` and a collector reads them at scrape time.
 Rare events (connects, disconnects) use pre-bound labelled children.
 No label ever takes a value per room or per nick, so series stay bounded.
 """
@@ -9,6 +9,7 @@ No label ever takes a value per room or per nick, so series stay bounded.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -54,6 +55,24 @@ disable_created_metrics()
 ROOM_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
 
 
+@dataclass
+class Counters:
+    """Hot-path counters kept as plain ints; exported at scrape time.
+
+    Fan-out bumps these for every delivery and every write, and an int
+    attribute costs far less to bump than a prometheus_client Counter, which
+    takes a lock.  The hub, the sessions and the sinks share one instance.
+    """
+
+    deliveries: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    chat_messages: int = 0
+    commands: int = 0
+    private_messages: int = 0
+    flood_delayed: int = 0
+
+
 class Metrics:
     """The registry and the instruments; one per server process."""
 
@@ -88,21 +107,36 @@ class Metrics:
         for value in values:
             observe(value)
 
-    def watch(self, hub: Hub, open_connections: Callable[[], int], ready: Callable[[], bool], max_clients: int) -> None:
-        self.registry.register(_HubCollector(hub, open_connections, ready, max_clients))
+    def watch(
+        self,
+        hub: Hub,
+        counters: Counters,
+        open_connections: Callable[[], int],
+        ready: Callable[[], bool],
+        max_clients: int,
+    ) -> None:
+        self.registry.register(_HubCollector(hub, counters, open_connections, ready, max_clients))
 
 
 class _HubCollector(Collector):
-    """Reads the hub's plain counters and walks its rooms at scrape time."""
+    """Reads the plain counters and walks the hub's rooms at scrape time."""
 
-    def __init__(self, hub: Hub, open_connections: Callable[[], int], ready: Callable[[], bool], max_clients: int):
+    def __init__(
+        self,
+        hub: Hub,
+        counters: Counters,
+        open_connections: Callable[[], int],
+        ready: Callable[[], bool],
+        max_clients: int,
+    ) -> None:
         self._hub = hub
+        self._counters = counters
         self._open = open_connections
         self._ready = ready
         self._max_clients = max_clients
 
     def collect(self) -> Iterator[Metric]:
-        hub, stats = self._hub, self._hub.stats
+        hub, stats = self._hub, self._counters
         yield GaugeMetricFamily("chat_connections", "Open connections on the chat port.", value=self._open())
         yield GaugeMetricFamily("chat_members", "Chat members (joined connections).", value=len(hub.members))
         yield GaugeMetricFamily("chat_max_clients", "Configured --max-clients.", value=self._max_clients)

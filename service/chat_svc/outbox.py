@@ -18,7 +18,12 @@ from .protocol import error_line
 
 
 class Sink(Protocol):
-    """What an Outbox needs from a transport; tests can supply their own."""
+    """The writing end of one connection, built by the transport; tests can supply their own."""
+
+    # True when every byte the client sends shows on the socket's fd, so its
+    # session may park on an io watcher between inputs.  Not so under TLS,
+    # whose layer buffers decrypted input the fd does not show.
+    parkable: bool
 
     def send_nowait(self, data: bytes) -> int:
         """Write what the kernel takes now; raise OSError when the peer is gone."""
@@ -108,6 +113,11 @@ class Outbox:
         except OSError:
             pass
         self.on_overflow()
+
+    def close(self) -> None:
+        """The member is gone: queue nothing more, and stop the sink writing."""
+        self.closed = True
+        self._sink.close()
 
     def fail(self) -> None:
         """The sink hit a socket error while draining."""

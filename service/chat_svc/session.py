@@ -14,21 +14,24 @@ import itertools
 import struct
 import termios
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import gevent
 import structlog
+from prometheus_client import Counter
 
 from . import protocol
+from .admission import Admission
+from .config import Config
+from .directory import Directory
 from .flood import TokenBucket
 from .framing import LineFramer
-from .hub import Member
-from .outbox import Outbox
+from .hub import Hub, Member
+from .metrics import Counters
+from .outbox import Outbox, Sink
 from .text import clean
-
-if TYPE_CHECKING:
-    from .app import Service
 
 DEFAULT_ROOM = "lobby"
 RECV_BYTES = 65536
@@ -40,6 +43,57 @@ _GRACEFUL = frozenset({"quit", "line_too_long", "flood", "idle_timeout", "auth_f
 
 
 log = structlog.get_logger("chat_svc.session")
+
+
+@dataclass(frozen=True, slots=True)
+class SessionLimits:
+    """What each client may do and must present; built once from Config for every session."""
+
+    max_line_bytes: int
+    sendq_bytes: int
+    flood_burst: int
+    flood_rate: float
+    flood_max_input_bytes: int
+    flood_kick_after: float
+    auth_timeout: float
+    token: str | None
+    log_messages: bool
+
+    @classmethod
+    def from_config(cls, config: Config) -> SessionLimits:
+        return cls(
+            max_line_bytes=config.max_line_bytes,
+            sendq_bytes=config.sendq_bytes,
+            flood_burst=config.flood_burst,
+            flood_rate=config.flood_rate,
+            flood_max_input_bytes=config.flood_max_input_bytes,
+            flood_kick_after=config.flood_kick_after,
+            auth_timeout=config.auth_timeout,
+            token=config.access_token(),
+            log_messages=config.log_messages,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SessionContext:
+    """Everything sessions share, and all a session knows of the server; one per server."""
+
+    hub: Hub
+    directory: Directory
+    limits: SessionLimits
+    counters: Counters
+    # Every open chat-port socket: taken by the transport at accept, given
+    # back by whoever closes the socket (the session, once it owns it).
+    connections: Admission
+    # Chat members (--max-clients, --max-per-ip): taken before joining.
+    members: Admission
+    disconnects: Mapping[str, Counter]
+    # Live sessions, for the idle scan and shutdown.
+    sessions: set[Session]
+
+    @property
+    def token_required(self) -> bool:
+        return self.limits.token is not None
 
 
 class Session:
@@ -57,11 +111,12 @@ class Session:
 
     __slots__ = (
         "_flood_episode",
+        "admitted",
         "bucket",
         "busy",
         "bytes_in",
         "conn_id",
-        "counted",
+        "ctx",
         "finished",
         "framer",
         "head",
@@ -73,35 +128,31 @@ class Session:
         "port",
         "raw",
         "reason",
-        "sink",
         "sock",
         "started",
-        "svc",
         "watcher",
     )
 
-    def __init__(self, svc: Service, sock: Any, address: tuple[str, int], head: bytes, sink: Any) -> None:
-        self.svc = svc
+    def __init__(self, ctx: SessionContext, sock: Any, address: tuple[str, int], head: bytes, sink: Sink) -> None:
+        self.ctx = ctx
+        limits = ctx.limits
         self.sock = sock
         self.ip, self.port = address[0], address[1]
         self.head = head
         self.conn_id = next(_ids)
         self.reason: str | None = None
         self.member: Member | None = None
-        self.framer = LineFramer(svc.config.max_line_bytes)
-        self.outbox = Outbox(sink, svc.config.sendq_bytes, self._slow_consumer, self._socket_error)
-        self.sink = sink
-        self.bucket = (
-            TokenBucket(svc.config.flood_burst, svc.config.flood_rate) if svc.config.flood_rate > 0 else None
-        )
+        self.framer = LineFramer(limits.max_line_bytes)
+        self.outbox = Outbox(sink, limits.sendq_bytes, self._slow_consumer, self._socket_error)
+        self.bucket = TokenBucket(limits.flood_burst, limits.flood_rate) if limits.flood_rate > 0 else None
         self.started = self.last_input = time.monotonic()
         self.raw = sock._sock if sink.parkable else None
         self.watcher: Any = None
         self.busy = True
         self.finished = False
         self.bytes_in = len(head)
-        svc.hub.stats.bytes_in += len(head)
-        self.counted = False
+        ctx.counters.bytes_in += len(head)
+        self.admitted = False
         self.last_room: str | None = None
         self._flood_episode: float | None = None
 
@@ -110,16 +161,18 @@ class Session:
     def run(self) -> None:
         """Admit the client, then serve it; runs in the connection's accept greenlet."""
         self._bind_log_context()
-        svc = self.svc
+        ctx = self.ctx
+        ctx.sessions.add(self)
         try:
-            if svc.token is not None and not self._authenticate():
+            if ctx.token_required and not self._authenticate():
                 self.end("auth_failed")
-            elif refusal := svc.admit(self):
+            elif refusal := ctx.members.acquire(self.ip):
                 self.outbox.push(protocol.error_line(refusal))
                 self.end("server_full")
             else:
+                self.admitted = True
                 self.member = Member(f"{self.ip}:{self.port}", self.outbox)
-                svc.hub.attach(self.member, DEFAULT_ROOM)
+                ctx.hub.attach(self.member, DEFAULT_ROOM)
                 log.info("client_connected", nick=self.member.nick, room=DEFAULT_ROOM)
                 head, self.head = self.head, b""
                 self._serve(head)
@@ -185,8 +238,7 @@ class Session:
         self.end(reason)
         if self.busy:
             self._leave_hub()
-            self.outbox.closed = True
-            self.sink.close()
+            self.outbox.close()
             self.sock.close()
         else:
             self._finish()
@@ -208,7 +260,7 @@ class Session:
         member = self.member
         if member is not None and member.room is not None:
             self.last_room = member.room.name
-            self.svc.hub.detach(member)
+            self.ctx.hub.detach(member)
 
     def _nick_or_none(self) -> str | None:
         return self.member.nick if self.member is not None else None
@@ -224,15 +276,18 @@ class Session:
         if reason in _GRACEFUL and self.busy:
             self._drain(1.0)
         self.busy = False
-        self.outbox.closed = True
-        self.sink.close()
+        self.outbox.close()
         if self.watcher is not None:
             self.watcher.stop()
             self.watcher.close()
             self.watcher = None
-        self.svc.forget(self)
+        ctx = self.ctx
+        ctx.sessions.discard(self)
+        if self.admitted:
+            self.admitted = False
+            ctx.members.release(self.ip)
         if member is not None:
-            self.svc.metrics.by_reason[reason].inc()
+            ctx.disconnects[reason].inc()
             log.info(
                 "client_disconnected",
                 conn_id=self.conn_id,
@@ -244,10 +299,10 @@ class Session:
                 bytes_in=self.bytes_in,
             )
         elif reason in ("auth_failed", "server_full"):
-            self.svc.metrics.by_reason[reason].inc()
+            ctx.disconnects[reason].inc()
             log.info("client_refused", conn_id=self.conn_id, peer=f"{self.ip}:{self.port}", reason=reason)
         self.sock.close()
-        self.svc.open_connections -= 1
+        ctx.connections.release(self.ip)
 
     def _drain(self, timeout: float) -> None:
         """Give queued lines (a goodbye, an error) up to ``timeout`` to reach the client."""
@@ -291,14 +346,15 @@ class Session:
             return None
         self.last_input = time.monotonic()
         self.bytes_in += len(data)
-        self.svc.hub.stats.bytes_in += len(data)
+        self.ctx.counters.bytes_in += len(data)
         return data
 
     def _authenticate(self) -> bool:
         """The first line must be ``/auth TOKEN``, within --auth-timeout."""
-        token = self.svc.token
+        limits = self.ctx.limits
+        token = limits.token
         assert token is not None
-        deadline = time.monotonic() + self.svc.config.auth_timeout
+        deadline = time.monotonic() + limits.auth_timeout
         lines = self.framer.feed(self.head)
         self.head = b""
         while not lines:
@@ -344,12 +400,12 @@ class Session:
 
     def _fakelag(self, delay: float, unread: int) -> bool:
         """Delay a line over the flood limit, or end a client that keeps flooding."""
-        config, bucket = self.svc.config, self.bucket
+        limits, bucket = self.ctx.limits, self.bucket
         assert bucket is not None
-        self.svc.hub.stats.flood_delayed += 1
+        self.ctx.counters.flood_delayed += 1
         backlog = unread + self.framer.pending + _kernel_unread(self.sock)
-        sustained = config.flood_kick_after and bucket.throttled_for() > config.flood_kick_after
-        if backlog > config.flood_max_input_bytes or sustained:
+        sustained = limits.flood_kick_after and bucket.throttled_for() > limits.flood_kick_after
+        if backlog > limits.flood_max_input_bytes or sustained:
             log.warning("flood_disconnected", nick=self._nick_or_none(), unread_bytes=backlog)
             self.outbox.push(protocol.error_line("excess flood"))
             self.end("flood")
@@ -369,12 +425,13 @@ class Session:
             return True
         member = self.member
         assert member is not None
-        stats = self.svc.hub.stats
+        ctx = self.ctx
+        stats = ctx.counters
         if isinstance(parsed, str):
             stats.chat_messages += 1
-            if self.svc.config.log_messages:
+            if ctx.limits.log_messages:
                 log.debug("message", nick=member.nick, text=parsed)
-            self.svc.hub.say(member, protocol.chat_line(member.nick, parsed), t_read)
+            ctx.hub.say(member, protocol.chat_line(member.nick, parsed), t_read)
             return True
         if parsed.name == "msg":
             stats.private_messages += 1
@@ -388,7 +445,7 @@ class Session:
 
     def _reply(self, data: bytes) -> None:
         assert self.member is not None
-        self.svc.hub.send_to(self.member, data)
+        self.ctx.hub.send_to(self.member, data)
 
     def _nick(self, arg: str) -> bool:
         member = self.member
@@ -397,7 +454,7 @@ class Session:
             self._reply(protocol.error_line("invalid nick: use 1-32 letters, digits, _ - ."))
             return True
         old = member.nick
-        error = self.svc.directory.claim_nick(member, arg)
+        error = self.ctx.directory.claim_nick(member, arg)
         if error:
             self._reply(protocol.error_line(error))
         elif old != arg:
@@ -414,19 +471,19 @@ class Session:
             self._reply(protocol.info_line(f"you are already in {arg}"))
             return True
         self._reply(protocol.info_line(f"you joined {arg}"))
-        self.svc.hub.move(member, arg)
+        self.ctx.hub.move(member, arg)
         log.info("room_joined", nick=member.nick, room=arg)
         return True
 
     def _rooms(self, _: str) -> bool:
-        listing = ", ".join(f"{name} ({count})" for name, count in self.svc.directory.room_counts())
+        listing = ", ".join(f"{name} ({count})" for name, count in self.ctx.directory.room_counts())
         self._reply(protocol.info_line(f"rooms: {listing}"))
         return True
 
     def _who(self, _: str) -> bool:
         member = self.member
         assert member is not None and member.room is not None
-        names = self.svc.directory.who(member.room.name)
+        names = self.ctx.directory.who(member.room.name)
         shown = ", ".join(names[:200]) + (f" and {len(names) - 200} more" if len(names) > 200 else "")
         self._reply(protocol.info_line(f"in {member.room.name} ({len(names)}): {shown}"))
         return True
@@ -437,7 +494,7 @@ class Session:
         if not arg:
             self._reply(protocol.error_line("usage: /me ACTION"))
             return True
-        self.svc.hub.say(member, protocol.action_line(member.nick, arg), time.perf_counter())
+        self.ctx.hub.say(member, protocol.action_line(member.nick, arg), time.perf_counter())
         return True
 
     def _msg(self, arg: str) -> bool:
@@ -448,7 +505,7 @@ class Session:
         if not target or not text:
             self._reply(protocol.error_line("usage: /msg NICK TEXT"))
             return True
-        if not self.svc.directory.whisper(member, target, text):
+        if not self.ctx.directory.whisper(member, target, text):
             self._reply(protocol.error_line(f"no such nick: {target}"))
         return True
 
@@ -462,7 +519,7 @@ class Session:
         return False
 
     def _auth_again(self, _: str) -> bool:
-        self._reply(protocol.error_line("already authenticated" if self.svc.token else "no token is required"))
+        self._reply(protocol.error_line("already authenticated" if self.ctx.token_required else "no token is required"))
         return True
 
 

@@ -17,11 +17,12 @@ from typing import TYPE_CHECKING, Any
 import gevent
 from gevent.server import StreamServer
 
-from .httpfront import CHAT, HTTP, classify
+from .config import Config
+from .httpfront import CHAT, HTTP, HttpFront, classify
+from .metrics import Counters, Metrics
+from .session import Session, SessionContext
 
 if TYPE_CHECKING:
-    from .app import Service
-    from .hub import Stats
     from .outbox import Outbox
 
 LISTEN_BACKLOG = 4096
@@ -31,21 +32,21 @@ _WRITE = 2
 class TcpSink:
     """Non-blocking writes to a plain TCP socket; drains on writability callbacks."""
 
-    __slots__ = ("_fd", "_raw", "_watcher", "stats")
+    __slots__ = ("_fd", "_raw", "_watcher", "counters")
     parkable = True
 
-    def __init__(self, sock: Any, stats: Stats) -> None:
+    def __init__(self, sock: Any, counters: Counters) -> None:
         self._raw = sock._sock  # the real non-blocking socket under gevent's wrapper
         self._fd = sock.fileno()
         self._watcher: Any = None
-        self.stats = stats
+        self.counters = counters
 
     def send_nowait(self, data: bytes) -> int:
         try:
             sent: int = self._raw.send(data)
         except BlockingIOError:
             return 0
-        self.stats.bytes_out += sent
+        self.counters.bytes_out += sent
         return sent
 
     def kick(self, outbox: Outbox) -> None:
@@ -81,13 +82,13 @@ class TcpSink:
 class TlsSink:
     """Writes through gevent's SSL socket from a writer greenlet that lives while data waits."""
 
-    __slots__ = ("_sock", "_writer", "stats")
+    __slots__ = ("_sock", "_writer", "counters")
     parkable = False
 
-    def __init__(self, sock: Any, stats: Stats) -> None:
+    def __init__(self, sock: Any, counters: Counters) -> None:
         self._sock = sock
         self._writer: gevent.Greenlet | None = None
-        self.stats = stats
+        self.counters = counters
 
     def send_nowait(self, data: bytes) -> int:
         return 0
@@ -101,7 +102,7 @@ class TlsSink:
             while outbox.size and not outbox.closed:
                 data = outbox.take()
                 self._sock.sendall(data)
-                self.stats.bytes_out += len(data)
+                self.counters.bytes_out += len(data)
             outbox.drained()
         except OSError:
             outbox.fail()
@@ -156,12 +157,14 @@ def sniff(sock: Any, window: float, limit: float) -> tuple[bytes, str]:
 
 
 class ChatServer(StreamServer):
-    """The chat port: every accepted socket gets its own greenlet running ``handle``."""
+    """The chat port: each accepted socket starts in its own greenlet in ``handle_connection``."""
 
-    def __init__(self, svc: Service) -> None:
-        config = svc.config
+    def __init__(self, config: Config, ctx: SessionContext, metrics: Metrics, http: HttpFront) -> None:
         super().__init__((config.host, config.port), self.handle_connection, backlog=LISTEN_BACKLOG)
-        self.svc = svc
+        self.config = config
+        self.ctx = ctx
+        self.metrics = metrics
+        self.http = http
         self.tls: ssl.SSLContext | None = None
         if config.tls_cert and config.tls_key:
             self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -176,10 +179,12 @@ class ChatServer(StreamServer):
 
     def handle_connection(self, sock: Any, address: tuple[str, int]) -> None:
         """Sniff, then serve HTTP here or hand the socket to a chat session, which owns it."""
-        svc = self.svc
-        config = svc.config
-        svc.open_connections += 1
-        svc.metrics.accepted.inc()
+        config, ctx = self.config, self.ctx
+        ip = address[0]
+        if ctx.connections.acquire(ip) is not None:  # no cap on connections is configured yet
+            sock.close()
+            return
+        self.metrics.accepted.inc()
         owned = False
         try:
             tune(sock, config.sndbuf_bytes)
@@ -191,14 +196,15 @@ class ChatServer(StreamServer):
                     return
             head, kind = sniff(sock, config.http_sniff_ms / 1000.0, config.http_timeout)
             if kind == HTTP:
-                svc.metrics.http_requests.inc()
+                self.metrics.http_requests.inc()
                 sock.settimeout(config.http_timeout)
                 with gevent.Timeout(config.http_timeout * 2, False):
-                    svc.http.serve(sock, address, head)
+                    self.http.serve(sock, address, head)
             elif kind == CHAT:
                 owned = True
-                svc.start_session(sock, address, head, TlsSink if self.tls is not None else TcpSink)
+                sink = TlsSink(sock, ctx.counters) if self.tls is not None else TcpSink(sock, ctx.counters)
+                Session(ctx, sock, address, head, sink).run()
         finally:
             if not owned:
-                svc.open_connections -= 1
+                ctx.connections.release(ip)
                 sock.close()
