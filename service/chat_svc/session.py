@@ -14,7 +14,7 @@ import itertools
 import struct
 import termios
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,7 +22,7 @@ import gevent
 import structlog
 from prometheus_client import Counter
 
-from . import protocol
+from . import commands, protocol
 from .admission import Admission
 from .config import Config
 from .directory import Directory
@@ -416,7 +416,7 @@ class Session:
         gevent.sleep(delay)
         return True
 
-    # -- lines and commands -------------------------------------------------
+    # -- lines ---------------------------------------------------------------
 
     def _handle(self, raw: bytes, t_read: float) -> bool:
         """Act on one line; False ends the session."""
@@ -437,103 +437,12 @@ class Session:
             stats.private_messages += 1
         else:
             stats.commands += 1
-        command = _COMMANDS.get(parsed.name)
-        if command is None:
-            self._reply(protocol.error_line(f"unknown command /{parsed.name} (try /help)"))
-            return True
-        return command(self, parsed.arg)
-
-    def _reply(self, data: bytes) -> None:
-        assert self.member is not None
-        self.ctx.hub.send_to(self.member, data)
-
-    def _nick(self, arg: str) -> bool:
-        member = self.member
-        assert member is not None
-        if not protocol.valid_nick(arg):
-            self._reply(protocol.error_line("invalid nick: use 1-32 letters, digits, _ - ."))
-            return True
-        old = member.nick
-        error = self.ctx.directory.claim_nick(member, arg)
-        if error:
-            self._reply(protocol.error_line(error))
-        elif old != arg:
-            log.info("nick_changed", old=old, nick=arg)
+        reason = commands.dispatch(ctx, member, parsed)
+        if reason is not None:
+            self.end(reason)
+            return False
         return True
 
-    def _join(self, arg: str) -> bool:
-        member = self.member
-        assert member is not None and member.room is not None
-        if not protocol.valid_room(arg):
-            self._reply(protocol.error_line("invalid room name: use 1-32 letters, digits, _ - . (optional leading #)"))
-            return True
-        if member.room.name == arg:
-            self._reply(protocol.info_line(f"you are already in {arg}"))
-            return True
-        self._reply(protocol.info_line(f"you joined {arg}"))
-        self.ctx.hub.move(member, arg)
-        log.info("room_joined", nick=member.nick, room=arg)
-        return True
-
-    def _rooms(self, _: str) -> bool:
-        listing = ", ".join(f"{name} ({count})" for name, count in self.ctx.directory.room_counts())
-        self._reply(protocol.info_line(f"rooms: {listing}"))
-        return True
-
-    def _who(self, _: str) -> bool:
-        member = self.member
-        assert member is not None and member.room is not None
-        names = self.ctx.directory.who(member.room.name)
-        shown = ", ".join(names[:200]) + (f" and {len(names) - 200} more" if len(names) > 200 else "")
-        self._reply(protocol.info_line(f"in {member.room.name} ({len(names)}): {shown}"))
-        return True
-
-    def _me(self, arg: str) -> bool:
-        member = self.member
-        assert member is not None
-        if not arg:
-            self._reply(protocol.error_line("usage: /me ACTION"))
-            return True
-        self.ctx.hub.say(member, protocol.action_line(member.nick, arg), time.perf_counter())
-        return True
-
-    def _msg(self, arg: str) -> bool:
-        member = self.member
-        assert member is not None
-        target, _, text = arg.partition(" ")
-        text = text.strip()
-        if not target or not text:
-            self._reply(protocol.error_line("usage: /msg NICK TEXT"))
-            return True
-        if not self.ctx.directory.whisper(member, target, text):
-            self._reply(protocol.error_line(f"no such nick: {target}"))
-        return True
-
-    def _help(self, _: str) -> bool:
-        self._reply(protocol.encode(protocol.HELP_TEXT))
-        return True
-
-    def _quit(self, _: str) -> bool:
-        self._reply(protocol.info_line("bye"))
-        self.end("quit")
-        return False
-
-    def _auth_again(self, _: str) -> bool:
-        self._reply(protocol.error_line("already authenticated" if self.ctx.token_required else "no token is required"))
-        return True
-
-
-_COMMANDS: dict[str, Callable[[Session, str], bool]] = {
-    "nick": Session._nick,
-    "join": Session._join,
-    "rooms": Session._rooms,
-    "who": Session._who,
-    "me": Session._me,
-    "msg": Session._msg,
-    "help": Session._help,
-    "quit": Session._quit,
-    "auth": Session._auth_again,
-}
 
 _PARK = b"park"
 
