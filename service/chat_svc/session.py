@@ -28,6 +28,7 @@ from .config import Config
 from .directory import Directory
 from .flood import TokenBucket
 from .framing import LineFramer
+from .gevent_seams import raw_socket
 from .hub import Hub, Member
 from .metrics import Counters
 from .outbox import Outbox, Sink
@@ -146,7 +147,7 @@ class Session:
         self.outbox = Outbox(sink, limits.sendq_bytes, self._slow_consumer, self._socket_error)
         self.bucket = TokenBucket(limits.flood_burst, limits.flood_rate) if limits.flood_rate > 0 else None
         self.started = self.last_input = time.monotonic()
-        self.raw = sock._sock if sink.parkable else None
+        self.raw = raw_socket(sock) if sink.parkable else None
         self.watcher: Any = None
         self.busy = True
         self.finished = False

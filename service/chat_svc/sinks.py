@@ -16,6 +16,7 @@ from typing import Any
 
 import gevent
 
+from .gevent_seams import raw_socket
 from .metrics import Counters
 from .outbox import Outbox
 
@@ -29,7 +30,7 @@ class TcpSink:
     parkable = True
 
     def __init__(self, sock: Any, counters: Counters) -> None:
-        self._raw = sock._sock  # the real non-blocking socket under gevent's wrapper
+        self._raw = raw_socket(sock)
         self._fd = sock.fileno()
         self._watcher: Any = None
         self.counters = counters
