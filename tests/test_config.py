@@ -48,7 +48,7 @@ def test_secrets_never_appear_in_the_public_config() -> None:
 
 
 def test_readme_documents_every_metric_and_log_event() -> None:
-    source = "".join(path.read_text() for path in (ROOT / "service" / "chat_svc").glob("*.py"))
+    source = "".join(path.read_text() for path in (ROOT / "service" / "chat_svc").rglob("*.py"))
     metrics = set(re.findall(r'"(chat_[a-z_]+)"', source)) - {"chat_svc"}
     events = set(re.findall(r'log\w*\.(?:info|warning|error|exception|debug)\(\s*"([a-z_]+)"', source))
     assert metrics and events

@@ -8,7 +8,7 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gevent
 import gevent.event
@@ -16,7 +16,6 @@ import structlog
 
 from . import __version__, logs, protocol
 from .admission import Admission
-from .backplane import RedisBackplane
 from .config import Config, load
 from .directory import Directory
 from .httpfront import Health, HttpFront, make_app, serve_metrics_port
@@ -24,6 +23,9 @@ from .hub import Hub
 from .metrics import Counters, Metrics
 from .session import Session, SessionContext, SessionLimits
 from .transport import ChatServer
+
+if TYPE_CHECKING:
+    from .backplane import RedisBackplane
 
 LOOP_TICK = 1.0
 LOOP_STALL = 10.0
@@ -43,9 +45,13 @@ class Service:
             notice_threshold=config.notice_threshold,
             observe_latency=self.metrics.observe_latencies,
         )
-        # Cluster mode (--redis-url): the hub relays through Redis; see backplane.py.
+        # Cluster mode (--redis-url): the hub relays through Redis; see backplane/.
+        # Imported only then, so a single instance never loads redis.
         self.backplane: RedisBackplane | None = None
+        directory: Directory = self.hub
         if config.redis_url:
+            from .backplane import RedisBackplane
+
             self.backplane = RedisBackplane(
                 config.redis_url,
                 self.hub,
@@ -54,8 +60,7 @@ class Service:
             )
             self.hub.backplane = self.backplane
             self.metrics.registry.register(self.backplane.collector())
-        # Who-is-where answers: this hub's alone, or the cluster's through Redis.
-        directory: Directory = self.backplane if self.backplane is not None else self.hub
+            directory = self.backplane.directory
         self.sessions: set[Session] = set()
         self.connections = Admission()
         self.members = Admission(config.max_clients, config.max_per_ip)
