@@ -74,7 +74,7 @@ def test_direct_lines_stay_in_order_with_room_lines() -> None:
     assert bob.rseq == bob.room.end  # type: ignore[union-attr]
 
 
-def test_partial_writes_queue_the_rest_and_ask_the_sink_to_drain() -> None:
+def test_partial_writes_queue_the_rest_and_ask_the_sink_to_write_it_later() -> None:
     sink = RecordingSink(capacity=4)
     outbox = Outbox(sink, 100, lambda: None, lambda: None)
     outbox.push(b"0123456789")

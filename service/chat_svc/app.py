@@ -74,7 +74,7 @@ class Service:
             disconnects=self.metrics.by_reason,
             sessions=self.sessions,
         )
-        self.draining = False
+        self.shutting_down = False
         self.accepting = False
         self.loop_tick = time.monotonic()
         self.metrics.watch(
@@ -95,7 +95,7 @@ class Service:
         return True, "ok"
 
     def _ready(self) -> tuple[bool, str]:
-        if self.draining:
+        if self.shutting_down:
             return False, "draining"
         if not self.accepting:
             return False, "not accepting"
@@ -150,16 +150,16 @@ class Service:
         Whatever goes wrong on the way, the process still stops (status 1 then).
         """
         try:
-            self._drain_and_close()
+            self._close_gracefully()
         except Exception:
             self.exit_code = 1
             self.log.exception("shutdown_failed")
         finally:
             self.stopped.set()
 
-    def _drain_and_close(self) -> None:
+    def _close_gracefully(self) -> None:
         started = time.monotonic()
-        self.draining = True
+        self.shutting_down = True
         self.accepting = False
         self.members.close("server shutting down")
         self.server.close()

@@ -3,7 +3,7 @@
 Fan-out calls ``push`` for every recipient.  ``push`` never blocks: when
 nothing is queued it tries one non-blocking write straight away (under load
 the hub has already coalesced many lines into that one write); whatever the
-kernel does not take is queued and the sink drains it when the socket turns
+kernel does not take is queued and the sink writes it when the socket turns
 writable.  Passing ``limit`` queued bytes marks the member a slow consumer, so
 one client that stops reading costs the room nothing and the server at most
 ``limit`` bytes.
@@ -29,10 +29,10 @@ class Sink(Protocol):
         """Write what the kernel takes now; raise OSError when the peer is gone."""
 
     def kick(self, outbox: Outbox) -> None:
-        """Start draining ``outbox`` (``take``/``unsend``) whenever writable, until empty."""
+        """Write ``outbox`` out (``take``/``unsend``) whenever the socket is writable, until empty."""
 
     def close(self) -> None:
-        """Stop draining; called once the member is gone."""
+        """Stop writing; called once the member is gone."""
 
 
 class Outbox:
@@ -97,7 +97,7 @@ class Outbox:
         if self.size > self.limit:
             self._overflow()
 
-    def drained(self) -> None:
+    def all_sent(self) -> None:
         """The sink wrote everything it took and stops watching for writability."""
         self._torn = False
         self.kicked = False
@@ -120,7 +120,7 @@ class Outbox:
         self._sink.close()
 
     def fail(self) -> None:
-        """The sink hit a socket error while draining."""
+        """The sink hit a socket error while writing."""
         if not self.closed:
             self.closed = True
             self.on_error()

@@ -1,9 +1,11 @@
-"""One chat connection: its read loop, limits and commands.
+"""One chat connection: authentication, admission, its read loop and its limits.
 
 The session owns everything about a single client that is not shared:
 the line framer, the flood bucket, its last input time and the reason it ended.
-It talks to the room hub only through ``Hub`` methods, and to its socket only
-for reading; writes go through the member's Outbox.
+What it shares with the others comes in one ``SessionContext``.  It talks to
+the room hub only through ``Hub`` methods, hands slash commands to
+``commands``, and uses its socket only for reading; writes go through the
+member's Outbox.
 """
 
 from __future__ import annotations
@@ -102,12 +104,13 @@ class Session:
 
     An idle member holds no greenlet: once its input is used up the session
     *parks* on an io watcher, and the watcher spawns a short-lived greenlet
-    when input arrives.  A waiting greenlet costs about 5 KB (its saved C
-    stack and a page of Python frame stack), more than everything else a
-    member needs, and 19,000 members share one process.  Slotted, without
-    per-session loggers or dispatch tables for the same reason; log context
-    (conn_id, peer) is bound in each serving greenlet's contextvars.
-    TLS sessions never park (the SSL layer buffers input the fd does not show).
+    when input arrives.  A waiting greenlet (its saved C stack and a page of
+    Python frame stack) costs more than everything else a member needs, and
+    tens of thousands of members share one process (docs/performance.md has
+    the figures).  Slotted, without per-session loggers for the same reason;
+    log context (conn_id, peer) is bound in each serving greenlet's
+    contextvars.  TLS sessions never park (the SSL layer buffers input the fd
+    does not show).
     """
 
     __slots__ = (
@@ -275,7 +278,7 @@ class Session:
         member = self.member
         self._leave_hub()
         if reason in _GRACEFUL and self.busy:
-            self._drain(1.0)
+            self._wait_until_sent(1.0)
         self.busy = False
         self.outbox.close()
         if self.watcher is not None:
@@ -305,7 +308,7 @@ class Session:
         self.sock.close()
         ctx.connections.release(self.ip)
 
-    def _drain(self, timeout: float) -> None:
+    def _wait_until_sent(self, timeout: float) -> None:
         """Give queued lines (a goodbye, an error) up to ``timeout`` to reach the client."""
         deadline = time.monotonic() + timeout
         while self.outbox.size and not self.outbox.closed and time.monotonic() < deadline:

@@ -24,7 +24,7 @@ _WRITE = 2
 
 
 class TcpSink:
-    """Non-blocking writes to a plain TCP socket; drains on writability callbacks."""
+    """Non-blocking writes to a plain TCP socket; the rest is written on writability callbacks."""
 
     __slots__ = ("_fd", "_raw", "_watcher", "counters")
     parkable = True
@@ -63,7 +63,7 @@ class TcpSink:
             outbox.unsend(data[sent:], sent > 0)
         elif not outbox.size:
             self._watcher.stop()
-            outbox.drained()
+            outbox.all_sent()
 
     def close(self) -> None:
         watcher = self._watcher
@@ -89,15 +89,15 @@ class TlsSink:
 
     def kick(self, outbox: Outbox) -> None:
         if self._writer is None:
-            self._writer = gevent.spawn(self._drain, outbox)
+            self._writer = gevent.spawn(self._write_until_empty, outbox)
 
-    def _drain(self, outbox: Outbox) -> None:
+    def _write_until_empty(self, outbox: Outbox) -> None:
         try:
             while outbox.size and not outbox.closed:
                 data = outbox.take()
                 self._sock.sendall(data)
                 self.counters.bytes_out += len(data)
-            outbox.drained()
+            outbox.all_sent()
         except OSError:
             outbox.fail()
         finally:

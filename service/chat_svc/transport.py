@@ -38,9 +38,10 @@ def tune(sock: Any, sndbuf: int) -> None:
 def sniff(sock: Any, window: float, limit: float) -> tuple[bytes, str]:
     """Read the first bytes and decide: HTTP request, chat, or gone (``eof``).
 
-    A silent client becomes chat after ``window`` seconds (the seed's client
-    sends nothing until its user types).  Bytes that may still grow into an
-    HTTP request line get until ``limit`` seconds to complete it.
+    A silent client becomes chat after ``window`` seconds: the original chat
+    client (tests/seed_chat_client.py) sends nothing until its user types.
+    Bytes that may still grow into an HTTP request line get until ``limit``
+    seconds to complete it.
     """
     head = b""
     start = time.monotonic()

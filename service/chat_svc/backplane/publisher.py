@@ -1,7 +1,7 @@
 """The backplane's writer: relayed lines, presence and the heartbeat, from one greenlet.
 
 That greenlet is the only writer of messages and presence, so those writes
-stay ordered: it drains a FIFO into pipelines over a connection of its own
+stay ordered: it sends a FIFO in pipelines over a connection of its own
 (a burst of joins on the query pool cannot starve the relay).  Publishing
 never blocks the fan-out path: the hub only appends to the queue, which is
 bounded; past its bounds lines are relayed no more (local delivery goes on).
