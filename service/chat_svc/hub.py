@@ -335,6 +335,9 @@ class Hub:
 
     # -- queries ----------------------------------------------------------
 
+    def queued_bytes(self) -> list[int]:
+        return [member.outbox.size for member in self.members.values()]
+
     def room_counts(self) -> list[tuple[str, int]]:
         return sorted((name, len(room.members)) for name, room in self.rooms.items())
 

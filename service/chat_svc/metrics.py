@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -31,9 +31,6 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from . import __version__
-
-if TYPE_CHECKING:
-    from .hub import Hub
 
 DISCONNECT_REASONS = (
     "quit",
@@ -109,7 +106,7 @@ class Metrics:
 
     def watch(
         self,
-        hub: Hub,
+        hub: Population,
         counters: Counters,
         open_connections: Callable[[], int],
         ready: Callable[[], bool],
@@ -118,12 +115,22 @@ class Metrics:
         self.registry.register(_HubCollector(hub, counters, open_connections, ready, max_clients))
 
 
+class Population(Protocol):
+    """What the collector asks the hub at scrape time (the hub implements it)."""
+
+    def queued_bytes(self) -> list[int]:
+        """Bytes queued for each member: one entry per member."""
+
+    def room_counts(self) -> list[tuple[str, int]]:
+        """Each room with members, and how many."""
+
+
 class _HubCollector(Collector):
-    """Reads the plain counters and walks the hub's rooms at scrape time."""
+    """Reads the plain counters and asks the hub for its rooms and queues at scrape time."""
 
     def __init__(
         self,
-        hub: Hub,
+        hub: Population,
         counters: Counters,
         open_connections: Callable[[], int],
         ready: Callable[[], bool],
@@ -138,7 +145,8 @@ class _HubCollector(Collector):
     def collect(self) -> Iterator[Metric]:
         hub, stats = self._hub, self._counters
         yield GaugeMetricFamily("chat_connections", "Open connections on the chat port.", value=self._open())
-        yield GaugeMetricFamily("chat_members", "Chat members (joined connections).", value=len(hub.members))
+        sizes = hub.queued_bytes()
+        yield GaugeMetricFamily("chat_members", "Chat members (joined connections).", value=len(sizes))
         yield GaugeMetricFamily("chat_max_clients", "Configured --max-clients.", value=self._max_clients)
         yield GaugeMetricFamily("chat_ready", "1 when /readyz answers 200.", value=1 if self._ready() else 0)
         received = CounterMetricFamily("chat_messages_received", "Lines received, by kind.", labels=["kind"])
@@ -152,13 +160,12 @@ class _HubCollector(Collector):
         yield CounterMetricFamily(
             "chat_flood_delayed_lines", "Lines delayed by flood control (fakelag).", value=stats.flood_delayed
         )
-        sizes = [member.outbox.size for member in hub.members.values()]
         yield GaugeMetricFamily("chat_sendq_bytes", "Bytes queued for all members.", value=sum(sizes))
         yield GaugeMetricFamily(
             "chat_sendq_max_bytes", "Largest outbound queue of any member.", value=max(sizes, default=0)
         )
-        yield GaugeMetricFamily("chat_rooms", "Rooms with members on this instance.", value=len(hub.rooms))
-        counts = sorted(len(room.members) for room in hub.rooms.values())
+        counts = sorted(count for _, count in hub.room_counts())
+        yield GaugeMetricFamily("chat_rooms", "Rooms with members on this instance.", value=len(counts))
         buckets, index = [], 0
         for bound in ROOM_SIZE_BUCKETS:
             while index < len(counts) and counts[index] <= bound:
