@@ -32,7 +32,7 @@ LOOP_STALL = 10.0
 
 
 class Service:
-    """The running server: shared state every session reaches through."""
+    """The running server: builds the parts, runs the background loops, answers the probes, shuts down."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
@@ -62,15 +62,15 @@ class Service:
             self.metrics.registry.register(self.backplane.collector())
             directory = self.backplane.directory
         self.sessions: set[Session] = set()
-        self.connections = Admission()
-        self.members = Admission(config.max_clients, config.max_per_ip)
-        self.sessions_context = SessionContext(
+        self.connection_slots = Admission()
+        self.member_slots = Admission(config.max_clients, config.max_per_ip)
+        self.session_context = SessionContext(
             hub=self.hub,
             directory=directory,
             limits=SessionLimits.from_config(config),
             counters=self.counters,
-            connections=self.connections,
-            members=self.members,
+            connection_slots=self.connection_slots,
+            member_slots=self.member_slots,
             disconnects=self.metrics.by_reason,
             sessions=self.sessions,
         )
@@ -78,10 +78,10 @@ class Service:
         self.accepting = False
         self.loop_tick = time.monotonic()
         self.metrics.watch(
-            self.hub, self.counters, lambda: self.connections.count, lambda: self._ready()[0], config.max_clients
+            self.hub, self.counters, lambda: self.connection_slots.count, lambda: self._ready()[0], config.max_clients
         )
         self.http = HttpFront(make_app(self.metrics.registry, Health(self._alive, self._ready)))
-        self.server = ChatServer(config, self.sessions_context, self.metrics, self.http)
+        self.server = ChatServer(config, self.session_context, self.metrics, self.http)
         self.metrics_server: Any = None
         self.stopped = gevent.event.Event()
         self.exit_code = 0
@@ -161,7 +161,7 @@ class Service:
         started = time.monotonic()
         self.shutting_down = True
         self.accepting = False
-        self.members.close("server shutting down")
+        self.member_slots.close("server shutting down")
         self.server.close()
         members = len(self.hub.members)
         self.log.info("shutdown_started", members=members)

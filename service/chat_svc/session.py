@@ -87,9 +87,9 @@ class SessionContext:
     counters: Counters
     # Every open chat-port socket: taken by the transport at accept, given
     # back by whoever closes the socket (the session, once it owns it).
-    connections: Admission
+    connection_slots: Admission
     # Chat members (--max-clients, --max-per-ip): taken before joining.
-    members: Admission
+    member_slots: Admission
     disconnects: Mapping[str, Counter]
     # Live sessions, for the idle scan and shutdown.
     sessions: set[Session]
@@ -170,7 +170,7 @@ class Session:
         try:
             if ctx.token_required and not self._authenticate():
                 self.end("auth_failed")
-            elif refusal := ctx.members.acquire(self.ip):
+            elif refusal := ctx.member_slots.acquire(self.ip):
                 self.outbox.push(protocol.error_line(refusal))
                 self.end("server_full")
             else:
@@ -289,7 +289,7 @@ class Session:
         ctx.sessions.discard(self)
         if self.admitted:
             self.admitted = False
-            ctx.members.release(self.ip)
+            ctx.member_slots.release(self.ip)
         if member is not None:
             ctx.disconnects[reason].inc()
             log.info(
@@ -306,7 +306,7 @@ class Session:
             ctx.disconnects[reason].inc()
             log.info("client_refused", conn_id=self.conn_id, peer=f"{self.ip}:{self.port}", reason=reason)
         self.sock.close()
-        ctx.connections.release(self.ip)
+        ctx.connection_slots.release(self.ip)
 
     def _wait_until_sent(self, timeout: float) -> None:
         """Give queued lines (a goodbye, an error) up to ``timeout`` to reach the client."""

@@ -91,7 +91,7 @@ class ChatServer(StreamServer):
         """Sniff, then serve HTTP here or hand the socket to a chat session, which owns it."""
         config, ctx = self.config, self.ctx
         ip = address[0]
-        if ctx.connections.acquire(ip) is not None:  # no cap on connections is configured yet
+        if ctx.connection_slots.acquire(ip) is not None:  # no cap on connections is configured yet
             sock.close()
             return
         self.metrics.accepted.inc()
@@ -116,5 +116,5 @@ class ChatServer(StreamServer):
                 Session(ctx, sock, address, head, sink).run()
         finally:
             if not owned:
-                ctx.connections.release(ip)
+                ctx.connection_slots.release(ip)
                 sock.close()
