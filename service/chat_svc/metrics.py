@@ -125,30 +125,23 @@ class Population(Protocol):
         """Each room with members, and how many."""
 
 
+@dataclass(eq=False)  # the registry keys collectors by identity
 class _HubCollector(Collector):
     """Reads the plain counters and asks the hub for its rooms and queues at scrape time."""
 
-    def __init__(
-        self,
-        hub: Population,
-        counters: Counters,
-        open_connections: Callable[[], int],
-        ready: Callable[[], bool],
-        max_clients: int,
-    ) -> None:
-        self._hub = hub
-        self._counters = counters
-        self._open = open_connections
-        self._ready = ready
-        self._max_clients = max_clients
+    hub: Population
+    counters: Counters
+    open_connections: Callable[[], int]
+    ready: Callable[[], bool]
+    max_clients: int
 
     def collect(self) -> Iterator[Metric]:
-        hub, stats = self._hub, self._counters
-        yield GaugeMetricFamily("chat_connections", "Open connections on the chat port.", value=self._open())
+        hub, stats = self.hub, self.counters
+        yield GaugeMetricFamily("chat_connections", "Open connections on the chat port.", value=self.open_connections())
         sizes = hub.queued_bytes()
         yield GaugeMetricFamily("chat_members", "Chat members (joined connections).", value=len(sizes))
-        yield GaugeMetricFamily("chat_max_clients", "Configured --max-clients.", value=self._max_clients)
-        yield GaugeMetricFamily("chat_ready", "1 when /readyz answers 200.", value=1 if self._ready() else 0)
+        yield GaugeMetricFamily("chat_max_clients", "Configured --max-clients.", value=self.max_clients)
+        yield GaugeMetricFamily("chat_ready", "1 when /readyz answers 200.", value=1 if self.ready() else 0)
         received = CounterMetricFamily("chat_messages_received", "Lines received, by kind.", labels=["kind"])
         received.add_metric(["chat"], stats.chat_messages)
         received.add_metric(["command"], stats.commands)

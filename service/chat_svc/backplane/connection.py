@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import secrets
-import socket
-
 import redis
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -16,11 +12,6 @@ REDIS_TIMEOUT = 1.0
 
 # What a Redis call raises when Redis is unreachable, slow or refuses.
 ERRORS = (RedisError, OSError)
-
-
-def default_instance_id() -> str:
-    """Host name and pid, plus a random suffix: PID 1 in a restarted container repeats."""
-    return f"{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(3)}"
 
 
 def pool(url: str, size: int) -> redis.BlockingConnectionPool:

@@ -7,36 +7,26 @@ this instance's own view (the hub's), so commands keep working, locally.
 
 from __future__ import annotations
 
-from typing import Any
-
 import redis
 
 from .. import protocol
-from ..hub import Hub, Member
+from ..hub import Member
 from . import keys
 from .connection import ERRORS
+from .instance import Instance
 from .publisher import Publisher
 from .subscriber import Subscriber
 
 
 class RedisDirectory:
-    def __init__(
-        self,
-        queries: redis.Redis,
-        hub: Hub,
-        subscriber: Subscriber,
-        publisher: Publisher,
-        instance_id: str,
-        ttl: int,
-        log: Any,
-    ) -> None:
-        self.hub = hub
-        self.log = log
+    def __init__(self, instance: Instance, queries: redis.Redis, subscriber: Subscriber, publisher: Publisher) -> None:
+        self.hub = instance.hub
+        self.log = instance.log
         self._redis = queries
         self._subscriber = subscriber
         self._publisher = publisher
-        self._instance_id = instance_id
-        self._ttl = ttl
+        self._instance_id = instance.id
+        self._ttl = instance.ttl
         self._claim = queries.register_script(keys.CLAIM)
 
     def claim_nick(self, member: Member, nick: str) -> str | None:

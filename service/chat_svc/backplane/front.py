@@ -19,8 +19,9 @@ from prometheus_client.registry import Collector
 
 from ..hub import Hub, Member
 from . import keys
-from .connection import ERRORS, default_instance_id, pool
+from .connection import ERRORS, pool
 from .directory import RedisDirectory
+from .instance import Instance, default_instance_id
 from .publisher import Publisher
 from .subscriber import Subscriber
 
@@ -33,19 +34,18 @@ class RedisBackplane:
 
     def __init__(self, url: str, hub: Hub, *, instance_id: str | None = None, presence_ttl: int = 15) -> None:
         self.hub = hub
-        self.instance_id = instance_id or default_instance_id()
-        keys.check_instance_id(self.instance_id)
-        self.log = structlog.get_logger("chat_svc.backplane").bind(instance=self.instance_id)
+        instance_id = instance_id or default_instance_id()
+        log = structlog.get_logger("chat_svc.backplane").bind(instance=instance_id)
+        self.instance = instance = Instance(instance_id, hub, presence_ttl, log)
+        self.log = log
         self._pool = pool(url, POOL_SIZE)
         self._writer_pool = pool(url, 1)
         self._queries = redis.Redis(connection_pool=self._pool)
         writer = redis.Redis(connection_pool=self._writer_pool)
         wake = gevent.event.Event()  # the publisher's greenlet: work is waiting
-        self.subscriber = Subscriber(self._pool, (self._queries, writer), hub, self.instance_id, wake, self.log)
-        self.publisher = Publisher(writer, hub, self.subscriber, self.instance_id, presence_ttl, wake, self.log)
-        self.directory = RedisDirectory(
-            self._queries, hub, self.subscriber, self.publisher, self.instance_id, presence_ttl, self.log
-        )
+        self.subscriber = Subscriber(instance, self._pool, (self._queries, writer), wake)
+        self.publisher = Publisher(instance, writer, self.subscriber, wake)
+        self.directory = RedisDirectory(instance, self._queries, self.subscriber, self.publisher)
         self._greenlets: list[gevent.Greenlet] = []
 
     @property

@@ -24,9 +24,10 @@ import gevent
 import gevent.event
 import redis
 
-from ..hub import Hub, Member
+from ..hub import Member
 from . import keys
 from .connection import ERRORS
+from .instance import Instance
 from .subscriber import BACKOFF_MAX, Subscriber
 
 # Bounds of the publish queue; past either, lines are relayed no more (local delivery goes on).
@@ -47,18 +48,12 @@ class Publisher:
     """The queue of messages to relay and the presence this instance has written."""
 
     def __init__(
-        self,
-        writer: redis.Redis,
-        hub: Hub,
-        subscriber: Subscriber,
-        instance_id: str,
-        ttl: int,
-        wake: gevent.event.Event,
-        log: Any,
+        self, instance: Instance, writer: redis.Redis, subscriber: Subscriber, wake: gevent.event.Event
     ) -> None:
-        self.hub = hub
-        self.log = log
-        self.ttl = ttl
+        instance_id = instance.id
+        self.hub = instance.hub
+        self.log = instance.log
+        self.ttl = instance.ttl
         self.instance_id = instance_id
         self._writer = writer
         self._subscriber = subscriber

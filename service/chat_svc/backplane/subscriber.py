@@ -21,8 +21,9 @@ import gevent.event
 import gevent.lock
 import redis
 
-from ..hub import ROOM_BACKLOG_LIMIT, Hub, Room
+from ..hub import ROOM_BACKLOG_LIMIT, Room
 from . import keys
+from .instance import Instance
 
 # A joiner waits at most this long for its room's SUBSCRIBE to be confirmed.
 SUBSCRIBE_WAIT = 1.0
@@ -41,21 +42,15 @@ class Subscriber:
     """
 
     def __init__(
-        self,
-        pool: redis.ConnectionPool,
-        answering: Sequence[redis.Redis],
-        hub: Hub,
-        instance_id: str,
-        wake: gevent.event.Event,
-        log: Any,
+        self, instance: Instance, pool: redis.ConnectionPool, answering: Sequence[redis.Redis], wake: gevent.event.Event
     ) -> None:
-        self.hub = hub
-        self.log = log
+        self.hub = instance.hub
+        self.log = instance.log
         self._pool = pool
         self._answering = answering
         self._wake = wake
-        self._origin = instance_id.encode()
-        self._inbox = keys.inbox(instance_id)
+        self._origin = instance.id.encode()
+        self._inbox = keys.inbox(instance.id)
         # read by the collector and the publisher
         self.up = False
         self.received = 0
