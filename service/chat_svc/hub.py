@@ -245,12 +245,12 @@ class Hub:
         if target not in self.members:
             return False
         line = protocol.private_line(member.nick, target, text)
-        self.deliver(target, line)
+        self.deliver_private(target, line)
         if target != member.nick:
             self.send_to(member, line)
         return True
 
-    def deliver(self, nick: str, data: bytes) -> bool:
+    def deliver_private(self, nick: str, data: bytes) -> bool:
         """A private line to the member called ``nick``, counted as a delivery; False when not here."""
         recipient = self.members.get(nick)
         if recipient is None:

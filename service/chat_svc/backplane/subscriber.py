@@ -254,7 +254,7 @@ class Subscriber:
         _, kind, payload = opened
         hub = self.hub
         if kind == keys.PRIVATE:
-            if hub.deliver(*keys.open_private(payload)):
+            if hub.deliver_private(*keys.open_private(payload)):
                 self.received += 1
             return
         name = keys.room_of(channel)
