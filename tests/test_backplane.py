@@ -13,7 +13,6 @@ import signal
 import time
 import urllib.error
 import urllib.request
-from collections import deque
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
@@ -21,8 +20,7 @@ from typing import Any
 import pytest
 import redis as redis_client
 from _redis import RedisServer
-from chat_svc import backplane as bp_module
-from chat_svc.backplane import RedisBackplane
+from chat_svc.backplane import RedisBackplane, publisher
 from conftest import LineClient, ServerProcess, free_port
 
 pytestmark = pytest.mark.redis
@@ -321,32 +319,32 @@ def test_without_redis_url_there_is_no_backplane(chat_server: Start) -> None:
 def _offline_backplane(**rooms: Any) -> RedisBackplane:
     """A backplane on an unused port over a stand-in hub: no Redis call is made."""
     hub = SimpleNamespace(rooms=rooms, members={}, history=20, delivered=[])
-    hub.deliver_local = lambda room, data, sender: hub.delivered.append((room.name, data))
+    hub.deliver_local = lambda room, data, sender, history: hub.delivered.append((room.name, data, history))
     return RedisBackplane(f"redis://127.0.0.1:{free_port()}/0", hub, instance_id="me")
 
 
 def test_publish_queue_is_bounded_and_counts_what_it_drops(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(bp_module, "QUEUE_MAX_ITEMS", 50)
+    monkeypatch.setattr(publisher, "QUEUE_MAX_ITEMS", 50)
     plane = _offline_backplane()
-    plane.up = True
+    plane.subscriber.up = True
     for k in range(60):
-        plane.publish("r", f"[x] {k}\n".encode())
-    assert len(plane._queue) == 50 and plane.errors["queue_full"] == 10
-    plane.up = False  # an outage: nothing more is queued, what was queued is dropped
-    plane.publish("r", b"[x] late\n")
-    plane._discard()
-    assert len(plane._queue) == 0 and plane._queued_bytes == 0
-    assert plane.errors["down"] == 51
+        plane.publish("r", f"[x] {k}\n".encode(), True)
+    assert plane.publisher.queued == 50 and plane.publisher.errors["queue_full"] == 10
+    plane.subscriber.up = False  # an outage: nothing more is queued, what was queued is dropped
+    plane.publish("r", b"[x] late\n", True)
+    plane.publisher._discard()
+    assert plane.publisher.queued == 0 and plane.publisher._queued_bytes == 0
+    assert plane.publisher.errors["down"] == 51
 
 
 def test_received_messages_skip_our_own_and_mirror_chat_lines() -> None:
-    room = SimpleNamespace(name="r", history=deque(maxlen=20), waiting=0)
+    room = SimpleNamespace(name="r", waiting=0)
     plane = _offline_backplane(r=room)
     channel = b"chat:room:r"
-    plane._receive(channel, b"me\0h[a] mine\n")  # our own echo from Redis
-    plane._receive(channel, b"other\0h[b] theirs\n")
-    plane._receive(channel, b"other\0n* c joined r\n")
-    plane._receive(b"chat:room:elsewhere", b"other\0h[b] no local room\n")
-    assert plane.hub.delivered == [("r", b"[b] theirs\n"), ("r", b"* c joined r\n")]
-    assert list(room.history) == [b"[b] theirs\n"]  # notices are not history
-    assert plane.received == 2
+    plane.subscriber.receive(channel, b"me\0h[a] mine\n")  # our own echo from Redis
+    plane.subscriber.receive(channel, b"other\0h[b] theirs\n")
+    plane.subscriber.receive(channel, b"other\0n* c joined r\n")
+    plane.subscriber.receive(b"chat:room:elsewhere", b"other\0h[b] no local room\n")
+    # chat lines go to the room's history, notices only out live
+    assert plane.hub.delivered == [("r", b"[b] theirs\n", True), ("r", b"* c joined r\n", False)]
+    assert plane.subscriber.received == 2

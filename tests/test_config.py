@@ -1,4 +1,4 @@
-"""One settings table feeds --help, the CHAT_* variables and the README."""
+"""One declaration per setting (a Config field) feeds --help, the CHAT_* variables and the README."""
 
 from __future__ import annotations
 
@@ -18,6 +18,18 @@ def test_flags_beat_environment_which_beats_defaults() -> None:
     config = load(["--port", "7100"], env)
     assert (config.port, config.host, config.flood_rate, config.log_messages) == (7100, "127.0.0.2", 0.0, True)
     assert load([], {}) == Config()
+
+
+def test_every_boolean_option_takes_the_same_forms() -> None:
+    booleans = [setting for setting in SETTINGS if setting.is_bool]
+    assert {setting.name for setting in booleans} == {"ready_requires_backplane", "log_messages"}
+    for setting in booleans:
+        assert getattr(load([setting.option], {}), setting.name) is True
+        assert getattr(load([setting.option, "true"], {}), setting.name) is True
+        assert getattr(load([f"{setting.option}=false"], {}), setting.name) is False
+        assert getattr(load([setting.option, "false"], {setting.env: "true"}), setting.name) is False
+        assert getattr(load([], {setting.env: "false"}), setting.name) is False
+        assert getattr(load([], {setting.env: "1"}), setting.name) is True
 
 
 def test_bad_values_are_refused_with_the_variable_named(capsys: pytest.CaptureFixture[str]) -> None:
@@ -48,7 +60,7 @@ def test_secrets_never_appear_in_the_public_config() -> None:
 
 
 def test_readme_documents_every_metric_and_log_event() -> None:
-    source = "".join(path.read_text() for path in (ROOT / "service" / "chat_svc").glob("*.py"))
+    source = "".join(path.read_text() for path in (ROOT / "service" / "chat_svc").rglob("*.py"))
     metrics = set(re.findall(r'"(chat_[a-z_]+)"', source)) - {"chat_svc"}
     events = set(re.findall(r'log\w*\.(?:info|warning|error|exception|debug)\(\s*"([a-z_]+)"', source))
     assert metrics and events

@@ -2,50 +2,15 @@
 
 from __future__ import annotations
 
-import gevent
-from chat_svc.hub import Hub, Member, Stats
+from _hub_fakes import RecordingSink, make_member, settle
+from chat_svc.hub import Hub
+from chat_svc.metrics import Counters
 from chat_svc.outbox import Outbox
 
 
-class Sink:
-    """Accepts ``capacity`` bytes per call (None = everything) and records each write."""
-
-    def __init__(self, capacity: int | None = None) -> None:
-        self.capacity = capacity
-        self.writes: list[bytes] = []
-        self.kicked = 0
-
-    def send_nowait(self, data: bytes) -> int:
-        taken = len(data) if self.capacity is None else min(self.capacity, len(data))
-        if taken:
-            self.writes.append(data if taken == len(data) else data[:taken])
-        return taken
-
-    def kick(self, outbox: Outbox) -> None:
-        self.kicked += 1
-
-    def close(self) -> None:
-        pass
-
-    def text(self) -> list[str]:
-        return b"".join(self.writes).decode().splitlines()
-
-
-def make_member(hub: Hub, nick: str, sink: Sink, limit: int = 1 << 20, dropped: list[str] | None = None) -> Member:
-    dropped = dropped if dropped is not None else []
-    member = Member(nick, "127.0.0.1", None)  # type: ignore[arg-type]
-    member.outbox = Outbox(sink, limit, lambda: dropped.append(nick), lambda: dropped.append(nick))
-    hub.attach(member, "lobby")
-    return member
-
-
-def settle() -> None:
-    gevent.sleep(0.01)
-
-
 def test_each_sender_keeps_order_and_nobody_hears_themselves() -> None:
-    hub = Hub(Stats(), history=0)
-    sinks = {nick: Sink() for nick in "abc"}
+    hub = Hub(Counters(), history=0)
+    sinks = {nick: RecordingSink() for nick in "abc"}
     members = {nick: make_member(hub, nick, sink) for nick, sink in sinks.items()}
     for n in range(50):
         for nick in "abc":
@@ -58,14 +23,14 @@ def test_each_sender_keeps_order_and_nobody_hears_themselves() -> None:
         assert not [line for line in chat if line.startswith(f"[{nick}]")]
         for other in set("abc") - {nick}:
             assert [line for line in chat if line.startswith(f"[{other}]")] == [f"[{other}] {n}" for n in range(50)]
-    assert hub.stats.deliveries >= 50 * 3 * 2
+    assert hub.counters.deliveries >= 50 * 3 * 2
 
 
 def test_a_burst_goes_out_in_one_write_per_member_with_shared_bytes() -> None:
-    hub = Hub(Stats(), history=0, notice_threshold=0)
-    sinks = [Sink() for _ in range(5)]
+    hub = Hub(Counters(), history=0, notice_threshold=0)
+    sinks = [RecordingSink() for _ in range(5)]
     members = [make_member(hub, f"m{i}", sink) for i, sink in enumerate(sinks)]
-    speaker = make_member(hub, "speaker", Sink())
+    speaker = make_member(hub, "speaker", RecordingSink())
     settle()
     for sink in sinks:
         sink.writes.clear()
@@ -79,12 +44,12 @@ def test_a_burst_goes_out_in_one_write_per_member_with_shared_bytes() -> None:
 
 
 def test_member_who_stops_reading_is_dropped_and_the_room_keeps_flowing() -> None:
-    hub = Hub(Stats(), history=0)
+    hub = Hub(Counters(), history=0)
     dropped: list[str] = []
-    stuck = make_member(hub, "stuck", Sink(capacity=0), limit=10_000, dropped=dropped)
-    fine = Sink()
+    stuck = make_member(hub, "stuck", RecordingSink(capacity=0), limit=10_000, dropped=dropped)
+    fine = RecordingSink()
     make_member(hub, "fine", fine)
-    speaker = make_member(hub, "speaker", Sink())
+    speaker = make_member(hub, "speaker", RecordingSink())
     for n in range(1000):
         hub.say(speaker, f"[speaker] {n:04d} {'x' * 40}\n".encode(), 0.0)
         if n % 50 == 0:
@@ -98,9 +63,9 @@ def test_member_who_stops_reading_is_dropped_and_the_room_keeps_flowing() -> Non
 
 
 def test_direct_lines_stay_in_order_with_room_lines() -> None:
-    hub = Hub(Stats(), history=0)
-    bob_sink = Sink()
-    alice = make_member(hub, "alice", Sink())
+    hub = Hub(Counters(), history=0)
+    bob_sink = RecordingSink()
+    alice = make_member(hub, "alice", RecordingSink())
     bob = make_member(hub, "bob", bob_sink)
     hub.say(alice, b"[alice] first\n", 0.0)
     hub.send_to(bob, b"[alice -> bob] second\n")
@@ -109,8 +74,8 @@ def test_direct_lines_stay_in_order_with_room_lines() -> None:
     assert bob.rseq == bob.room.end  # type: ignore[union-attr]
 
 
-def test_partial_writes_queue_the_rest_and_ask_the_sink_to_drain() -> None:
-    sink = Sink(capacity=4)
+def test_partial_writes_queue_the_rest_and_ask_the_sink_to_write_it_later() -> None:
+    sink = RecordingSink(capacity=4)
     outbox = Outbox(sink, 100, lambda: None, lambda: None)
     outbox.push(b"0123456789")
     assert sink.writes == [b"0123"] and outbox.size == 6 and sink.kicked == 1
@@ -119,9 +84,9 @@ def test_partial_writes_queue_the_rest_and_ask_the_sink_to_drain() -> None:
 
 
 def test_room_log_is_trimmed_once_everyone_has_it() -> None:
-    hub = Hub(Stats(), history=0)
-    alice = make_member(hub, "alice", Sink())
-    make_member(hub, "bob", Sink())
+    hub = Hub(Counters(), history=0)
+    alice = make_member(hub, "alice", RecordingSink())
+    make_member(hub, "bob", RecordingSink())
     for n in range(10):
         hub.say(alice, f"[alice] {n}\n".encode(), 0.0)
     settle()

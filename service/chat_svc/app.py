@@ -8,42 +8,50 @@ import signal
 import sys
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gevent
 import gevent.event
 import structlog
 
 from . import __version__, logs, protocol
-from .backplane import RedisBackplane
+from .admission import Admission
 from .config import Config, load
+from .directory import Directory
 from .httpfront import Health, HttpFront, make_app, serve_metrics_port
-from .hub import Hub, Member, Stats
-from .metrics import Metrics
-from .session import Session
+from .hub import Hub
+from .metrics import Counters, Metrics
+from .session import Session, SessionContext, SessionLimits
 from .transport import ChatServer
+
+if TYPE_CHECKING:
+    from .backplane import RedisBackplane
 
 LOOP_TICK = 1.0
 LOOP_STALL = 10.0
 
 
 class Service:
-    """The running server: shared state every session reaches through."""
+    """The running server: builds the parts, runs the background loops, answers the probes, shuts down."""
 
     def __init__(self, config: Config) -> None:
         self.config = config
-        self.token = config.access_token()
         self.log = structlog.get_logger("chat_svc")
         self.metrics = Metrics()
+        self.counters = Counters()
         self.hub = Hub(
-            Stats(),
+            self.counters,
             history=config.history,
             notice_threshold=config.notice_threshold,
             observe_latency=self.metrics.observe_latencies,
         )
-        # Cluster mode (--redis-url): the hub relays through Redis; see backplane.py.
+        # Cluster mode (--redis-url): the hub relays through Redis; see backplane/.
+        # Imported only then, so a single instance never loads redis.
         self.backplane: RedisBackplane | None = None
+        directory: Directory = self.hub
         if config.redis_url:
+            from .backplane import RedisBackplane
+
             self.backplane = RedisBackplane(
                 config.redis_url,
                 self.hub,
@@ -52,76 +60,31 @@ class Service:
             )
             self.hub.backplane = self.backplane
             self.metrics.registry.register(self.backplane.collector())
+            directory = self.backplane.directory
         self.sessions: set[Session] = set()
-        self.per_ip: dict[str, int] = {}
-        self.open_connections = 0
-        self.draining = False
+        self.connection_slots = Admission()
+        self.member_slots = Admission(config.max_clients, config.max_per_ip)
+        self.session_context = SessionContext(
+            hub=self.hub,
+            directory=directory,
+            limits=SessionLimits.from_config(config),
+            counters=self.counters,
+            connection_slots=self.connection_slots,
+            member_slots=self.member_slots,
+            disconnects=self.metrics.by_reason,
+            sessions=self.sessions,
+        )
+        self.shutting_down = False
         self.accepting = False
         self.loop_tick = time.monotonic()
-        self.metrics.watch(self.hub, lambda: self.open_connections, lambda: self._ready()[0], config.max_clients)
+        self.metrics.watch(
+            self.hub, self.counters, lambda: self.connection_slots.count, lambda: self._ready()[0], config.max_clients
+        )
         self.http = HttpFront(make_app(self.metrics.registry, Health(self._alive, self._ready)))
-        self.server = ChatServer(self)
+        self.server = ChatServer(config, self.session_context, self.metrics, self.http)
         self.metrics_server: Any = None
         self.stopped = gevent.event.Event()
         self.exit_code = 0
-
-    # -- sessions ---------------------------------------------------------
-
-    def start_session(self, sock: Any, address: tuple[str, int], head: bytes, sink_class: Any) -> None:
-        session = Session(self, sock, address, head, sink_class(sock, self.hub.stats))
-        self.sessions.add(session)
-        session.run()
-
-    def admit(self, session: Session) -> str | None:
-        """Count the session in, or say why it is refused."""
-        if self.draining:
-            return "server shutting down"
-        if len(self.hub.members) >= self.config.max_clients:
-            return "server full"
-        cap = self.config.max_per_ip
-        count = self.per_ip.get(session.ip, 0)
-        if cap and count >= cap:
-            return "server full: too many connections from your address"
-        self.per_ip[session.ip] = count + 1
-        session.counted = True
-        return None
-
-    def forget(self, session: Session) -> None:
-        self.sessions.discard(session)
-        if session.counted:
-            session.counted = False
-            left = self.per_ip[session.ip] - 1
-            if left:
-                self.per_ip[session.ip] = left
-            else:
-                del self.per_ip[session.ip]
-
-    def claim_nick(self, member: Member, nick: str) -> str | None:
-        if self.backplane is not None:
-            return self.backplane.claim_nick(member, nick)
-        return self.hub.rename(member, nick)
-
-    def whisper(self, member: Member, target: str, text: str) -> bool:
-        recipient = self.hub.find(target)
-        if recipient is None:
-            return self.backplane is not None and self.backplane.whisper(member, target, text)
-        line = protocol.private_line(member.nick, target, text)
-        self.hub.send_to(recipient, line)
-        self.hub.stats.deliveries += 1
-        if recipient is not member:
-            self.hub.send_to(member, line)
-        return True
-
-    def room_counts(self) -> list[tuple[str, int]]:
-        if self.backplane is not None:
-            return self.backplane.room_counts()
-        return self.hub.room_counts()
-
-    def who(self, room: str) -> list[str]:
-        if self.backplane is not None:
-            return self.backplane.who(room)
-        found = self.hub.rooms.get(room)
-        return self.hub.who(found) if found is not None else []
 
     # -- health -----------------------------------------------------------
 
@@ -132,7 +95,7 @@ class Service:
         return True, "ok"
 
     def _ready(self) -> tuple[bool, str]:
-        if self.draining:
+        if self.shutting_down:
             return False, "draining"
         if not self.accepting:
             return False, "not accepting"
@@ -189,17 +152,18 @@ class Service:
         Whatever goes wrong on the way, the process still stops (status 1 then).
         """
         try:
-            self._drain_and_close()
+            self._close_gracefully()
         except Exception:
             self.exit_code = 1
             self.log.exception("shutdown_failed")
         finally:
             self.stopped.set()
 
-    def _drain_and_close(self) -> None:
+    def _close_gracefully(self) -> None:
         started = time.monotonic()
-        self.draining = True
+        self.shutting_down = True
         self.accepting = False
+        self.member_slots.close("server shutting down")
         self.server.close()
         members = len(self.hub.members)
         self.log.info("shutdown_started", members=members)

@@ -1,9 +1,11 @@
-"""Every setting of the server, declared once.
+"""Every setting of the server, declared once: a field of ``Config`` with its parser and its sentence.
 
-The table below feeds the argument parser (and so ``chat-svc --help``), the
-``CHAT_*`` environment variables and the README's configuration table, so the
-three cannot drift apart; ``tests/test_config.py`` fails when the README does.
-Precedence: command-line flag, then environment variable, then default.
+The argument parser (and so ``chat-svc --help``), the ``CHAT_*`` environment
+variables and the README's configuration table are all derived from those
+fields, so the three cannot drift apart; ``tests/test_config.py`` fails when
+the README does.  Precedence: command-line flag, then environment variable,
+then default.  Every boolean takes the same form: ``--x`` or ``--x true``
+turns it on, ``--x false`` off (``CHAT_X=true|false`` likewise).
 """
 
 from __future__ import annotations
@@ -11,11 +13,13 @@ from __future__ import annotations
 import argparse
 import os
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any
 
+_SETTING = "chat_svc.setting"
 
-def _flag(text: str) -> bool:
+
+def parse_bool(text: str) -> bool:
     lowered = text.strip().lower()
     if lowered in ("1", "true", "yes", "on"):
         return True
@@ -24,35 +28,35 @@ def _flag(text: str) -> bool:
     raise ValueError(f"not a boolean: {text!r}")
 
 
-def _non_negative_int(text: str) -> int:
+def parse_non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise ValueError(f"must be >= 0: {value}")
     return value
 
 
-def _positive_int(text: str) -> int:
+def parse_positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise ValueError(f"must be >= 1: {value}")
     return value
 
 
-def _non_negative_float(text: str) -> float:
+def parse_non_negative_float(text: str) -> float:
     value = float(text)
     if value < 0:
         raise ValueError(f"must be >= 0: {value}")
     return value
 
 
-def _port(text: str) -> int:
+def parse_port(text: str) -> int:
     value = int(text)
     if not 0 <= value <= 65535:
         raise ValueError(f"not a TCP port: {value}")
     return value
 
 
-def _choice(*allowed: str) -> Callable[[str], str]:
+def parse_choice(*allowed: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         lowered = text.strip().lower()
         if lowered not in allowed:
@@ -62,166 +66,108 @@ def _choice(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
-@dataclass(frozen=True)
-class Setting:
-    """One option: its name, parser, default and the sentence that documents it."""
-
-    name: str
-    parse: Callable[[str], Any]
-    default: Any
-    help: str
-    secret: bool = False
-    is_flag: bool = False
-
-    @property
-    def option(self) -> str:
-        return "--" + self.name.replace("_", "-")
-
-    @property
-    def env(self) -> str:
-        return "CHAT_" + self.name.upper()
-
-    def shown_default(self) -> str:
-        if self.default is None:
-            return "off"
-        if self.is_flag:
-            return "false"
-        return str(self.default)
-
-
-SETTINGS: tuple[Setting, ...] = (
-    Setting("host", str, "0.0.0.0", "Address the chat port binds to."),
-    Setting("port", _port, 9009, "Chat TCP port; it also answers HTTP /metrics, /healthz, /readyz."),
-    Setting("metrics_host", str, "0.0.0.0", "Address of the separate metrics listener."),
-    Setting(
-        "metrics_port",
-        _port,
-        None,
-        "Extra HTTP listener for /metrics, /healthz, /readyz (bind it to an internal "
-        "interface with --metrics-host to keep metrics off the chat port).",
-    ),
-    Setting("history", _non_negative_int, 20, "Recent room lines replayed to a joiner."),
-    Setting(
-        "max_line_bytes",
-        _positive_int,
-        8192,
-        "Longest accepted input line; a longer one gets '! line too long' and is disconnected.",
-    ),
-    Setting(
-        "sendq_bytes",
-        _positive_int,
-        1048576,
-        "Outbound queue limit per member; past it the member is dropped as a slow consumer.",
-    ),
-    Setting(
-        "sndbuf_bytes",
-        _non_negative_int,
-        262144,
-        "Kernel send buffer per client socket (SO_SNDBUF); bounds what the kernel holds for a "
-        "slow reader beyond --sendq-bytes. 0 = kernel autotuning (up to tcp_wmem max).",
-    ),
-    Setting("flood_burst", _positive_int, 20, "Lines a client may send at once before fakelag."),
-    Setting(
-        "flood_rate",
-        _non_negative_float,
-        10.0,
-        "Sustained lines per second per client; 0 turns flood control off.",
-    ),
-    Setting(
-        "flood_max_input_bytes",
-        _positive_int,
-        65536,
-        "Unread input (ours plus the kernel's) a throttled client may pile up before it "
-        "is disconnected for flood.",
-    ),
-    Setting(
-        "flood_kick_after",
-        _non_negative_float,
-        60.0,
-        "Seconds a client may stay continuously throttled before it is disconnected for "
-        "flood; 0 = never.",
-    ),
-    Setting("max_clients", _positive_int, 20000, "Most chat members at once; past it '! server full'."),
-    Setting("max_per_ip", _non_negative_int, 0, "Most chat members per client IP; 0 = no cap."),
-    Setting("idle_timeout", _non_negative_float, 0.0, "Seconds without input before a member is dropped; 0 = off."),
-    Setting("shutdown_timeout", _non_negative_float, 5.0, "Seconds to flush queues on SIGTERM/SIGINT before closing."),
-    Setting(
-        "notice_threshold",
-        _non_negative_int,
-        200,
-        "Rooms with more members than this get no join/leave notices (keeps big rooms linear).",
-    ),
-    Setting(
-        "http_sniff_ms",
-        _non_negative_int,
-        250,
-        "A new connection silent for this long is taken as chat (an HTTP request line "
-        "arriving first is served as HTTP).",
-    ),
-    Setting("http_timeout", _non_negative_float, 5.0, "Seconds an HTTP client has to send its request headers."),
-    Setting(
-        "auth_timeout", _non_negative_float, 5.0, "Seconds a client has to send '/auth TOKEN' when a token is set."
-    ),
-    Setting("tls_cert", str, None, "PEM certificate: serve chat over TLS (needs --tls-key)."),
-    Setting("tls_key", str, None, "PEM private key for --tls-cert."),
-    Setting("token", str, None, "Access token; clients must send '/auth TOKEN' first.", secret=True),
-    Setting("token_file", str, None, "File holding the access token (first line).", secret=True),
-    Setting(
-        "redis_url",
-        str,
-        None,
-        "Redis URL enabling the multi-instance backplane, e.g. redis://redis:6379/0.",
-        secret=True,
-    ),
-    Setting(
-        "ready_requires_backplane",
-        _flag,
-        True,
-        "Whether /readyz answers 503 while the Redis backplane is down.",
-    ),
-    Setting("presence_ttl", _positive_int, 15, "Seconds a member's cluster presence lives without refresh."),
-    Setting("instance_id", str, None, "Name of this instance on the backplane (default: host name and pid)."),
-    Setting("log_format", _choice("auto", "json", "console"), "auto", "auto = JSON unless stdout is a terminal."),
-    Setting("log_level", _choice("debug", "info", "warning", "error"), "info", "Lowest level logged."),
-    Setting("log_messages", _flag, False, "Log message bodies (debug level); off by default.", is_flag=True),
-)
+def setting(default: Any, parse: Callable[[str], Any], help: str, *, secret: bool = False) -> Any:
+    """A ``Config`` field that is also an option: its default, parser and documentation."""
+    return field(default=default, metadata={_SETTING: (parse, help, secret)})
 
 
 @dataclass(frozen=True)
 class Config:
     """The typed configuration every module receives; built by ``load``."""
 
-    host: str = "0.0.0.0"
-    port: int = 9009
-    metrics_host: str = "0.0.0.0"
-    metrics_port: int | None = None
-    history: int = 20
-    max_line_bytes: int = 8192
-    sendq_bytes: int = 1048576
-    sndbuf_bytes: int = 262144
-    flood_burst: int = 20
-    flood_rate: float = 10.0
-    flood_max_input_bytes: int = 65536
-    flood_kick_after: float = 60.0
-    max_clients: int = 20000
-    max_per_ip: int = 0
-    idle_timeout: float = 0.0
-    shutdown_timeout: float = 5.0
-    notice_threshold: int = 200
-    http_sniff_ms: int = 250
-    http_timeout: float = 5.0
-    auth_timeout: float = 5.0
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    token: str | None = None
-    token_file: str | None = None
-    redis_url: str | None = None
-    ready_requires_backplane: bool = True
-    presence_ttl: int = 15
-    instance_id: str | None = None
-    log_format: str = "auto"
-    log_level: str = "info"
-    log_messages: bool = False
+    host: str = setting("0.0.0.0", str, "Address the chat port binds to.")
+    port: int = setting(9009, parse_port, "Chat TCP port; it also answers HTTP /metrics, /healthz, /readyz.")
+    metrics_host: str = setting("0.0.0.0", str, "Address of the separate metrics listener.")
+    metrics_port: int | None = setting(
+        None,
+        parse_port,
+        "Extra HTTP listener for /metrics, /healthz, /readyz (bind it to an internal "
+        "interface with --metrics-host to keep metrics off the chat port).",
+    )
+    history: int = setting(20, parse_non_negative_int, "Recent room lines replayed to a joiner.")
+    max_line_bytes: int = setting(
+        8192,
+        parse_positive_int,
+        "Longest accepted input line; a longer one gets '! line too long' and is disconnected.",
+    )
+    sendq_bytes: int = setting(
+        1048576,
+        parse_positive_int,
+        "Outbound queue limit per member; past it the member is dropped as a slow consumer.",
+    )
+    sndbuf_bytes: int = setting(
+        262144,
+        parse_non_negative_int,
+        "Kernel send buffer per client socket (SO_SNDBUF); bounds what the kernel holds for a "
+        "slow reader beyond --sendq-bytes. 0 = kernel autotuning (up to tcp_wmem max).",
+    )
+    flood_burst: int = setting(20, parse_positive_int, "Lines a client may send at once before fakelag.")
+    flood_rate: float = setting(
+        10.0,
+        parse_non_negative_float,
+        "Sustained lines per second per client; 0 turns flood control off.",
+    )
+    flood_max_input_bytes: int = setting(
+        65536,
+        parse_positive_int,
+        "Unread input (ours plus the kernel's) a throttled client may pile up before it "
+        "is disconnected for flood.",
+    )
+    flood_kick_after: float = setting(
+        60.0,
+        parse_non_negative_float,
+        "Seconds a client may stay continuously throttled before it is disconnected for "
+        "flood; 0 = never.",
+    )
+    max_clients: int = setting(20000, parse_positive_int, "Most chat members at once; past it '! server full'.")
+    max_per_ip: int = setting(0, parse_non_negative_int, "Most chat members per client IP; 0 = no cap.")
+    idle_timeout: float = setting(
+        0.0, parse_non_negative_float, "Seconds without input before a member is dropped; 0 = off."
+    )
+    shutdown_timeout: float = setting(
+        5.0, parse_non_negative_float, "Seconds to flush queues on SIGTERM/SIGINT before closing."
+    )
+    notice_threshold: int = setting(
+        200,
+        parse_non_negative_int,
+        "Rooms with more members than this get no join/leave notices (keeps big rooms linear).",
+    )
+    http_sniff_ms: int = setting(
+        250,
+        parse_non_negative_int,
+        "A new connection silent for this long is taken as chat (an HTTP request line "
+        "arriving first is served as HTTP).",
+    )
+    http_timeout: float = setting(
+        5.0, parse_non_negative_float, "Seconds an HTTP client has to send its request headers."
+    )
+    auth_timeout: float = setting(
+        5.0, parse_non_negative_float, "Seconds a client has to send '/auth TOKEN' when a token is set."
+    )
+    tls_cert: str | None = setting(None, str, "PEM certificate: serve chat over TLS (needs --tls-key).")
+    tls_key: str | None = setting(None, str, "PEM private key for --tls-cert.")
+    token: str | None = setting(None, str, "Access token; clients must send '/auth TOKEN' first.", secret=True)
+    token_file: str | None = setting(None, str, "File holding the access token (first line).", secret=True)
+    redis_url: str | None = setting(
+        None,
+        str,
+        "Redis URL enabling the multi-instance backplane, e.g. redis://redis:6379/0.",
+        secret=True,
+    )
+    ready_requires_backplane: bool = setting(
+        True, parse_bool, "Whether /readyz answers 503 while the Redis backplane is down."
+    )
+    presence_ttl: int = setting(
+        15, parse_positive_int, "Seconds a member's cluster presence lives without refresh."
+    )
+    instance_id: str | None = setting(
+        None, str, "Name of this instance on the backplane (default: host name and pid)."
+    )
+    log_format: str = setting(
+        "auto", parse_choice("auto", "json", "console"), "auto = JSON unless stdout is a terminal."
+    )
+    log_level: str = setting("info", parse_choice("debug", "info", "warning", "error"), "Lowest level logged.")
+    log_messages: bool = setting(False, parse_bool, "Log message bodies (debug level); off by default.")
 
     def access_token(self) -> str | None:
         """The token to demand, read from --token or the first line of --token-file."""
@@ -235,20 +181,46 @@ class Config:
     def public(self) -> dict[str, Any]:
         """The settings safe to log: secrets show only whether they are set."""
         shown: dict[str, Any] = {}
-        for setting in SETTINGS:
-            value = getattr(self, setting.name)
-            shown[setting.name] = ("<set>" if value else None) if setting.secret else value
+        for option in SETTINGS:
+            value = getattr(self, option.name)
+            shown[option.name] = ("<set>" if value else None) if option.secret else value
         return shown
 
 
-def _check_table() -> None:
-    declared = {s.name: s.default for s in SETTINGS}
-    typed = {f.name: f.default for f in fields(Config)}
-    if declared != typed:
-        raise RuntimeError(f"settings table and Config disagree: {declared.items() ^ typed.items()}")
+@dataclass(frozen=True)
+class Setting:
+    """One option as the parser, the environment and the docs see it; derived from a Config field."""
+
+    name: str
+    parse: Callable[[str], Any]
+    default: Any
+    help: str
+    secret: bool
+
+    @property
+    def option(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    @property
+    def env(self) -> str:
+        return "CHAT_" + self.name.upper()
+
+    @property
+    def is_bool(self) -> bool:
+        return self.parse is parse_bool
+
+    def shown_default(self) -> str:
+        if self.default is None:
+            return "off"
+        if self.is_bool:
+            return "true" if self.default else "false"
+        return str(self.default)
 
 
-_check_table()
+SETTINGS: tuple[Setting, ...] = tuple(
+    Setting(f.name, f.metadata[_SETTING][0], f.default, f.metadata[_SETTING][1], f.metadata[_SETTING][2])
+    for f in fields(Config)
+)
 
 
 def build_parser(prog: str = "chat-svc") -> argparse.ArgumentParser:
@@ -260,17 +232,26 @@ def build_parser(prog: str = "chat-svc") -> argparse.ArgumentParser:
         epilog="Subcommand: 'chat-svc healthcheck [--host H] [--port P]' probes /healthz "
         "and exits 0 when healthy.",
     )
-    for setting in SETTINGS:
-        text = f"{setting.help} [env {setting.env}; default {setting.shown_default()}]"
-        if setting.is_flag:
-            parser.add_argument(setting.option, dest=setting.name, action="store_true", default=None, help=text)
+    for option in SETTINGS:
+        text = f"{option.help} [env {option.env}; default {option.shown_default()}]"
+        if option.is_bool:
+            parser.add_argument(
+                option.option,
+                dest=option.name,
+                type=parse_bool,
+                nargs="?",
+                const=True,
+                default=None,
+                metavar="true|false",
+                help=text,
+            )
         else:
             parser.add_argument(
-                setting.option,
-                dest=setting.name,
-                type=setting.parse,
+                option.option,
+                dest=option.name,
+                type=option.parse,
                 default=None,
-                metavar=setting.name.upper(),
+                metavar=option.name.upper(),
                 help=text,
             )
     return parser
@@ -282,17 +263,17 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     parser = build_parser()
     args = parser.parse_args(argv)
     values: dict[str, Any] = {}
-    for setting in SETTINGS:
-        flagged = getattr(args, setting.name)
+    for option in SETTINGS:
+        flagged = getattr(args, option.name)
         if flagged is not None:
-            values[setting.name] = flagged
-        elif environ.get(setting.env, "") != "":
+            values[option.name] = flagged
+        elif environ.get(option.env, "") != "":
             try:
-                values[setting.name] = setting.parse(environ[setting.env])
+                values[option.name] = option.parse(environ[option.env])
             except ValueError as exc:
-                parser.error(f"{setting.env}: {exc}")
+                parser.error(f"{option.env}: {exc}")
         else:
-            values[setting.name] = setting.default
+            values[option.name] = option.default
     config = Config(**values)
     if bool(config.tls_cert) != bool(config.tls_key):
         parser.error("--tls-cert and --tls-key go together")
@@ -300,10 +281,10 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
 
 
 def markdown_table() -> str:
-    """The README's configuration table, generated from SETTINGS."""
+    """The README's configuration table, generated from the Config fields."""
     rows = ["| flag | environment | default | meaning |", "|---|---|---|---|"]
-    for setting in SETTINGS:
-        rows.append(f"| `{setting.option}` | `{setting.env}` | {setting.shown_default()} | {setting.help} |")
+    for option in SETTINGS:
+        rows.append(f"| `{option.option}` | `{option.env}` | {option.shown_default()} | {option.help} |")
     return "\n".join(rows)
 
 

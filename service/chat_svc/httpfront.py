@@ -17,6 +17,8 @@ from typing import Any
 from gevent import pywsgi
 from prometheus_client import CollectorRegistry, make_wsgi_app
 
+from .gevent_seams import wsgi_handler
+
 _METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE", b"CONNECT")
 _REQUEST_LINE = re.compile(rb"(?:%s) [\x21-\x7e]+ HTTP/\d\.\d\r?" % b"|".join(_METHODS))
 _STARTS = tuple(method + b" " for method in _METHODS)
@@ -120,9 +122,7 @@ class HttpFront:
         self._server.environ.update(SERVER_NAME="chat-svc", SERVER_PORT="0")
 
     def serve(self, sock: Any, address: Any, head: bytes) -> None:
-        rfile = io.BufferedReader(_Replay(head, sock))
-        handler = self._server.handler_class(sock, address, self._server, rfile=rfile)
-        handler.handle()
+        wsgi_handler(self._server, sock, address, io.BufferedReader(_Replay(head, sock))).handle()
 
 
 def serve_metrics_port(host: str, port: int, app: Callable[..., Iterable[bytes]]) -> pywsgi.WSGIServer:

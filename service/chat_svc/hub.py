@@ -20,7 +20,6 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
 from typing import Protocol
 
 import gevent
@@ -28,6 +27,7 @@ import gevent.event
 import structlog
 
 from . import protocol
+from .metrics import Counters
 from .outbox import Outbox
 
 log = structlog.get_logger("chat_svc.hub")
@@ -45,13 +45,11 @@ ROOM_BACKLOG_LIMIT = 8 * 1024 * 1024
 class Member:
     """A chat participant as the hub sees it: a nick, a room, a position and an outbox."""
 
-    __slots__ = ("__weakref__", "conn_id", "ip", "nick", "outbox", "room", "rseq")
+    __slots__ = ("nick", "outbox", "room", "rseq")
 
-    def __init__(self, nick: str, ip: str, outbox: Outbox, conn_id: int = 0) -> None:
+    def __init__(self, nick: str, outbox: Outbox) -> None:
         self.nick = nick
-        self.ip = ip
         self.outbox = outbox
-        self.conn_id = conn_id
         self.room: Room | None = None
         self.rseq = 0
 
@@ -95,46 +93,30 @@ class Room:
 class Backplane(Protocol):
     """Cross-instance relay; the hub works alone when there is none."""
 
-    def publish(self, room: str, data: bytes) -> None: ...
+    def publish(self, room: str, data: bytes, history: bool) -> None:
+        """Relay a line to the room on other instances; ``history``: a chat line, kept for joiners."""
 
-    def room_active(self, room: str, active: bool) -> None: ...
+    def room_active(self, room: str, active: bool) -> None:
+        """First local member in (``active``) or last one out of ``room``."""
 
     def joining(self, member: Member, room: str) -> list[bytes] | None:
-        """Before ``member`` enters ``room`` (may block): the history to replay, None = local."""
+        """Before ``member`` enters ``room`` (may block): the cluster's recent lines, None = use local."""
 
     def left(self, member: Member) -> None:
         """``member`` left a room (to move or to go)."""
 
 
-@dataclass
-class Stats:
-    """Hot-path counters kept as plain ints; exported at scrape time.
-
-    Incrementing an int attribute costs a few nanoseconds, where a
-    prometheus_client Counter takes a lock; these counts move millions of
-    times per second.
-    """
-
-    deliveries: int = 0
-    bytes_in: int = 0
-    bytes_out: int = 0
-    chat_messages: int = 0
-    commands: int = 0
-    private_messages: int = 0
-    flood_delayed: int = 0
-
-
 class Hub:
-    """All rooms of this process, the nick registry and the fan-out sweeper."""
+    """All rooms of this process, the nick registry and the fan-out sweeper; the local ``Directory``."""
 
     def __init__(
         self,
-        stats: Stats,
+        counters: Counters,
         history: int = 20,
         notice_threshold: int = 200,
         observe_latency: Callable[[Iterable[float]], None] | None = None,
     ) -> None:
-        self.stats = stats
+        self.counters = counters
         self.history = history
         self.notice_threshold = notice_threshold
         self.members: dict[str, Member] = {}
@@ -143,10 +125,7 @@ class Hub:
         self._observe_latency = observe_latency
         self._busy: dict[Room, None] = {}
         self._wake = gevent.event.Event()
-        self._sweeper = gevent.spawn(self._sweep_forever)
-
-    def close(self) -> None:
-        self._sweeper.kill(block=False)
+        gevent.spawn(self._sweep_forever)
 
     # -- membership -------------------------------------------------------
 
@@ -171,8 +150,8 @@ class Hub:
             self._leave(member, room)
         self._enter(member, room_name)
 
-    def rename(self, member: Member, new: str) -> str | None:
-        """/nick: returns an error text, or None when the nick changed."""
+    def claim_nick(self, member: Member, new: str) -> str | None:
+        """/nick on this instance: returns an error text, or None when the nick changed."""
         if new == member.nick:
             return None
         if new in self.members:
@@ -195,6 +174,8 @@ class Hub:
         room = self.rooms.get(room_name)
         if room is None:
             room = self.rooms[room_name] = Room(room_name, self.history)
+            if recent:
+                room.history.extend(recent)  # a new room's local mirror starts from the cluster's history
             if self.backplane is not None:
                 self.backplane.room_active(room_name, True)
         if recent is None:
@@ -231,17 +212,26 @@ class Hub:
             return
         while room.waiting > ROOM_BACKLOG_LIMIT and member.room is room:
             gevent.sleep(0.005)
-        room.history.append(data)
-        self.broadcast(room, data, member, t_read)
+        self.broadcast(room, data, member, t_read, history=True)
 
-    def broadcast(self, room: Room, data: bytes, sender: Member | None, t_read: float | None = None) -> None:
-        """Queue ``data`` for everyone in ``room`` but ``sender``."""
+    def broadcast(
+        self, room: Room, data: bytes, sender: Member | None, t_read: float | None = None, history: bool = False
+    ) -> None:
+        """Queue ``data`` for everyone in ``room`` but ``sender``, on every instance.
+
+        ``history`` marks a chat line (kept and replayed to joiners) as opposed
+        to a notice (joins, leaves, renames), which only goes out live.
+        """
         if self.backplane is not None:
-            self.backplane.publish(room.name, data)
-        self.deliver_local(room, data, sender, t_read)
+            self.backplane.publish(room.name, data, history)
+        self.deliver_local(room, data, sender, t_read, history)
 
-    def deliver_local(self, room: Room, data: bytes, sender: Member | None, t_read: float | None = None) -> None:
+    def deliver_local(
+        self, room: Room, data: bytes, sender: Member | None, t_read: float | None = None, history: bool = False
+    ) -> None:
         """Append ``data`` to the room log for this process's members (no relay)."""
+        if history:
+            room.history.append(data)
         room.lines.append(data)
         room.senders.append(sender)
         room.times.append(time.perf_counter() if t_read is None else t_read)
@@ -249,6 +239,25 @@ class Hub:
         if room not in self._busy:
             self._busy[room] = None
             self._wake.set()
+
+    def whisper(self, member: Member, target: str, text: str) -> bool:
+        """/msg to a member of this instance: the line goes to both ends."""
+        if target not in self.members:
+            return False
+        line = protocol.private_line(member.nick, target, text)
+        self.deliver_private(target, line)
+        if target != member.nick:
+            self.send_to(member, line)
+        return True
+
+    def deliver_private(self, nick: str, data: bytes) -> bool:
+        """A private line to the member called ``nick``, counted as a delivery; False when not here."""
+        recipient = self.members.get(nick)
+        if recipient is None:
+            return False
+        self.send_to(recipient, data)
+        self.counters.deliveries += 1
+        return True
 
     def send_to(self, member: Member, data: bytes) -> None:
         """Direct output to one member, after the room lines it is already owed."""
@@ -309,7 +318,7 @@ class Hub:
                 return
             count = len(others)
             data = b"".join(others)
-        self.stats.deliveries += count
+        self.counters.deliveries += count
         member.outbox.push(data)
 
     def _trim(self, room: Room, upto: int) -> None:
@@ -326,11 +335,12 @@ class Hub:
 
     # -- queries ----------------------------------------------------------
 
+    def queued_bytes(self) -> list[int]:
+        return [member.outbox.size for member in self.members.values()]
+
     def room_counts(self) -> list[tuple[str, int]]:
         return sorted((name, len(room.members)) for name, room in self.rooms.items())
 
-    def who(self, room: Room) -> list[str]:
-        return sorted(member.nick for member in room.members)
-
-    def find(self, nick: str) -> Member | None:
-        return self.members.get(nick)
+    def who(self, room: str) -> list[str]:
+        found = self.rooms.get(room)
+        return sorted(member.nick for member in found.members) if found is not None else []

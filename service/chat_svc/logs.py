@@ -40,7 +40,3 @@ def configure(log_format: str = "auto", level: str = "info") -> None:
         cache_logger_on_first_use=True,
     )
 
-
-def get(name: str = "chat_svc") -> Any:
-    """A logger; bound context is merged in from the current greenlet."""
-    return structlog.get_logger(name)

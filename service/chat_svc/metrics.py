@@ -1,7 +1,7 @@
 """Every Prometheus metric the service exports, defined in one place.
 
 Hot paths never touch prometheus_client objects per delivery: they bump
-plain ints in ``hub.Stats`` and a collector reads them at scrape time.
+plain ints in ``Counters`` and a collector reads them at scrape time.
 Rare events (connects, disconnects) use pre-bound labelled children.
 No label ever takes a value per room or per nick, so series stay bounded.
 """
@@ -9,7 +9,8 @@ No label ever takes a value per room or per nick, so series stay bounded.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING
+from dataclasses import dataclass
+from typing import Protocol
 
 from prometheus_client import (
     GC_COLLECTOR,
@@ -30,9 +31,6 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from . import __version__
-
-if TYPE_CHECKING:
-    from .hub import Hub
 
 DISCONNECT_REASONS = (
     "quit",
@@ -55,6 +53,24 @@ disable_created_metrics()
 LOOP_LAG_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 ROOM_SIZE_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000)
+
+
+@dataclass
+class Counters:
+    """Hot-path counters kept as plain ints; exported at scrape time.
+
+    Fan-out bumps these for every delivery and every write, and an int
+    attribute costs far less to bump than a prometheus_client Counter, which
+    takes a lock.  The hub, the sessions and the sinks share one instance.
+    """
+
+    deliveries: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+    chat_messages: int = 0
+    commands: int = 0
+    private_messages: int = 0
+    flood_delayed: int = 0
 
 
 class Metrics:
@@ -99,25 +115,44 @@ class Metrics:
         for value in values:
             observe(value)
 
-    def watch(self, hub: Hub, open_connections: Callable[[], int], ready: Callable[[], bool], max_clients: int) -> None:
-        self.registry.register(_HubCollector(hub, open_connections, ready, max_clients))
+    def watch(
+        self,
+        hub: Population,
+        counters: Counters,
+        open_connections: Callable[[], int],
+        ready: Callable[[], bool],
+        max_clients: int,
+    ) -> None:
+        self.registry.register(_HubCollector(hub, counters, open_connections, ready, max_clients))
 
 
+class Population(Protocol):
+    """What the collector asks the hub at scrape time (the hub implements it)."""
+
+    def queued_bytes(self) -> list[int]:
+        """Bytes queued for each member: one entry per member."""
+
+    def room_counts(self) -> list[tuple[str, int]]:
+        """Each room with members, and how many."""
+
+
+@dataclass(eq=False)  # the registry keys collectors by identity
 class _HubCollector(Collector):
-    """Reads the hub's plain counters and walks its rooms at scrape time."""
+    """Reads the plain counters and asks the hub for its rooms and queues at scrape time."""
 
-    def __init__(self, hub: Hub, open_connections: Callable[[], int], ready: Callable[[], bool], max_clients: int):
-        self._hub = hub
-        self._open = open_connections
-        self._ready = ready
-        self._max_clients = max_clients
+    hub: Population
+    counters: Counters
+    open_connections: Callable[[], int]
+    ready: Callable[[], bool]
+    max_clients: int
 
     def collect(self) -> Iterator[Metric]:
-        hub, stats = self._hub, self._hub.stats
-        yield GaugeMetricFamily("chat_connections", "Open connections on the chat port.", value=self._open())
-        yield GaugeMetricFamily("chat_members", "Chat members (joined connections).", value=len(hub.members))
-        yield GaugeMetricFamily("chat_max_clients", "Configured --max-clients.", value=self._max_clients)
-        yield GaugeMetricFamily("chat_ready", "1 when /readyz answers 200.", value=1 if self._ready() else 0)
+        hub, stats = self.hub, self.counters
+        yield GaugeMetricFamily("chat_connections", "Open connections on the chat port.", value=self.open_connections())
+        sizes = hub.queued_bytes()
+        yield GaugeMetricFamily("chat_members", "Chat members (joined connections).", value=len(sizes))
+        yield GaugeMetricFamily("chat_max_clients", "Configured --max-clients.", value=self.max_clients)
+        yield GaugeMetricFamily("chat_ready", "1 when /readyz answers 200.", value=1 if self.ready() else 0)
         received = CounterMetricFamily("chat_messages_received", "Lines received, by kind.", labels=["kind"])
         received.add_metric(["chat"], stats.chat_messages)
         received.add_metric(["command"], stats.commands)
@@ -129,13 +164,12 @@ class _HubCollector(Collector):
         yield CounterMetricFamily(
             "chat_flood_delayed_lines", "Lines delayed by flood control (fakelag).", value=stats.flood_delayed
         )
-        sizes = [member.outbox.size for member in hub.members.values()]
         yield GaugeMetricFamily("chat_sendq_bytes", "Bytes queued for all members.", value=sum(sizes))
         yield GaugeMetricFamily(
             "chat_sendq_max_bytes", "Largest outbound queue of any member.", value=max(sizes, default=0)
         )
-        yield GaugeMetricFamily("chat_rooms", "Rooms with members on this instance.", value=len(hub.rooms))
-        counts = sorted(len(room.members) for room in hub.rooms.values())
+        counts = sorted(count for _, count in hub.room_counts())
+        yield GaugeMetricFamily("chat_rooms", "Rooms with members on this instance.", value=len(counts))
         buckets, index = [], 0
         for bound in ROOM_SIZE_BUCKETS:
             while index < len(counts) and counts[index] <= bound:

@@ -3,7 +3,7 @@
 Fan-out calls ``push`` for every recipient.  ``push`` never blocks: when
 nothing is queued it tries one non-blocking write straight away (under load
 the hub has already coalesced many lines into that one write); whatever the
-kernel does not take is queued and the sink drains it when the socket turns
+kernel does not take is queued and the sink writes it when the socket turns
 writable.  Passing ``limit`` queued bytes marks the member a slow consumer, so
 one client that stops reading costs the room nothing and the server at most
 ``limit`` bytes.
@@ -18,16 +18,21 @@ from .protocol import error_line
 
 
 class Sink(Protocol):
-    """What an Outbox needs from a transport; tests can supply their own."""
+    """The writing end of one connection, built by the transport; tests can supply their own."""
+
+    # True when every byte the client sends shows on the socket's fd, so its
+    # session may park on an io watcher between inputs.  Not so under TLS,
+    # whose layer buffers decrypted input the fd does not show.
+    parkable: bool
 
     def send_nowait(self, data: bytes) -> int:
         """Write what the kernel takes now; raise OSError when the peer is gone."""
 
     def kick(self, outbox: Outbox) -> None:
-        """Start draining ``outbox`` (``take``/``unsend``) whenever writable, until empty."""
+        """Write ``outbox`` out (``take``/``unsend``) whenever the socket is writable, until empty."""
 
     def close(self) -> None:
-        """Stop draining; called once the member is gone."""
+        """Stop writing; called once the member is gone."""
 
 
 class Outbox:
@@ -92,7 +97,7 @@ class Outbox:
         if self.size > self.limit:
             self._overflow()
 
-    def drained(self) -> None:
+    def all_sent(self) -> None:
         """The sink wrote everything it took and stops watching for writability."""
         self._torn = False
         self.kicked = False
@@ -109,8 +114,13 @@ class Outbox:
             pass
         self.on_overflow()
 
+    def close(self) -> None:
+        """The member is gone: queue nothing more, and stop the sink writing."""
+        self.closed = True
+        self._sink.close()
+
     def fail(self) -> None:
-        """The sink hit a socket error while draining."""
+        """The sink hit a socket error while writing."""
         if not self.closed:
             self.closed = True
             self.on_error()

@@ -12,13 +12,6 @@ from dataclasses import dataclass
 NICK_RE = re.compile(r"[A-Za-z0-9_.\-]{1,32}")
 ROOM_RE = re.compile(r"#?[A-Za-z0-9_.\-]{1,32}")
 
-COMMANDS = ("nick", "join", "rooms", "who", "me", "msg", "help", "quit", "auth")
-
-HELP_TEXT = (
-    "* commands: /nick NAME | /join ROOM | /rooms | /who | /me ACTION | "
-    "/msg NICK TEXT | /help | /quit  (start a line with // to send a literal /)"
-)
-
 
 @dataclass(frozen=True, slots=True)
 class Command:

@@ -1,9 +1,11 @@
-"""One chat connection: its read loop, limits and commands.
+"""One chat connection: authentication, admission, its read loop and its limits.
 
 The session owns everything about a single client that is not shared:
 the line framer, the flood bucket, its last input time and the reason it ended.
-It talks to the room hub only through ``Hub`` methods, and to its socket only
-for reading; writes go through the member's Outbox.
+What it shares with the others comes in one ``SessionContext``.  It talks to
+the room hub only through ``Hub`` methods, hands slash commands to
+``commands``, and uses its socket only for reading; writes go through the
+member's Outbox.
 """
 
 from __future__ import annotations
@@ -14,21 +16,25 @@ import itertools
 import struct
 import termios
 import time
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 import gevent
 import structlog
+from prometheus_client import Counter
 
-from . import protocol
+from . import commands, protocol
+from .admission import Admission
+from .config import Config
+from .directory import Directory
 from .flood import TokenBucket
 from .framing import LineFramer
-from .hub import Member
-from .outbox import Outbox
+from .gevent_seams import raw_socket
+from .hub import Hub, Member
+from .metrics import Counters
+from .outbox import Outbox, Sink
 from .text import clean
-
-if TYPE_CHECKING:
-    from .app import Service
 
 DEFAULT_ROOM = "lobby"
 RECV_BYTES = 65536
@@ -42,26 +48,79 @@ _GRACEFUL = frozenset({"quit", "line_too_long", "flood", "idle_timeout", "auth_f
 log = structlog.get_logger("chat_svc.session")
 
 
+@dataclass(frozen=True, slots=True)
+class SessionLimits:
+    """What each client may do and must present; built once from Config for every session."""
+
+    max_line_bytes: int
+    sendq_bytes: int
+    flood_burst: int
+    flood_rate: float
+    flood_max_input_bytes: int
+    flood_kick_after: float
+    auth_timeout: float
+    token: str | None
+    log_messages: bool
+
+    @classmethod
+    def from_config(cls, config: Config) -> SessionLimits:
+        return cls(
+            max_line_bytes=config.max_line_bytes,
+            sendq_bytes=config.sendq_bytes,
+            flood_burst=config.flood_burst,
+            flood_rate=config.flood_rate,
+            flood_max_input_bytes=config.flood_max_input_bytes,
+            flood_kick_after=config.flood_kick_after,
+            auth_timeout=config.auth_timeout,
+            token=config.access_token(),
+            log_messages=config.log_messages,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SessionContext:
+    """Everything sessions share, and all a session knows of the server; one per server."""
+
+    hub: Hub
+    directory: Directory
+    limits: SessionLimits
+    counters: Counters
+    # Every open chat-port socket: taken by the transport at accept, given
+    # back by whoever closes the socket (the session, once it owns it).
+    connection_slots: Admission
+    # Chat members (--max-clients, --max-per-ip): taken before joining.
+    member_slots: Admission
+    disconnects: Mapping[str, Counter]
+    # Live sessions, for the idle scan and shutdown.
+    sessions: set[Session]
+
+    @property
+    def token_required(self) -> bool:
+        return self.limits.token is not None
+
+
 class Session:
     """Serves one chat client from first line to close.
 
     An idle member holds no greenlet: once its input is used up the session
     *parks* on an io watcher, and the watcher spawns a short-lived greenlet
-    when input arrives.  A waiting greenlet costs about 5 KB (its saved C
-    stack and a page of Python frame stack), more than everything else a
-    member needs, and 19,000 members share one process.  Slotted, without
-    per-session loggers or dispatch tables for the same reason; log context
-    (conn_id, peer) is bound in each serving greenlet's contextvars.
-    TLS sessions never park (the SSL layer buffers input the fd does not show).
+    when input arrives.  A waiting greenlet (its saved C stack and a page of
+    Python frame stack) costs more than everything else a member needs, and
+    tens of thousands of members share one process (docs/performance.md has
+    the figures).  Slotted, without per-session loggers for the same reason;
+    log context (conn_id, peer) is bound in each serving greenlet's
+    contextvars.  TLS sessions never park (the SSL layer buffers input the fd
+    does not show).
     """
 
     __slots__ = (
         "_flood_episode",
+        "admitted",
         "bucket",
         "busy",
         "bytes_in",
         "conn_id",
-        "counted",
+        "ctx",
         "finished",
         "framer",
         "head",
@@ -73,35 +132,31 @@ class Session:
         "port",
         "raw",
         "reason",
-        "sink",
         "sock",
         "started",
-        "svc",
         "watcher",
     )
 
-    def __init__(self, svc: Service, sock: Any, address: tuple[str, int], head: bytes, sink: Any) -> None:
-        self.svc = svc
+    def __init__(self, ctx: SessionContext, sock: Any, address: tuple[str, int], head: bytes, sink: Sink) -> None:
+        self.ctx = ctx
+        limits = ctx.limits
         self.sock = sock
         self.ip, self.port = address[0], address[1]
         self.head = head
         self.conn_id = next(_ids)
         self.reason: str | None = None
         self.member: Member | None = None
-        self.framer = LineFramer(svc.config.max_line_bytes)
-        self.outbox = Outbox(sink, svc.config.sendq_bytes, self._slow_consumer, self._socket_error)
-        self.sink = sink
-        self.bucket = (
-            TokenBucket(svc.config.flood_burst, svc.config.flood_rate) if svc.config.flood_rate > 0 else None
-        )
+        self.framer = LineFramer(limits.max_line_bytes)
+        self.outbox = Outbox(sink, limits.sendq_bytes, self._slow_consumer, self._socket_error)
+        self.bucket = TokenBucket(limits.flood_burst, limits.flood_rate) if limits.flood_rate > 0 else None
         self.started = self.last_input = time.monotonic()
-        self.raw = sock._sock if sink.parkable else None
+        self.raw = raw_socket(sock) if sink.parkable else None
         self.watcher: Any = None
         self.busy = True
         self.finished = False
         self.bytes_in = len(head)
-        svc.hub.stats.bytes_in += len(head)
-        self.counted = False
+        ctx.counters.bytes_in += len(head)
+        self.admitted = False
         self.last_room: str | None = None
         self._flood_episode: float | None = None
 
@@ -110,16 +165,18 @@ class Session:
     def run(self) -> None:
         """Admit the client, then serve it; runs in the connection's accept greenlet."""
         self._bind_log_context()
-        svc = self.svc
+        ctx = self.ctx
+        ctx.sessions.add(self)
         try:
-            if svc.token is not None and not self._authenticate():
+            if ctx.token_required and not self._authenticate():
                 self.end("auth_failed")
-            elif refusal := svc.admit(self):
+            elif refusal := ctx.member_slots.acquire(self.ip):
                 self.outbox.push(protocol.error_line(refusal))
                 self.end("server_full")
             else:
-                self.member = Member(f"{self.ip}:{self.port}", self.ip, self.outbox, self.conn_id)
-                svc.hub.attach(self.member, DEFAULT_ROOM)
+                self.admitted = True
+                self.member = Member(f"{self.ip}:{self.port}", self.outbox)
+                ctx.hub.attach(self.member, DEFAULT_ROOM)
                 log.info("client_connected", nick=self.member.nick, room=DEFAULT_ROOM)
                 head, self.head = self.head, b""
                 self._serve(head)
@@ -185,8 +242,7 @@ class Session:
         self.end(reason)
         if self.busy:
             self._leave_hub()
-            self.outbox.closed = True
-            self.sink.close()
+            self.outbox.close()
             self.sock.close()
         else:
             self._finish()
@@ -208,7 +264,7 @@ class Session:
         member = self.member
         if member is not None and member.room is not None:
             self.last_room = member.room.name
-            self.svc.hub.detach(member)
+            self.ctx.hub.detach(member)
 
     def _nick_or_none(self) -> str | None:
         return self.member.nick if self.member is not None else None
@@ -222,17 +278,20 @@ class Session:
         member = self.member
         self._leave_hub()
         if reason in _GRACEFUL and self.busy:
-            self._drain(1.0)
+            self._wait_until_sent(1.0)
         self.busy = False
-        self.outbox.closed = True
-        self.sink.close()
+        self.outbox.close()
         if self.watcher is not None:
             self.watcher.stop()
             self.watcher.close()
             self.watcher = None
-        self.svc.forget(self)
+        ctx = self.ctx
+        ctx.sessions.discard(self)
+        if self.admitted:
+            self.admitted = False
+            ctx.member_slots.release(self.ip)
         if member is not None:
-            self.svc.metrics.by_reason[reason].inc()
+            ctx.disconnects[reason].inc()
             log.info(
                 "client_disconnected",
                 conn_id=self.conn_id,
@@ -244,12 +303,12 @@ class Session:
                 bytes_in=self.bytes_in,
             )
         elif reason in ("auth_failed", "server_full"):
-            self.svc.metrics.by_reason[reason].inc()
+            ctx.disconnects[reason].inc()
             log.info("client_refused", conn_id=self.conn_id, peer=f"{self.ip}:{self.port}", reason=reason)
         self.sock.close()
-        self.svc.open_connections -= 1
+        ctx.connection_slots.release(self.ip)
 
-    def _drain(self, timeout: float) -> None:
+    def _wait_until_sent(self, timeout: float) -> None:
         """Give queued lines (a goodbye, an error) up to ``timeout`` to reach the client."""
         deadline = time.monotonic() + timeout
         while self.outbox.size and not self.outbox.closed and time.monotonic() < deadline:
@@ -291,14 +350,15 @@ class Session:
             return None
         self.last_input = time.monotonic()
         self.bytes_in += len(data)
-        self.svc.hub.stats.bytes_in += len(data)
+        self.ctx.counters.bytes_in += len(data)
         return data
 
     def _authenticate(self) -> bool:
         """The first line must be ``/auth TOKEN``, within --auth-timeout."""
-        token = self.svc.token
+        limits = self.ctx.limits
+        token = limits.token
         assert token is not None
-        deadline = time.monotonic() + self.svc.config.auth_timeout
+        deadline = time.monotonic() + limits.auth_timeout
         lines = self.framer.feed(self.head)
         self.head = b""
         while not lines:
@@ -344,12 +404,12 @@ class Session:
 
     def _fakelag(self, delay: float, unread: int) -> bool:
         """Delay a line over the flood limit, or end a client that keeps flooding."""
-        config, bucket = self.svc.config, self.bucket
+        limits, bucket = self.ctx.limits, self.bucket
         assert bucket is not None
-        self.svc.hub.stats.flood_delayed += 1
+        self.ctx.counters.flood_delayed += 1
         backlog = unread + self.framer.pending + _kernel_unread(self.sock)
-        sustained = config.flood_kick_after and bucket.throttled_for() > config.flood_kick_after
-        if backlog > config.flood_max_input_bytes or sustained:
+        sustained = limits.flood_kick_after and bucket.throttled_for() > limits.flood_kick_after
+        if backlog > limits.flood_max_input_bytes or sustained:
             log.warning("flood_disconnected", nick=self._nick_or_none(), unread_bytes=backlog)
             self.outbox.push(protocol.error_line("excess flood"))
             self.end("flood")
@@ -360,7 +420,7 @@ class Session:
         gevent.sleep(delay)
         return True
 
-    # -- lines and commands -------------------------------------------------
+    # -- lines ---------------------------------------------------------------
 
     def _handle(self, raw: bytes, t_read: float) -> bool:
         """Act on one line; False ends the session."""
@@ -369,114 +429,24 @@ class Session:
             return True
         member = self.member
         assert member is not None
-        stats = self.svc.hub.stats
+        ctx = self.ctx
+        stats = ctx.counters
         if isinstance(parsed, str):
             stats.chat_messages += 1
-            if self.svc.config.log_messages:
+            if ctx.limits.log_messages:
                 log.debug("message", nick=member.nick, text=parsed)
-            self.svc.hub.say(member, protocol.chat_line(member.nick, parsed), t_read)
+            ctx.hub.say(member, protocol.chat_line(member.nick, parsed), t_read)
             return True
         if parsed.name == "msg":
             stats.private_messages += 1
         else:
             stats.commands += 1
-        command = _COMMANDS.get(parsed.name)
-        if command is None:
-            self._reply(protocol.error_line(f"unknown command /{parsed.name} (try /help)"))
-            return True
-        return command(self, parsed.arg)
-
-    def _reply(self, data: bytes) -> None:
-        assert self.member is not None
-        self.svc.hub.send_to(self.member, data)
-
-    def _nick(self, arg: str) -> bool:
-        member = self.member
-        assert member is not None
-        if not protocol.valid_nick(arg):
-            self._reply(protocol.error_line("invalid nick: use 1-32 letters, digits, _ - ."))
-            return True
-        old = member.nick
-        error = self.svc.claim_nick(member, arg)
-        if error:
-            self._reply(protocol.error_line(error))
-        elif old != arg:
-            log.info("nick_changed", old=old, nick=arg)
+        reason = commands.dispatch(ctx, member, parsed)
+        if reason is not None:
+            self.end(reason)
+            return False
         return True
 
-    def _join(self, arg: str) -> bool:
-        member = self.member
-        assert member is not None and member.room is not None
-        if not protocol.valid_room(arg):
-            self._reply(protocol.error_line("invalid room name: use 1-32 letters, digits, _ - . (optional leading #)"))
-            return True
-        if member.room.name == arg:
-            self._reply(protocol.info_line(f"you are already in {arg}"))
-            return True
-        self._reply(protocol.info_line(f"you joined {arg}"))
-        self.svc.hub.move(member, arg)
-        log.info("room_joined", nick=member.nick, room=arg)
-        return True
-
-    def _rooms(self, _: str) -> bool:
-        listing = ", ".join(f"{name} ({count})" for name, count in self.svc.room_counts())
-        self._reply(protocol.info_line(f"rooms: {listing}"))
-        return True
-
-    def _who(self, _: str) -> bool:
-        member = self.member
-        assert member is not None and member.room is not None
-        names = self.svc.who(member.room.name)
-        shown = ", ".join(names[:200]) + (f" and {len(names) - 200} more" if len(names) > 200 else "")
-        self._reply(protocol.info_line(f"in {member.room.name} ({len(names)}): {shown}"))
-        return True
-
-    def _me(self, arg: str) -> bool:
-        member = self.member
-        assert member is not None
-        if not arg:
-            self._reply(protocol.error_line("usage: /me ACTION"))
-            return True
-        self.svc.hub.say(member, protocol.action_line(member.nick, arg), time.perf_counter())
-        return True
-
-    def _msg(self, arg: str) -> bool:
-        member = self.member
-        assert member is not None
-        target, _, text = arg.partition(" ")
-        text = text.strip()
-        if not target or not text:
-            self._reply(protocol.error_line("usage: /msg NICK TEXT"))
-            return True
-        if not self.svc.whisper(member, target, text):
-            self._reply(protocol.error_line(f"no such nick: {target}"))
-        return True
-
-    def _help(self, _: str) -> bool:
-        self._reply(protocol.encode(protocol.HELP_TEXT))
-        return True
-
-    def _quit(self, _: str) -> bool:
-        self._reply(protocol.info_line("bye"))
-        self.end("quit")
-        return False
-
-    def _auth_again(self, _: str) -> bool:
-        self._reply(protocol.error_line("already authenticated" if self.svc.token else "no token is required"))
-        return True
-
-
-_COMMANDS: dict[str, Callable[[Session, str], bool]] = {
-    "nick": Session._nick,
-    "join": Session._join,
-    "rooms": Session._rooms,
-    "who": Session._who,
-    "me": Session._me,
-    "msg": Session._msg,
-    "help": Session._help,
-    "quit": Session._quit,
-    "auth": Session._auth_again,
-}
 
 _PARK = b"park"
 

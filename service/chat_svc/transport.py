@@ -1,10 +1,8 @@
-"""Sockets: accepting, TCP options, TLS, HTTP sniffing, and the write side.
+"""Sockets: accepting, TCP options, TLS and HTTP sniffing; each chat socket gets its sink and session.
 
-The sinks are the only code that writes to client sockets.  ``TcpSink``
-writes with the raw non-blocking socket and, when the kernel is full, lets
-an io watcher call back on writability: no greenlet per writer, no switch per
-delivery.  TLS cannot do partial non-blocking writes cleanly, so ``TlsSink``
-drains through a short-lived writer greenlet instead.
+The transport decides what a connection is (HTTP or chat, plain or TLS) and
+builds the matching writer (``sinks``) for it; from then on the session reads
+and the sink writes.
 """
 
 from __future__ import annotations
@@ -12,106 +10,18 @@ from __future__ import annotations
 import socket
 import ssl
 import time
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import gevent
 from gevent.server import StreamServer
 
-from .httpfront import CHAT, HTTP, classify
-
-if TYPE_CHECKING:
-    from .app import Service
-    from .hub import Stats
-    from .outbox import Outbox
+from .config import Config
+from .httpfront import CHAT, HTTP, HttpFront, classify
+from .metrics import Metrics
+from .session import Session, SessionContext
+from .sinks import TcpSink, TlsSink
 
 LISTEN_BACKLOG = 4096
-_WRITE = 2
-
-
-class TcpSink:
-    """Non-blocking writes to a plain TCP socket; drains on writability callbacks."""
-
-    __slots__ = ("_fd", "_raw", "_watcher", "stats")
-    parkable = True
-
-    def __init__(self, sock: Any, stats: Stats) -> None:
-        self._raw = sock._sock  # the real non-blocking socket under gevent's wrapper
-        self._fd = sock.fileno()
-        self._watcher: Any = None
-        self.stats = stats
-
-    def send_nowait(self, data: bytes) -> int:
-        try:
-            sent: int = self._raw.send(data)
-        except BlockingIOError:
-            return 0
-        self.stats.bytes_out += sent
-        return sent
-
-    def kick(self, outbox: Outbox) -> None:
-        if self._watcher is None:
-            self._watcher = gevent.get_hub().loop.io(self._fd, _WRITE)
-        self._watcher.start(self._writable, outbox)
-
-    def _writable(self, outbox: Outbox) -> None:
-        if outbox.closed:
-            self.close()
-            return
-        data = outbox.take()
-        try:
-            sent = self.send_nowait(data)
-        except OSError:
-            self.close()
-            outbox.fail()
-            return
-        if sent < len(data):
-            outbox.unsend(data[sent:], sent > 0)
-        elif not outbox.size:
-            self._watcher.stop()
-            outbox.drained()
-
-    def close(self) -> None:
-        watcher = self._watcher
-        if watcher is not None:
-            self._watcher = None
-            watcher.stop()
-            watcher.close()
-
-
-class TlsSink:
-    """Writes through gevent's SSL socket from a writer greenlet that lives while data waits."""
-
-    __slots__ = ("_sock", "_writer", "stats")
-    parkable = False
-
-    def __init__(self, sock: Any, stats: Stats) -> None:
-        self._sock = sock
-        self._writer: gevent.Greenlet | None = None
-        self.stats = stats
-
-    def send_nowait(self, data: bytes) -> int:
-        return 0
-
-    def kick(self, outbox: Outbox) -> None:
-        if self._writer is None:
-            self._writer = gevent.spawn(self._drain, outbox)
-
-    def _drain(self, outbox: Outbox) -> None:
-        try:
-            while outbox.size and not outbox.closed:
-                data = outbox.take()
-                self._sock.sendall(data)
-                self.stats.bytes_out += len(data)
-            outbox.drained()
-        except OSError:
-            outbox.fail()
-        finally:
-            self._writer = None
-
-    def close(self) -> None:
-        writer = self._writer
-        if writer is not None and writer is not gevent.getcurrent():
-            writer.kill(block=False)
 
 
 def tune(sock: Any, sndbuf: int) -> None:
@@ -128,9 +38,10 @@ def tune(sock: Any, sndbuf: int) -> None:
 def sniff(sock: Any, window: float, limit: float) -> tuple[bytes, str]:
     """Read the first bytes and decide: HTTP request, chat, or gone (``eof``).
 
-    A silent client becomes chat after ``window`` seconds (the seed's client
-    sends nothing until its user types).  Bytes that may still grow into an
-    HTTP request line get until ``limit`` seconds to complete it.
+    A silent client becomes chat after ``window`` seconds: the original chat
+    client (tests/seed_chat_client.py) sends nothing until its user types.
+    Bytes that may still grow into an HTTP request line get until ``limit``
+    seconds to complete it.
     """
     head = b""
     start = time.monotonic()
@@ -156,12 +67,14 @@ def sniff(sock: Any, window: float, limit: float) -> tuple[bytes, str]:
 
 
 class ChatServer(StreamServer):
-    """The chat port: every accepted socket gets its own greenlet running ``handle``."""
+    """The chat port: each accepted socket starts in its own greenlet in ``handle_connection``."""
 
-    def __init__(self, svc: Service) -> None:
-        config = svc.config
+    def __init__(self, config: Config, ctx: SessionContext, metrics: Metrics, http: HttpFront) -> None:
         super().__init__((config.host, config.port), self.handle_connection, backlog=LISTEN_BACKLOG)
-        self.svc = svc
+        self.config = config
+        self.ctx = ctx
+        self.metrics = metrics
+        self.http = http
         self.tls: ssl.SSLContext | None = None
         if config.tls_cert and config.tls_key:
             self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -176,10 +89,12 @@ class ChatServer(StreamServer):
 
     def handle_connection(self, sock: Any, address: tuple[str, int]) -> None:
         """Sniff, then serve HTTP here or hand the socket to a chat session, which owns it."""
-        svc = self.svc
-        config = svc.config
-        svc.open_connections += 1
-        svc.metrics.accepted.inc()
+        config, ctx = self.config, self.ctx
+        ip = address[0]
+        if ctx.connection_slots.acquire(ip) is not None:  # no cap on connections is configured yet
+            sock.close()
+            return
+        self.metrics.accepted.inc()
         owned = False
         try:
             tune(sock, config.sndbuf_bytes)
@@ -191,14 +106,15 @@ class ChatServer(StreamServer):
                     return
             head, kind = sniff(sock, config.http_sniff_ms / 1000.0, config.http_timeout)
             if kind == HTTP:
-                svc.metrics.http_requests.inc()
+                self.metrics.http_requests.inc()
                 sock.settimeout(config.http_timeout)
                 with gevent.Timeout(config.http_timeout * 2, False):
-                    svc.http.serve(sock, address, head)
+                    self.http.serve(sock, address, head)
             elif kind == CHAT:
                 owned = True
-                svc.start_session(sock, address, head, TlsSink if self.tls is not None else TcpSink)
+                sink = TlsSink(sock, ctx.counters) if self.tls is not None else TcpSink(sock, ctx.counters)
+                Session(ctx, sock, address, head, sink).run()
         finally:
             if not owned:
-                svc.open_connections -= 1
+                ctx.connection_slots.release(ip)
                 sock.close()

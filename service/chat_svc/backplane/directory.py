@@ -1,0 +1,105 @@
+"""The cluster's ``Directory``: nicks, /msg, /who and /rooms across every live instance.
+
+Asked from session greenlets, which may block on one short Redis query;
+never from the fan-out path.  While Redis is away every answer falls back to
+this instance's own view (the hub's), so commands keep working, locally.
+"""
+
+from __future__ import annotations
+
+import redis
+
+from .. import protocol
+from ..hub import Member
+from . import keys
+from .connection import ERRORS
+from .instance import Instance
+from .publisher import Publisher
+from .subscriber import Subscriber
+
+
+class RedisDirectory:
+    def __init__(self, instance: Instance, queries: redis.Redis, subscriber: Subscriber, publisher: Publisher) -> None:
+        self.hub = instance.hub
+        self.log = instance.log
+        self._redis = queries
+        self._subscriber = subscriber
+        self._publisher = publisher
+        self._instance_id = instance.id
+        self._ttl = instance.ttl
+        self._claim = queries.register_script(keys.CLAIM)
+
+    def claim_nick(self, member: Member, nick: str) -> str | None:
+        """/nick across the cluster: an error text, or None when the nick changed."""
+        hub = self.hub
+        if nick == member.nick or nick in hub.members or not self._subscriber.up:
+            return hub.claim_nick(member, nick)
+        try:
+            taken = self._claim(keys=[keys.nick(nick)], args=[self._instance_id, self._ttl])
+        except ERRORS as exc:
+            self.log.info("backplane_query_failed", query="claim_nick", error=str(exc))
+            return hub.claim_nick(member, nick)
+        if taken:
+            return f"nick {nick} is taken"
+        if hub.members.get(member.nick) is not member:  # disconnected while we asked
+            self._publisher.orphan(nick)
+            return None
+        error = hub.claim_nick(member, nick)
+        self._publisher.touch(member)  # the presence update releases the old nick
+        return error
+
+    def whisper(self, member: Member, target: str, text: str) -> bool:
+        """/msg to a member here, or of another instance through that instance's inbox."""
+        if self.hub.whisper(member, target, text):
+            return True
+        if not self._subscriber.up:
+            return False
+        try:
+            owner = self._redis.get(keys.nick(target))
+        except ERRORS as exc:
+            self.log.info("backplane_query_failed", query="whisper", error=str(exc))
+            return False
+        if owner is None or owner.decode() == self._instance_id:
+            return False
+        line = protocol.private_line(member.nick, target, text)
+        self._publisher.send_private(owner.decode(), target, line)
+        self.hub.send_to(member, line)
+        return True
+
+    def who(self, room: str) -> list[str]:
+        """Nicks in ``room`` on every live instance; this instance's from the hub itself."""
+        names: set[str] = set()
+        if self._subscriber.up:
+            try:
+                entries = self._redis.zrangebyscore(keys.who(room), self._publisher.now(), "+inf")
+            except ERRORS as exc:
+                self.log.info("backplane_query_failed", query="who", error=str(exc))
+                entries = []
+            for entry in entries:
+                nick, owner = keys.open_who_entry(entry)
+                if owner != self._instance_id:
+                    names.add(nick)
+        names.update(self.hub.who(room))
+        return sorted(names)
+
+    def room_counts(self) -> list[tuple[str, int]]:
+        """Rooms and member counts summed over every live instance."""
+        counts: dict[str, int] = {}
+        if self._subscriber.up:
+            try:
+                live = self._redis.zrangebyscore(keys.INSTANCES, self._publisher.now(), "+inf")
+                others = [name.decode() for name in live if name.decode() != self._instance_id]
+                if others:
+                    pipe = self._redis.pipeline(transaction=False)
+                    for other in others:
+                        pipe.hgetall(keys.room_counts(other))
+                    for mapping in pipe.execute():
+                        for name, count in mapping.items():
+                            room = name.decode("utf-8", "replace")
+                            counts[room] = counts.get(room, 0) + int(count)
+            except ERRORS as exc:
+                self.log.info("backplane_query_failed", query="rooms", error=str(exc))
+                counts = {}
+        for room, count in self.hub.room_counts():
+            counts[room] = counts.get(room, 0) + count
+        return sorted(counts.items())

@@ -1,0 +1,151 @@
+"""``RedisBackplane``: what the service sees of the backplane.
+
+The hub's hooks in (``publish``, ``room_active``, ``joining``, ``left``), the
+cluster's ``directory`` and a metrics ``collector`` out; the work is done
+by the subscriber's and the publisher's greenlets.  Only ``joining`` may
+block (in the joiner's greenlet); the other hooks only queue.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import gevent
+import gevent.event
+import redis
+import structlog
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from ..hub import Hub, Member
+from . import keys
+from .connection import ERRORS, pool
+from .directory import RedisDirectory
+from .instance import Instance, default_instance_id
+from .publisher import Publisher
+from .subscriber import Subscriber
+
+# Connections for sessions' queries (/who, joins, /nick); the publisher has its own.
+POOL_SIZE = 32
+
+
+class RedisBackplane:
+    """The hub's ``Backplane`` on Redis; the Service reads ``directory`` and ``up``."""
+
+    def __init__(self, url: str, hub: Hub, *, instance_id: str | None = None, presence_ttl: int = 15) -> None:
+        self.hub = hub
+        instance_id = instance_id or default_instance_id()
+        log = structlog.get_logger("chat_svc.backplane").bind(instance=instance_id)
+        self.instance = instance = Instance(instance_id, hub, presence_ttl, log)
+        self.log = log
+        self._pool = pool(url, POOL_SIZE)
+        self._writer_pool = pool(url, 1)
+        self._queries = redis.Redis(connection_pool=self._pool)
+        writer = redis.Redis(connection_pool=self._writer_pool)
+        wake = gevent.event.Event()  # the publisher's greenlet: work is waiting
+        self.subscriber = Subscriber(instance, self._pool, (self._queries, writer), wake)
+        self.publisher = Publisher(instance, writer, self.subscriber, wake)
+        self.directory = RedisDirectory(instance, self._queries, self.subscriber, self.publisher)
+        self._greenlets: list[gevent.Greenlet] = []
+
+    @property
+    def up(self) -> bool:
+        """Subscribed to Redis and answering; otherwise every instance works alone."""
+        return self.subscriber.up
+
+    # -- lifecycle ------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Connect in the background: the instance serves (degraded) while Redis is away."""
+        self._greenlets = [gevent.spawn(self.subscriber.run), gevent.spawn(self.publisher.run)]
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Flush what the leaving members changed, withdraw this instance, close."""
+        self.publisher.flush(timeout)
+        self.publisher.stop()
+        self.subscriber.stop()
+        if self.up:
+            self.publisher.withdraw()
+        gevent.killall(self._greenlets, timeout=1.0)
+        self.subscriber.close()
+        self._pool.disconnect()
+        self._writer_pool.disconnect()
+
+    def collector(self) -> Collector:
+        return _Collector(self)
+
+    # -- hub hooks ------------------------------------------------------------------
+
+    def publish(self, room: str, data: bytes, history: bool) -> None:
+        """Relay a room line (``history``: also kept in Redis) or notice; queued, or dropped and counted."""
+        self.publisher.publish(room, data, history)
+
+    def room_active(self, room: str, active: bool) -> None:
+        """First local member in (subscribe) or last one out (unsubscribe)."""
+        if self.up:
+            self.subscriber.check(room)
+
+    def joining(self, member: Member, room: str) -> list[bytes] | None:
+        """Before ``member`` enters ``room``: subscribe, then read the room's recent lines.
+
+        Runs in the joiner's greenlet and may block for a round trip or two.
+        None means "use the hub's local history" (backplane down).
+        """
+        if not self.up:
+            return None
+        lines: list[bytes] | None = None
+        try:
+            with self.subscriber.joining(room):
+                history = self.hub.history
+                lines = list(self._queries.lrange(keys.history(room), -history, -1)) if history else []
+        except ERRORS as exc:
+            self.log.info("backplane_join_degraded", room=room, error=str(exc))
+        self.publisher.touch(member)
+        return lines
+
+    def left(self, member: Member) -> None:
+        """``member`` left a room (moving or disconnecting): update presence soon."""
+        self.publisher.touch(member)
+
+
+class _Collector(Collector):
+    """The backplane's counters, read at scrape time (the hot path bumps plain ints)."""
+
+    def __init__(self, backplane: RedisBackplane) -> None:
+        self._bp = backplane
+
+    def collect(self) -> Iterator[Metric]:
+        bp, publisher, subscriber = self._bp, self._bp.publisher, self._bp.subscriber
+        yield GaugeMetricFamily(
+            "chat_backplane_up",
+            "1 while subscribed to Redis and answering; 0 during an outage.",
+            value=int(bp.up),
+        )
+        yield CounterMetricFamily(
+            "chat_backplane_published",
+            "Room lines, notices and /msg written to Redis.",
+            value=publisher.published,
+        )
+        yield CounterMetricFamily(
+            "chat_backplane_received",
+            "Messages from other instances delivered here.",
+            value=subscriber.received,
+        )
+        yield CounterMetricFamily(
+            "chat_backplane_reconnects",
+            "Redis connections re-established after a loss.",
+            value=subscriber.reconnects,
+        )
+        errors = CounterMetricFamily(
+            "chat_backplane_publish_errors",
+            "Messages not relayed to other instances (delivered locally only), by reason.",
+            labels=["reason"],
+        )
+        for reason, count in publisher.errors.items():
+            errors.add_metric([reason], count)
+        yield errors
+        yield GaugeMetricFamily(
+            "chat_backplane_queue",
+            "Messages waiting for the publisher greenlet.",
+            value=publisher.queued,
+        )

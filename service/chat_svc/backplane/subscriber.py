@@ -1,0 +1,267 @@
+"""The backplane's reader: one pub/sub connection, read in order by one greenlet.
+
+This greenlet decides whether the backplane is up: it is up while its
+connection is subscribed and both the query pool and the publisher's
+connection answer.  On any loss it reconnects with capped, jittered
+exponential backoff, resubscribes the rooms that have local members, and
+(through ``connects``) tells the publisher to rewrite this instance's presence.
+Each sender's order holds because one connection is read in order.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any
+
+import gevent
+import gevent.event
+import gevent.lock
+import redis
+
+from ..hub import ROOM_BACKLOG_LIMIT, Room
+from . import keys
+from .instance import Instance
+
+# A joiner waits at most this long for its room's SUBSCRIBE to be confirmed.
+SUBSCRIBE_WAIT = 1.0
+BACKOFF_FIRST = 0.1
+BACKOFF_MAX = 3.0
+# Messages delivered before other greenlets get a turn.
+READ_BURST = 200
+
+
+class Subscriber:
+    """Subscriptions follow the rooms with local members; messages go to the hub.
+
+    ``check`` and ``joining`` run in other greenlets; they never read the
+    connection, they only write (UN)SUBSCRIBE to it or ask the publisher's
+    greenlet (through ``wake``) to reconcile the subscriptions.
+    """
+
+    def __init__(
+        self, instance: Instance, pool: redis.ConnectionPool, answering: Sequence[redis.Redis], wake: gevent.event.Event
+    ) -> None:
+        self.hub = instance.hub
+        self.log = instance.log
+        self._pool = pool
+        self._answering = answering
+        self._wake = wake
+        self._origin = instance.id.encode()
+        self._inbox = keys.inbox(instance.id)
+        # read by the collector and the publisher
+        self.up = False
+        self.received = 0
+        self.reconnects = 0
+        self.connects = 0
+        # rooms whose subscription may have to change; the publisher's greenlet reconciles them
+        self.pending: set[str] = set()
+        # per connection
+        self._conn: Any = None
+        self._lock = gevent.lock.Semaphore()
+        self._subscribed: set[str] = set()
+        self._confirmed: set[str] = set()
+        self._waiters: dict[str, gevent.event.Event] = {}
+        self._joining: dict[str, int] = {}
+        self._backlog: Room | None = None
+        self._reset = False
+        self._stopped = False
+
+    # -- asked by other greenlets -------------------------------------------------
+
+    def check(self, room: str) -> None:
+        """``room`` gained its first or lost its last local member: (un)subscribe soon."""
+        self.pending.add(room)
+        self._wake.set()
+
+    @contextmanager
+    def joining(self, room: str) -> Iterator[None]:
+        """Keep ``room`` subscribed while a member joins; confirmed before the body runs.
+
+        Blocks the joiner's greenlet for a round trip at most (SUBSCRIBE_WAIT),
+        so a line published after the body reads the history reaches the
+        joiner live.
+        """
+        self._joining[room] = self._joining.get(room, 0) + 1
+        try:
+            if room not in self._confirmed:
+                waiter = self._waiters.setdefault(room, gevent.event.Event())
+                if room not in self._subscribed:
+                    self._subscribed.add(room)
+                    try:
+                        self._send("SUBSCRIBE", keys.room_channel(room))
+                    except BaseException:
+                        self._subscribed.discard(room)
+                        raise
+                waiter.wait(SUBSCRIBE_WAIT)
+            yield
+        finally:
+            left = self._joining[room] - 1
+            if left:
+                self._joining[room] = left
+            else:
+                del self._joining[room]
+            self.check(room)  # unsubscribes again if the join is abandoned
+
+    def reconcile(self) -> None:
+        """Subscribe pending rooms that have local members, unsubscribe those that have none."""
+        rooms, self.pending = self.pending, set()
+        wanted = {room for room in rooms if room in self.hub.rooms or room in self._joining}
+        subscribe = [room for room in wanted if room not in self._subscribed]
+        unsubscribe = [room for room in rooms - wanted if room in self._subscribed]
+        self._subscribed.update(subscribe)
+        self._subscribed.difference_update(unsubscribe)
+        self._confirmed.difference_update(unsubscribe)
+        if subscribe:
+            self._send("SUBSCRIBE", *(keys.room_channel(room) for room in subscribe))
+        if unsubscribe:
+            self._send("UNSUBSCRIBE", *(keys.room_channel(room) for room in unsubscribe))
+
+    def lost(self, where: str, exc: BaseException) -> None:
+        """Redis failed ``where``: down until the subscriber has reconnected."""
+        if self.up:
+            self.log.warning("backplane_down", where=where, error=str(exc))
+        self.up = False
+        self._reset = True
+        self._wake.set()
+        for waiter in self._waiters.values():
+            waiter.set()
+        self._waiters.clear()
+
+    def stop(self) -> None:
+        self._stopped = True
+
+    def close(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.disconnect()
+        self.up = False
+
+    def _send(self, *args: str) -> None:
+        """Write a (UN)SUBSCRIBE on the connection; the reading greenlet reads the reply."""
+        with self._lock:
+            conn = self._conn
+            if conn is None:
+                raise redis.ConnectionError("backplane subscriber not connected")
+            conn.send_command(*args)
+
+    # -- the reading greenlet -------------------------------------------------------
+
+    def run(self) -> None:
+        """Connect, subscribe, read; on any loss mark the backplane down and reconnect."""
+        delay = BACKOFF_FIRST
+        connected_before = False
+        while not self._stopped:
+            try:
+                conn = self._connect()
+            except Exception as exc:
+                if delay == BACKOFF_FIRST:
+                    self.log.warning("backplane_unreachable", error=str(exc))
+                gevent.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, BACKOFF_MAX)
+                continue
+            if connected_before:
+                self.reconnects += 1
+            connected_before = True
+            connected_at = time.monotonic()
+            self.log.info("backplane_up", reconnects=self.reconnects, rooms=len(self._subscribed))
+            try:
+                self._read(conn)
+            except Exception as exc:
+                self.lost("subscriber", exc)
+            finally:
+                self._conn = None
+                conn.disconnect()
+                self._subscribed = set()
+                self._confirmed = set()
+                self._reset = False
+            if self.up and not self._stopped:
+                self.lost("subscriber", RuntimeError("reset"))
+            if time.monotonic() - connected_at < 1.0:  # flapping: keep backing off
+                gevent.sleep(delay * random.uniform(0.8, 1.2))
+                delay = min(delay * 2, BACKOFF_MAX)
+            else:
+                delay = BACKOFF_FIRST
+
+    def _connect(self) -> Any:
+        """A fresh connection with the inbox and every wanted room confirmed."""
+        self._reset = False
+        conn = self._pool.connection_class(**self._pool.connection_kwargs)
+        try:
+            conn.connect()
+            rooms = set(self.hub.rooms) | set(self._joining)
+            self._subscribed = rooms
+            self._confirmed = set()
+            channels = [self._inbox, *(keys.room_channel(room) for room in rooms)]
+            conn.send_command("SUBSCRIBE", *channels)
+            pending = len(channels)
+            while pending:
+                reply = conn.read_response()
+                if reply[0] == b"subscribe":
+                    pending -= 1
+                self._dispatch(reply)
+            for client in self._answering:
+                client.ping()
+        except BaseException:
+            conn.disconnect()
+            raise
+        self._conn = conn
+        self.connects += 1
+        self.pending.update(self.hub.rooms)  # rooms that appeared while we connected
+        self.up = True
+        self._wake.set()
+        return conn
+
+    def _read(self, conn: Any) -> None:
+        """Deliver messages in order; pause while a room's backlog is over the hub's limit.
+
+        Pausing leaves the excess in Redis' output buffer for this client; past
+        Redis' ``client-output-buffer-limit pubsub`` it drops us and we
+        reconnect (at-most-once), so neither side's memory grows without bound.
+        """
+        burst = 0
+        while not self._stopped and not self._reset:
+            if not conn.can_read(timeout=1.0):
+                continue
+            self._dispatch(conn.read_response())
+            burst += 1
+            if burst >= READ_BURST:
+                burst = 0
+                gevent.sleep(0)
+            while self._backlog is not None and self._backlog.waiting > ROOM_BACKLOG_LIMIT:
+                gevent.sleep(0.005)
+            self._backlog = None
+
+    def _dispatch(self, reply: list[Any]) -> None:
+        kind = reply[0]
+        if kind == b"message":
+            self.receive(reply[1], reply[2])
+        elif kind == b"subscribe":
+            room = keys.room_of(reply[1])
+            if room is not None and room in self._subscribed:
+                self._confirmed.add(room)
+                waiter = self._waiters.pop(room, None)
+                if waiter is not None:
+                    waiter.set()
+
+    def receive(self, channel: bytes, message: bytes) -> None:
+        """Deliver another instance's message to the local members; skip our own."""
+        opened = keys.open_envelope(message)
+        if opened is None or opened[0] == self._origin:
+            return
+        _, kind, payload = opened
+        hub = self.hub
+        if kind == keys.PRIVATE:
+            if hub.deliver_private(*keys.open_private(payload)):
+                self.received += 1
+            return
+        name = keys.room_of(channel)
+        room = hub.rooms.get(name) if name is not None else None
+        if room is None:
+            return
+        self.received += 1
+        hub.deliver_local(room, payload, None, history=kind == keys.LINE)
+        if room.waiting > ROOM_BACKLOG_LIMIT:
+            self._backlog = room

@@ -1,0 +1,35 @@
+"""The two gevent internals chat-svc relies on, each behind one function.
+
+gevent documents neither, so an upgrade may change them without notice;
+tests/test_gevent_seams.py fails with a message naming the function if one
+does.  Everything else uses gevent's public API.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gevent import pywsgi
+
+
+def raw_socket(sock: Any) -> Any:
+    """The non-blocking standard-library socket under a gevent socket.
+
+    gevent's socket keeps the real one, already set non-blocking, in
+    ``_sock``.  Writing and reading it directly never switches greenlets:
+    a TCP sink writes what the kernel takes now, and a parked session
+    reads what is there now (``BlockingIOError`` when nothing is).  The
+    wrapper's own ``send``/``recv`` would instead wait in the event loop.
+    """
+    return sock._sock
+
+
+def wsgi_handler(server: pywsgi.WSGIServer, sock: Any, address: Any, rfile: Any) -> pywsgi.WSGIHandler:
+    """A pywsgi handler reading the request from ``rfile`` rather than from ``sock``.
+
+    The chat port reads a connection's first bytes before it knows the
+    connection is HTTP; ``rfile`` puts them back in front of the socket's
+    stream.  ``WSGIHandler`` takes it as a keyword gevent calls unsupported.
+    """
+    handler: pywsgi.WSGIHandler = server.handler_class(sock, address, server, rfile=rfile)
+    return handler

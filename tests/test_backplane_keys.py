@@ -1,0 +1,80 @@
+"""The backplane's shared names and envelopes as pure units, and its import boundary."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+from chat_svc.backplane import keys
+from conftest import ROOT
+
+
+def test_every_key_and_channel_is_under_the_service_prefix() -> None:
+    names = [
+        keys.room_channel("r"),
+        keys.inbox("i-1"),
+        keys.history("r"),
+        keys.nick("alice"),
+        keys.who("r"),
+        keys.room_counts("i-1"),
+        keys.INSTANCES,
+    ]
+    assert names == [
+        "chat:room:r",
+        "chat:inst:i-1",
+        "chat:history:r",
+        "chat:nick:alice",
+        "chat:who:r",
+        "chat:rooms:i-1",
+        "chat:instances",
+    ]
+    assert keys.nick_of(keys.nick("alice")) == "alice"
+
+
+def test_room_of_reads_room_channels_only() -> None:
+    assert keys.room_of(b"chat:room:#dev") == "#dev"
+    assert keys.room_of(b"chat:room:bad\xff") == "bad\ufffd"
+    assert keys.room_of(b"chat:inst:i-1") is None
+
+
+def test_envelopes_carry_origin_kind_and_payload_unchanged() -> None:
+    line = b"[alice] hello \x00 with a NUL\n"
+    message = keys.envelope_prefix("inst-a", keys.LINE) + line
+    assert keys.open_envelope(message) == (b"inst-a", keys.LINE, line)
+    notice = keys.envelope_prefix("inst-a", keys.NOTICE) + b"* bob joined r\n"
+    assert keys.open_envelope(notice) == (b"inst-a", keys.NOTICE, b"* bob joined r\n")
+
+
+def test_private_payload_names_its_target() -> None:
+    line = b"[alice -> bob] psst\n"
+    message = keys.envelope_prefix("inst-a", keys.PRIVATE) + keys.private_payload("bob", line)
+    opened = keys.open_envelope(message)
+    assert opened is not None and opened[1] == keys.PRIVATE
+    assert keys.open_private(opened[2]) == ("bob", line)
+
+
+@pytest.mark.parametrize("message", [b"", b"no separator", b"origin\x00"])
+def test_foreign_messages_are_not_envelopes(message: bytes) -> None:
+    assert keys.open_envelope(message) is None
+
+
+def test_who_entries_split_at_the_first_space() -> None:
+    entry = keys.who_entry("alice", "host 7-abc")
+    assert keys.open_who_entry(entry.encode()) == ("alice", "host 7-abc")
+
+
+@pytest.mark.parametrize("instance_id", ["", "   ", "a\x00b"])
+def test_unusable_instance_ids_are_refused(instance_id: str) -> None:
+    with pytest.raises(ValueError, match="unusable instance id"):
+        keys.check_instance_id(instance_id)
+
+
+def test_a_single_instance_never_imports_redis() -> None:
+    code = (
+        "import sys, chat_svc.app, chat_svc.__main__; "
+        "loaded = sorted(m for m in sys.modules if m == 'redis' or m.startswith(('redis.', 'chat_svc.backplane'))); "
+        "print(loaded); sys.exit(1 if loaded else 0)"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert run.returncode == 0, run.stdout + run.stderr
