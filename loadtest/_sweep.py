@@ -7,7 +7,10 @@ Each step is a separate ``locust -f loadtest --headless`` process whose ``--summ
 gives p50/p99 fan-out latency (every delivery), deliveries/s and loss; the server's CPU
 and memory come from its Prometheus ``/metrics`` (``process_cpu_seconds_total`` and
 ``process_resident_memory_bytes``, read before and after the step). Results go to
-``<out>.csv``, ``<out>.png`` (latency against load, and server CPU) and ``<out>.md``.
+``<out>.csv``, ``<out>.png`` (latency against load, and server CPU) and ``<out>.md``. Run it
+from the repository root: it shares the benchmark's server wrapper and Prometheus parser
+(``bench.servers``); a server it starts fails the sweep if it does not stop cleanly or logs
+a failure.
 
 Why separate processes per step: every step starts from a fresh swarm (no leftover
 connections or rooms), and a step that breaks the server or the swarm cannot taint the
@@ -22,18 +25,15 @@ import csv
 import json
 import os
 import platform
-import re
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 from typing import Any
 
+from bench.servers import Scrape, ServerProcess, free_port, scrape
 from loadtest._ledger import SWARM_LAG_WARN_MS
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -62,27 +62,16 @@ FIELDS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _host_port(host: str) -> tuple[str, int]:
     h = host.split("://", 1)[-1].rstrip("/")
     addr, _, port = h.rpartition(":")
     return addr.strip("[]") or "127.0.0.1", int(port or 9009)
 
 
-def histogram_quantile(before: dict[str, float], after: dict[str, float], name: str, q: float) -> float | None:
+def histogram_quantile(before: Scrape, after: Scrape, name: str, q: float) -> float | None:
     """Upper bucket bound holding quantile ``q`` of the observations made between scrapes."""
-    prefix = name + '_bucket{le="'
-    buckets = []
-    for key, value in after.items():
-        if key.startswith(prefix):
-            le = key[len(prefix) :].split('"', 1)[0]
-            buckets.append((float("inf") if le == "+Inf" else float(le), value - before.get(key, 0.0)))
-    buckets.sort()
+    earlier = before.buckets(name)
+    buckets = sorted((le, count - earlier.get(le, 0.0)) for le, count in after.buckets(name).items())
     if not buckets or buckets[-1][1] <= 0:
         return None
     rank = q * buckets[-1][1]
@@ -92,64 +81,7 @@ def histogram_quantile(before: dict[str, float], after: dict[str, float], name: 
     return None
 
 
-def scrape(url: str) -> dict[str, float]:
-    """The sample values of a Prometheus text page (labels kept in the key)."""
-    with urllib.request.urlopen(url, timeout=5) as r:
-        text = r.read().decode()
-    out: dict[str, float] = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            m = re.match(r"(\S+)\s+(\S+)", line)
-            if m:
-                try:
-                    out[m.group(1)] = float(m.group(2))
-                except ValueError:
-                    continue
-    return out
-
-
-class Server:
-    """chat-svc started for the sweep on a free loopback port, flood control off."""
-
-    def __init__(self, extra: list[str]) -> None:
-        self.port = _free_port()
-        self.args = ["--flood-rate", "0", "--log-level", "warning", *extra]
-        self.proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "chat_svc",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(self.port),
-                *self.args,
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 15
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-                return
-            except OSError:
-                if self.proc.poll() is not None:
-                    raise RuntimeError("chat-svc exited during start-up") from None
-                time.sleep(0.1)
-        raise RuntimeError("chat-svc did not start listening")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
-
-def run_step(opts: argparse.Namespace, host: str, metrics_url: str, users: int, rate: float) -> dict:
+def run_step(opts: argparse.Namespace, host: str, metrics_url: str, users: int, rate: float) -> dict[str, Any]:
     """One swarm run; returns a CSV row."""
     with tempfile.TemporaryDirectory() as tmp:
         summary = Path(tmp) / "summary.json"
@@ -195,7 +127,7 @@ def run_step(opts: argparse.Namespace, host: str, metrics_url: str, users: int, 
     wall = t1 - t0
 
     def delta(name: str) -> float:
-        return after.get(name, 0.0) - before.get(name, 0.0)
+        return after.value(name) - before.value(name)
 
     def r(v: float | None, nd: int = 2) -> float | str:
         return "" if v is None else round(v, nd)
@@ -216,7 +148,7 @@ def run_step(opts: argparse.Namespace, host: str, metrics_url: str, users: int, 
         "lost_deliveries": t["lost_deliveries"],
         "expected_deliveries": t["expected_deliveries"],
         "server_cpu_pct": r(100.0 * delta("process_cpu_seconds_total") / wall, 1),
-        "server_rss_mb": r(after.get("process_resident_memory_bytes", 0.0) / 2**20, 1),
+        "server_rss_mb": r(after.value("process_resident_memory_bytes") / 2**20, 1),
         "swarm_cpu_max_pct": r(t["swarm_cpu_max"], 0),
         "swarm_lag_p99_ms": r(t["swarm_lag_p99_ms"], 1),
         "host_load1": round(os.getloadavg()[0], 2),
@@ -397,7 +329,12 @@ def main(argv: list[str] | None = None) -> int:
     opts = ap.parse_args(argv)
     if opts.from_runs:
         return render(opts, read_runs(Path(opts.from_runs)), opts.server_desc or "see runs")
+    with tempfile.TemporaryDirectory(prefix="chat-sweep-") as logs:
+        return sweep(opts, Path(logs))
 
+
+def sweep(opts: argparse.Namespace, logs: Path) -> int:
+    """The grid of steps against ``--host``, or against a chat-svc started here and checked when it stops."""
     users = [int(u) for u in opts.users.split(",")]
     rates = [float(r) for r in opts.rates.split(",")]
     server = None
@@ -405,14 +342,19 @@ def main(argv: list[str] | None = None) -> int:
         host = opts.host
         server_desc = f"external server at {host}"
     else:
-        server = Server(opts.server_arg)
-        host = f"tcp://127.0.0.1:{server.port}"
-        server_desc = "chat-svc " + " ".join(server.args)
+        args = ["--flood-rate", "0", "--log-level", "warning", *opts.server_arg]
+        port = free_port()
+        argv = [sys.executable, "-m", "chat_svc", "--host", "127.0.0.1", "--port", str(port), *args]
+        server = ServerProcess("chat-svc", argv, port, logs)
+        host = f"tcp://127.0.0.1:{port}"
+        server_desc = "chat-svc " + " ".join(args)
     h, p = _host_port(host)
     metrics_url = opts.metrics_url or f"http://{h}:{p}/metrics"
     runs: list[dict[str, Any]] = []
     ceiling: dict[float, int] = {}  # per rate: first user count that broke the stop rule
     try:
+        if server is not None:
+            server.wait_ready(timeout=15)
         # whole grid per repetition, so repeats of a step sample different moments of a
         # shared machine instead of one burst of someone else's load
         for rep in range(1, opts.repeat + 1):
@@ -430,9 +372,11 @@ def main(argv: list[str] | None = None) -> int:
                         ceiling[rate] = min(u, ceiling.get(rate, u))
                         break
     finally:
-        if server is not None:
-            server.stop()
-    return render(opts, runs, server_desc)
+        problems = server.stop() if server is not None else []
+    for problem in problems:
+        print(f"server problem: {problem}", file=sys.stderr)
+    rc = render(opts, runs, server_desc)
+    return 1 if problems else rc
 
 
 def read_runs(path: Path) -> list[dict[str, Any]]:

@@ -6,6 +6,7 @@ the end-to-end test runs the sweep as a subprocess against the real server, as a
 
 from __future__ import annotations
 
+import csv
 import importlib.util
 import os
 import subprocess
@@ -30,12 +31,25 @@ def _need_modules(*modules: str) -> None:
 
 
 def test_sweep_reads_server_histogram_quantiles_between_scrapes() -> None:
+    from prometheus_client import CollectorRegistry, Histogram, generate_latest
+
+    from bench.servers import Scrape
     from loadtest._sweep import histogram_quantile
 
     name = "chat_fanout_latency_seconds"
-    key = name + '_bucket{le="%s"}'
-    before = {key % "0.001": 50.0, key % "0.01": 50.0, key % "+Inf": 50.0}
-    after = {key % "0.001": 140.0, key % "0.01": 149.0, key % "+Inf": 150.0}
+    registry = CollectorRegistry()
+    hist = Histogram(name, "fan-out latency", buckets=(0.001, 0.01), registry=registry)
+
+    def page() -> Scrape:
+        return Scrape.parse(generate_latest(registry).decode())
+
+    for _ in range(50):
+        hist.observe(0.0005)
+    before = page()
+    for value, times in ((0.0005, 90), (0.005, 9), (1.0, 1)):
+        for _ in range(times):
+            hist.observe(value)
+    after = page()
     assert histogram_quantile(before, after, name, 0.5) == 0.001
     assert histogram_quantile(before, after, name, 0.99) == 0.01
     assert histogram_quantile(before, after, name, 0.999) == float("inf")
@@ -90,3 +104,17 @@ def test_capacity_sweep_writes_csv_png_and_table(chat_server: Any, tmp_path: Pat
     assert (tmp_path / "cap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     table = (tmp_path / "cap.md").read_text()
     assert "| users |" in table and table.count("\n| 10 |") + table.count("\n| 20 |") == 2
+
+
+@pytest.mark.slow
+def test_capacity_sweep_starts_its_own_server_and_checks_it_stopped_cleanly(tmp_path: Path) -> None:
+    _need_modules("locust", "matplotlib")
+    proc = subprocess.run(
+        [sys.executable, "-m", "loadtest._sweep", "--users", "10", "--rates", "1", "--duration", "4",
+         "--out", str(tmp_path / "cap")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "MPLBACKEND": "Agg"},
+    )  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert "server problem" not in proc.stderr
+    (row,) = list(csv.DictReader((tmp_path / "cap.csv").open()))
+    assert row["users"] == "10" and float(row["deliveries_per_s"]) > 0 and float(row["server_cpu_pct"]) > 0
