@@ -118,3 +118,24 @@ def test_capacity_sweep_starts_its_own_server_and_checks_it_stopped_cleanly(tmp_
     assert "server problem" not in proc.stderr
     (row,) = list(csv.DictReader((tmp_path / "cap.csv").open()))
     assert row["users"] == "10" and float(row["deliveries_per_s"]) > 0 and float(row["server_cpu_pct"]) > 0
+
+
+def test_capacity_page_renders_recorded_runs_beside_the_benchmark_runs(tmp_path: Path) -> None:
+    """--from-runs re-renders docs/capacity.* from recorded runs, with the C generator's runs and knee."""
+    _need_modules("matplotlib")
+    from loadtest._sweep import BenchRuns
+
+    recorded = ROOT / "bench" / "results" / "full.json"
+    bench = BenchRuns.read(recorded)
+    assert bench.knee is not None and bench.runs["chat-svc"]
+    assert any(p99 > 50 for _, p99, _ in bench.runs["chat-svc"])  # the search went past the knee
+    proc = subprocess.run(
+        [sys.executable, "-m", "loadtest._sweep", "--from-runs", str(ROOT / "docs" / "capacity.runs.csv"),
+         "--bench", str(recorded), "--when", "2026-11-28", "--out", str(tmp_path / "cap")],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env={**os.environ, "MPLBACKEND": "Agg"},
+    )  # fmt: skip
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert (tmp_path / "cap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    steps = list(csv.DictReader((tmp_path / "cap.csv").open()))
+    assert len(steps) == len({(r["users"], r["msg_rate"]) for r in csv.DictReader((tmp_path / "cap.runs.csv").open())})
+    assert "Capacity sweep (2026-11-28;" in (tmp_path / "cap.md").read_text()
