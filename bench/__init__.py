@@ -1,6 +1,6 @@
 """chat-svc benchmark: chat-svc side by side with the seed, the machine's C limit and ngircd.
 
-    python -m bench              # full run (about 35 minutes), writes bench/results/full.json
+    python -m bench              # full run, writes bench/results/full.json
     python -m bench --quick      # one run per point, shorter search
     python -m bench --smoke      # a few seconds per server, correctness only (tests/test_bench_smoke.py)
 
