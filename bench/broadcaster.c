@@ -3,14 +3,21 @@
  *
  * The least a line-relaying chat server can do, in C: one thread, one epoll loop,
  * every complete line a member sends copied once into every other member's outbound
- * buffer, and each buffer written with one write() after the pass over the ready
- * events, so the lines of one pass reach a member in one call (writes coalesced, as
- * chat-svc's writers do). No nicks, rooms, notices or flood control; a member whose
- * buffer falls more than OUT_MAX behind is dropped, as chat-svc drops a slow consumer.
- * bench/ measures chat-svc against it on the same core in the same run, so the report
- * can say how close chat-svc comes to what this machine can do.
+ * buffer, and the buffers written in passes, one write() per member per pass.
  *
- *   broadcaster PORT [HOST]        SIGTERM or SIGINT: close everything, exit 0
+ * Why passes: on loopback a write() costs a few microseconds whatever its size (the
+ * kernel charges the receiver's TCP work to the writer), so capacity is lines per
+ * write. A pass starts at once when the previous one began more than PASS_MS ago (a
+ * quiet room pays no delay) and otherwise waits until then, so under load each write
+ * carries everything sent in the last PASS_MS: at most PASS_MS of added latency for
+ * a bounded number of writes per member per second, whatever the rate.
+ *
+ * No nicks, rooms, notices or flood control; a member whose buffer falls more than
+ * OUT_MAX behind is dropped, as chat-svc drops a slow consumer. bench/ measures chat-svc
+ * against it on the same core in the same run, so the report can say how close chat-svc
+ * comes to what this machine can do.
+ *
+ *   broadcaster PORT [HOST [PASS_MS]]     SIGTERM or SIGINT: close everything, exit 0
  *
  * Built by bench/ with `gcc -O2`; no dependencies beyond libc.
  */
@@ -26,12 +33,14 @@
 #include <sys/epoll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <time.h>
 #include <unistd.h>
 
 #define MAXEV 1024
 #define READ_MAX (64 * 1024)
 #define LINE_MAX_BYTES 8192
 #define OUT_MAX (4 * 1024 * 1024)
+#define PASS_MS 10
 
 typedef struct {
     int open, dirty, doomed, want_out, slot;
@@ -48,6 +57,12 @@ static int ep;
 static volatile sig_atomic_t stopping;
 
 static void on_signal(int sig) { (void)sig; stopping = 1; }
+
+static long long now_ms(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
 
 static void watch(int fd, int op, int out) {
     struct epoll_event e = {.events = EPOLLIN | (out ? EPOLLOUT : 0), .data.fd = fd};
@@ -70,7 +85,6 @@ static void drop(int fd) {
 /* one write() of everything queued; the rest waits for EPOLLOUT */
 static void flush(int fd) {
     member_t *c = &m[fd];
-    c->dirty = 0;
     if (!c->open || c->doomed || c->off == c->len) return;
     ssize_t w = write(fd, c->out + c->off, c->len - c->off);
     if (w < 0 && errno != EAGAIN && errno != EWOULDBLOCK) { drop(fd); return; }
@@ -129,7 +143,9 @@ static void admit(int lfd, int max_fd) {
         if (fd >= max_fd) { close(fd); continue; }
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+        int listed = m[fd].dirty; /* a closed member's slot in dirty[] serves the new one */
         memset(&m[fd], 0, sizeof m[fd]);
+        m[fd].dirty = listed;
         m[fd].open = 1;
         m[fd].slot = n_members;
         members[n_members++] = fd;
@@ -138,7 +154,8 @@ static void admit(int lfd, int max_fd) {
 }
 
 int main(int argc, char **argv) {
-    if (argc < 2) { fprintf(stderr, "usage: broadcaster PORT [HOST]\n"); return 2; }
+    if (argc < 2) { fprintf(stderr, "usage: broadcaster PORT [HOST [PASS_MS]]\n"); return 2; }
+    long long pass_ms = argc > 3 ? atoll(argv[3]) : PASS_MS, last_pass = -pass_ms;
     struct rlimit rl;
     getrlimit(RLIMIT_NOFILE, &rl);
     rl.rlim_cur = rl.rlim_max;
@@ -172,7 +189,12 @@ int main(int argc, char **argv) {
 
     struct epoll_event evs[MAXEV];
     while (!stopping) {
-        int n = epoll_wait(ep, evs, MAXEV, -1);
+        int wait = -1; /* nothing queued: sleep until input */
+        if (n_dirty) {
+            long long due = last_pass + pass_ms - now_ms();
+            wait = due > 0 ? (int)due : 0;
+        }
+        int n = epoll_wait(ep, evs, MAXEV, wait);
         if (n < 0) {
             if (errno == EINTR) continue;
             perror("broadcaster: epoll_wait");
@@ -185,9 +207,16 @@ int main(int argc, char **argv) {
             if (evs[i].events & EPOLLOUT) flush(fd);
             if (m[fd].open && (evs[i].events & (EPOLLIN | EPOLLERR | EPOLLHUP))) relay(fd);
         }
-        for (int i = 0; i < n_dirty; i++) flush(dirty[i]);
-        n_dirty = 0;
-        for (int i = 0; i < n_doomed; i++) drop(doomed[i]);
+        if (n_dirty && now_ms() >= last_pass + pass_ms) {
+            last_pass = now_ms();
+            for (int i = 0; i < n_dirty; i++) {
+                m[dirty[i]].dirty = 0;
+                flush(dirty[i]);
+            }
+            n_dirty = 0;
+        }
+        for (int i = 0; i < n_doomed; i++)
+            if (m[doomed[i]].doomed) drop(doomed[i]); /* not a newcomer on a reused descriptor */
         n_doomed = 0;
     }
     while (n_members) drop(members[0]);
