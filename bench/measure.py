@@ -9,6 +9,7 @@ are medians over its clean runs (``Point``), except loss, where the worst run co
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import statistics
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -65,7 +66,25 @@ class RedisUse:
 
 
 @dataclass
-class Run:
+class Figures:
+    """What a run measures and a point reports as the median over its runs."""
+
+    deliveries_per_s: float | None
+    p50_ms: float | None
+    p99_ms: float | None
+    p999_ms: float | None
+    max_ms: float | None
+    server_us_per_delivery: float | None
+    server_cpu_util: float | None
+    server_user_share: float | None
+    server_rss_mb: float | None
+    server_rss_mb_max: float | None
+    gen_cpu: float | None
+    loss_ratio: float | None
+
+
+@dataclass
+class Run(Figures):
     """One generator run against one fresh server (or pair of servers sharing a redis)."""
 
     label: str
@@ -82,18 +101,6 @@ class Run:
     expected: int | None
     delivered: int | None
     lost: int | None
-    loss_ratio: float | None
-    deliveries_per_s: float | None
-    p50_ms: float | None
-    p99_ms: float | None
-    p999_ms: float | None
-    max_ms: float | None
-    server_us_per_delivery: float | None
-    server_cpu_util: float | None
-    server_user_share: float | None
-    server_rss_mb: float
-    server_rss_mb_max: float
-    gen_cpu: float | None
     send_lag_mean_us: float | None
     lines_per_read: float | None
     malformed: int | None
@@ -102,18 +109,20 @@ class Run:
     out_of_order: int | None
     disconnects: int | None
     steal_s: float | None
-    other_cpu_before: float
     # interference: busy time of the two cores not spent by our processes, and the time our
-    # processes were runnable while another task had their core (the direct measure)
-    other_cpu_server_core: float
-    other_cpu_gen_core: float
-    server_runq_wait: float
-    gen_runq_wait: float
-    disturbance: float
-    noisy: bool
-    valid: bool
-    invalid_reasons: list[str]
-    gen_busy: bool
+    # processes were runnable while another task had their core (the direct measure); the
+    # external generator reports no per-core window, so its runs are judged by chatload's
+    other_cpu_before: float = 0.0
+    other_cpu_server_core: float = 0.0
+    other_cpu_gen_core: float = 0.0
+    server_runq_wait: float = 0.0
+    gen_runq_wait: float = 0.0
+    disturbance: float = 0.0
+    noisy: bool = False
+    # verdict (see _judge)
+    valid: bool = True
+    invalid_reasons: list[str] = field(default_factory=list)
+    gen_busy: bool = False
     server_alive: bool = True
     observer: Observer | None = None
     idle: IdleProbe | None = None
@@ -134,22 +143,12 @@ class Run:
             return (seconds or 0) / window if window > 0 else 0.0
 
         run = cls(
-            label=raw.get("label", ""),
+            **_alike(raw),
             server=server,
             tool="chatload",
-            protocol=raw.get("protocol", "raw"),
-            members=raw.get("clients", 0),
             rate=raw.get("rate", 0.0),
             attempt=attempt,
-            connected=raw.get("connected"),
             join_failed=raw.get("join_failed"),
-            sync_ok=bool(raw.get("sync_ok")),
-            sent=raw.get("sent"),
-            expected=raw.get("expected"),
-            delivered=raw.get("delivered"),
-            lost=raw.get("lost"),
-            loss_ratio=raw.get("loss_ratio"),
-            deliveries_per_s=raw.get("deliveries_per_s"),
             p50_ms=lat.get("p50"),
             p99_ms=lat.get("p99"),
             p999_ms=lat.get("p999"),
@@ -157,27 +156,14 @@ class Run:
             server_us_per_delivery=raw.get("server_cpu_us_per_delivery"),
             server_cpu_util=raw.get("server_cpu_util_window"),
             server_user_share=round(raw.get("server_user_s_window", 0) / srv_cpu, 3) if srv_cpu else None,
-            server_rss_mb=round(raw.get("server_rss_kb_end", 0) / 1024, 1),
-            server_rss_mb_max=round(raw.get("server_rss_kb_max_sampled", 0) / 1024, 1),
             gen_cpu=gen_cpu,
-            send_lag_mean_us=raw.get("send_lag_mean_us"),
             lines_per_read=raw.get("load_lines_per_read"),
-            malformed=raw.get("malformed"),
-            merged_lines=raw.get("merged_lines"),
-            duplicates=raw.get("duplicates"),
-            out_of_order=raw.get("out_of_order"),
-            disconnects=raw.get("disconnects_by_server"),
             steal_s=raw.get("steal_s_window"),
             other_cpu_before=round(other_cpu_before, 2),
             other_cpu_server_core=round(per_window(max(0.0, busy[1] - srv_cpu)) if len(busy) > 1 else 0.0, 3),
             other_cpu_gen_core=round(per_window(max(0.0, busy[0] - gen_cpu_window * window)) if busy else 0.0, 3),
             server_runq_wait=round(per_window(raw.get("server_runq_wait_s_window")), 4),
             gen_runq_wait=round(per_window(raw.get("loadgen_runq_wait_s_window")), 4),
-            disturbance=0.0,
-            noisy=False,
-            valid=True,
-            invalid_reasons=[],
-            gen_busy=False,
         )
         run._judge(max(raw.get("loadgen_cpu_util_send") or 0, gen_cpu_window), per_window(raw.get("steal_s_window")))
         if raw.get("mode") == "idle":
@@ -189,22 +175,12 @@ class Run:
         """The independent generator's documented fields (see shared/bench/README.md)."""
         lat = {k: (raw.get("latency_us", {}).get(k) or 0) / 1000 for k in ("p50", "p99", "p999", "max")}
         run = cls(
-            label=raw.get("label", ""),
+            **_alike(raw),
             server=server,
             tool="external",
-            protocol=raw.get("protocol", "raw"),
-            members=raw.get("clients", 0),
             rate=rate,
             attempt=attempt,
-            connected=raw.get("connected"),
             join_failed=None,
-            sync_ok=bool(raw.get("sync_ok")),
-            sent=raw.get("sent"),
-            expected=raw.get("expected"),
-            delivered=raw.get("delivered"),
-            lost=raw.get("lost"),
-            loss_ratio=raw.get("loss_ratio"),
-            deliveries_per_s=raw.get("deliveries_per_s"),
             p50_ms=lat["p50"],
             p99_ms=lat["p99"],
             p999_ms=lat["p999"],
@@ -212,28 +188,9 @@ class Run:
             server_us_per_delivery=raw.get("server_us_per_delivery"),
             server_cpu_util=raw.get("server_cpu_util_send_drain"),
             server_user_share=None,
-            server_rss_mb=round(raw.get("server_rss_kb_end", 0) / 1024, 1),
-            server_rss_mb_max=round(raw.get("server_rss_kb_max_sampled", 0) / 1024, 1),
             gen_cpu=raw.get("loadgen_cpu_util_send"),
-            send_lag_mean_us=raw.get("send_lag_mean_us"),
             lines_per_read=None,
-            malformed=raw.get("malformed"),
-            merged_lines=raw.get("merged_lines"),
-            duplicates=raw.get("duplicates"),
-            out_of_order=raw.get("out_of_order"),
-            disconnects=raw.get("disconnects_by_server"),
             steal_s=raw.get("steal_s_send_drain"),
-            other_cpu_before=0.0,
-            # it reports no per-core window: its runs are judged by chatload's runs of the same point
-            other_cpu_server_core=0.0,
-            other_cpu_gen_core=0.0,
-            server_runq_wait=0.0,
-            gen_runq_wait=0.0,
-            disturbance=0.0,
-            noisy=False,
-            valid=True,
-            invalid_reasons=[],
-            gen_busy=False,
         )
         gen = max(raw.get("loadgen_cpu_util_send") or 0, raw.get("loadgen_cpu_util_send_drain") or 0)
         run._judge(gen, 0.0)
@@ -262,6 +219,31 @@ class Run:
 
     def correct(self) -> bool:
         return not self.malformed and not self.duplicates and not self.out_of_order
+
+
+def _alike(raw: dict[str, Any]) -> dict[str, Any]:
+    """The fields both generators name alike (chatload took loadgen's documented names)."""
+    return {
+        "label": raw.get("label", ""),
+        "protocol": raw.get("protocol", "raw"),
+        "members": raw.get("clients", 0),
+        "connected": raw.get("connected"),
+        "sync_ok": bool(raw.get("sync_ok")),
+        "sent": raw.get("sent"),
+        "expected": raw.get("expected"),
+        "delivered": raw.get("delivered"),
+        "lost": raw.get("lost"),
+        "loss_ratio": raw.get("loss_ratio"),
+        "deliveries_per_s": raw.get("deliveries_per_s"),
+        "send_lag_mean_us": raw.get("send_lag_mean_us"),
+        "malformed": raw.get("malformed"),
+        "merged_lines": raw.get("merged_lines"),
+        "duplicates": raw.get("duplicates"),
+        "out_of_order": raw.get("out_of_order"),
+        "disconnects": raw.get("disconnects_by_server"),
+        "server_rss_mb": round(raw.get("server_rss_kb_end", 0) / 1024, 1),
+        "server_rss_mb_max": round(raw.get("server_rss_kb_max_sampled", 0) / 1024, 1),
+    }
 
 
 def _idle_probe(raw: dict[str, Any], members: int) -> IdleProbe:
@@ -293,21 +275,9 @@ def ratio(a: float | None, b: float | None) -> float | None:
 
 
 @dataclass
-class Point:
+class Point(Figures):
     """One (server, rate) point: medians over its clean runs (all runs if none is clean)."""
 
-    deliveries_per_s: float | None
-    p50_ms: float | None
-    p99_ms: float | None
-    p999_ms: float | None
-    max_ms: float | None
-    server_us_per_delivery: float | None
-    server_cpu_util: float | None
-    server_user_share: float | None
-    server_rss_mb: float | None
-    server_rss_mb_max: float | None
-    gen_cpu: float | None
-    loss_ratio: float | None
     lost: float | None
     lost_max: int  # the worst run: one lossy run is a finding, not noise
     gen_cpu_max: float
@@ -324,19 +294,9 @@ class Point:
     def of(cls, runs: Sequence[Run]) -> Point:
         clean = [r for r in runs if not r.noisy] or list(runs)
         seen = [r.observer for r in clean if r.observer]
+        medians = {f.name: med([getattr(r, f.name) for r in clean]) for f in dataclasses.fields(Figures)}
         return cls(
-            deliveries_per_s=med([r.deliveries_per_s for r in clean]),
-            p50_ms=med([r.p50_ms for r in clean]),
-            p99_ms=med([r.p99_ms for r in clean]),
-            p999_ms=med([r.p999_ms for r in clean]),
-            max_ms=med([r.max_ms for r in clean]),
-            server_us_per_delivery=med([r.server_us_per_delivery for r in clean]),
-            server_cpu_util=med([r.server_cpu_util for r in clean]),
-            server_user_share=med([r.server_user_share for r in clean]),
-            server_rss_mb=med([r.server_rss_mb for r in clean]),
-            server_rss_mb_max=med([r.server_rss_mb_max for r in clean]),
-            gen_cpu=med([r.gen_cpu for r in clean]),
-            loss_ratio=med([r.loss_ratio for r in clean]),
+            **medians,
             lost=med([r.lost for r in clean]),
             lost_max=max((r.lost or 0) for r in runs),
             gen_cpu_max=max((r.gen_cpu or 0) for r in runs),
