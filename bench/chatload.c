@@ -5,7 +5,7 @@
  * server (optionally spread over several ports: two instances sharing a room),
  * proves with a barrier that the server delivers to every one of them, lets S
  * of them send paced 64-byte lines and measures what every other connection
- * receives. Writes one JSON object to stdout. Built by bench/run.py with
+ * receives. Writes one JSON object to stdout. Built by bench/ (python -m bench) with
  * `gcc -O2`; no dependencies beyond libc (Linux >= 5.11 for epoll_pwait2).
  *
  * Wire format (client -> server), one line each:
@@ -19,6 +19,14 @@
  * if <gid> was sent and <t_ns> equals the stored compose time of that gid and is
  * followed by a space; anything else (a header torn by a chunk relay) is
  * `malformed`.
+ *
+ * --protocol irc (for an IRC server such as ngircd, measured as a peer): each
+ * connection registers (NICK u<idx>, USER; on 432/433 it retries u<idx>_<n>),
+ * joins #load after 001 and counts as ready on 366 (end of NAMES); it answers
+ * PING with PONG, and every line above is sent as "PRIVMSG #load :<line>\r\n",
+ * the same 64-byte text as in raw mode inside IRC framing. The ramp ends once
+ * every connection has joined or failed (connect or join within
+ * --connect-timeout: `join_failed`).
  *
  * Loss = expected - delivered, where expected sums, for every composed message,
  * the connections that had passed the barrier and were still open, minus the
@@ -55,7 +63,7 @@ enum { P_RAMP = 0, P_SYNC, P_WARM, P_SEND, P_DRAIN, P_HOLD, P_PROBE, P_DONE };
 
 typedef struct {
     int fd;
-    uint8_t state, synced, probed, port_idx;
+    uint8_t state, synced, probed, port_idx, joined, nick_tries;
     int32_t sender;          /* sender index or -1 */
     int64_t t_start, t_synced;
     char *carry;
@@ -78,7 +86,9 @@ static double o_rate = 10, o_duration = 5, o_warmup = 1, o_drain = 5, o_connect_
 static double o_connect_timeout = 10, o_sync_timeout = 15;
 static int o_pids[MAX_PIDS], o_npids = 0;
 static const char *o_label = "";
-static int o_verbose = 0;
+static int o_verbose = 0, o_irc = 0;
+#define IRC_CHANNEL "#load"
+#define IRC_PREFIX "PRIVMSG " IRC_CHANNEL " :"
 
 /* ---------- state ---------- */
 static int ep;
@@ -95,6 +105,7 @@ static int phase = P_RAMP;
 static char *rb;
 
 static uint64_t n_connected, n_connect_failed, n_open, n_synced_alive, n_disconnects;
+static uint64_t n_ready, n_join_failed, irc_errors; /* ready = connected (raw) or joined (irc) */
 static int64_t t_first_disconnect = -1;
 static int syncer = -1, syncer_reached = 0, sync_ok = 0, sync_rounds = 0;
 static uint64_t expected, delivered, malformed, merged_lines, ignored_lines, overlong;
@@ -226,7 +237,10 @@ static void ep_mod(conn_t *c, int idx, uint32_t evs) {
 static void conn_close(int idx, int by_server) {
     conn_t *c = &conns[idx];
     if (c->state == C_CLOSED || c->state == C_IDLE) return;
-    if (c->state == C_OPEN) {
+    if (c->state == C_OPEN && o_irc && !c->joined) {
+        n_open--;
+        n_join_failed++;
+    } else if (c->state == C_OPEN) {
         n_open--;
         if (c->synced) n_synced_alive--;
         if (by_server) {
@@ -305,6 +319,48 @@ static void conn_flush(int idx) {
     ep_mod(c, idx, EPOLLIN | EPOLLET);
 }
 
+/* ---------- irc ---------- */
+/* the chat text framed for the protocol: raw "<text>\n", irc "PRIVMSG #load :<text>\r\n";
+   text is padded with 'x' to `size` bytes including the raw newline */
+static int frame(char *buf, size_t cap, const char *text, int size) {
+    int len = snprintf(buf, cap, "%s%s", o_irc ? IRC_PREFIX : "", text);
+    int want = (o_irc ? (int)strlen(IRC_PREFIX) : 0) + size - 1;
+    while (len < want && len < (int)cap - 3) buf[len++] = 'x';
+    if (o_irc) buf[len++] = '\r';
+    buf[len++] = '\n';
+    return len;
+}
+
+static void irc_nick(int idx) {
+    char l[128];
+    conn_t *c = &conns[idx];
+    int n = c->nick_tries ? snprintf(l, sizeof l, "NICK u%d_%d\r\n", idx, c->nick_tries)
+                          : snprintf(l, sizeof l, "NICK u%d\r\nUSER u%d 0 * :u%d\r\n", idx, idx, idx);
+    conn_write(idx, l, (uint32_t)n);
+}
+
+/* server lines that are not chat: returns 1 when the line was one (PING, ERROR, numerics) */
+static int irc_control(int idx, const char *p, const char *nl) {
+    size_t n = (size_t)(nl - p);
+    if (n && p[n - 1] == '\r') n--;
+    if (n >= 5 && !memcmp(p, "PING ", 5)) {
+        char l[600];
+        int k = snprintf(l, sizeof l, "PONG %.*s\r\n", (int)(n - 5 > 500 ? 500 : n - 5), p + 5);
+        conn_write(idx, l, (uint32_t)k);
+        return 1;
+    }
+    if (n >= 6 && !memcmp(p, "ERROR ", 6)) { irc_errors++; return 1; }
+    const char *sp = n && p[0] == ':' ? memchr(p, ' ', n) : NULL;
+    if (!sp || sp + 4 >= p + n || sp[4] != ' ') return 0;
+    if (sp[1] < '0' || sp[1] > '9' || sp[2] < '0' || sp[2] > '9' || sp[3] < '0' || sp[3] > '9') return 0;
+    int code = (sp[1] - '0') * 100 + (sp[2] - '0') * 10 + (sp[3] - '0');
+    conn_t *c = &conns[idx];
+    if (code == 1) conn_write(idx, "JOIN " IRC_CHANNEL "\r\n", (uint32_t)strlen("JOIN " IRC_CHANNEL "\r\n"));
+    else if ((code == 432 || code == 433) && !c->joined && c->nick_tries < 9) { c->nick_tries++; irc_nick(idx); }
+    else if (code == 366 && !c->joined) { c->joined = 1; n_ready++; }
+    return 1;
+}
+
 /* ---------- receive path ---------- */
 static inline int parse_u64(const char **pp, const char *end, uint64_t *v) {
     const char *p = *pp;
@@ -367,6 +423,7 @@ static void on_load_token(int ridx, const char *p, const char *end, int64_t t) {
 
 static void on_line(int ridx, const char *p, const char *nl, int64_t t) {
     int tokens = 0;
+    if (o_irc && irc_control(ridx, p, nl)) { ignored_lines++; return; }
     const char *q = p;
     while (q + 4 <= nl && (q = memchr(q, '~', (size_t)(nl - q))) != NULL) {
         if (q + 4 <= nl && q[1] == 'L' && q[3] == ' ') {
@@ -452,9 +509,9 @@ static void send_msg(int64_t t_sched) {
     nsent++;
     if (c->state != C_OPEN) { msgs[gid].ts = -1; msgs[gid].expected = 0; send_skipped++; return; }
     int64_t t = now_ns();
-    int len = snprintf(linebuf, sizeof linebuf, "~LM %" PRIu64 " %" PRId64 " ", gid, t);
-    while (len < o_size - 1 && len < (int)sizeof linebuf - 2) linebuf[len++] = 'x';
-    linebuf[len++] = '\n';
+    char text[64];
+    snprintf(text, sizeof text, "~LM %" PRIu64 " %" PRId64 " ", gid, t);
+    int len = frame(linebuf, sizeof linebuf, text, o_size);
     msgs[gid].ts = t;
     msgs[gid].expected = (uint32_t)(n_synced_alive - (c->synced ? 1 : 0));
     expected += msgs[gid].expected;
@@ -470,7 +527,7 @@ static void usage(void) {
             "usage: chatload --port P[,P...] [--host H] [--clients N] [--senders S] [--rate R]\n"
             "  [--duration T] [--warmup W] [--drain D] [--size B] [--connect-rate C]\n"
             "  [--connect-timeout S] [--sync-timeout S] [--idle | --observe] [--server-pid P[,P...]]\n"
-            "  [--rst] [--label L] [--verbose]\n");
+            "  [--protocol raw|irc] [--rst] [--label L] [--verbose]\n");
     exit(2);
 }
 
@@ -488,7 +545,7 @@ int main(int argc, char **argv) {
         {"rate", 1, 0, 'r'}, {"duration", 1, 0, 'd'}, {"warmup", 1, 0, 'w'}, {"drain", 1, 0, 'D'},
         {"size", 1, 0, 'b'}, {"connect-rate", 1, 0, 'c'}, {"connect-timeout", 1, 0, 'C'},
         {"sync-timeout", 1, 0, 'Y'}, {"idle", 0, 0, 'I'}, {"observe", 0, 0, 'O'}, {"server-pid", 1, 0, 'P'}, {"rst", 0, 0, 'R'},
-        {"label", 1, 0, 'l'}, {"verbose", 0, 0, 'v'}, {0, 0, 0, 0}};
+        {"label", 1, 0, 'l'}, {"verbose", 0, 0, 'v'}, {"protocol", 1, 0, 'X'}, {0, 0, 0, 0}};
     int opt;
     while ((opt = getopt_long(argc, argv, "", lo, NULL)) != -1) {
         switch (opt) {
@@ -510,6 +567,10 @@ int main(int argc, char **argv) {
         case 'R': o_rst = 1; break;
         case 'l': o_label = optarg; break;
         case 'v': o_verbose = 1; break;
+        case 'X':
+            if (!strcmp(optarg, "irc")) o_irc = 1;
+            else if (strcmp(optarg, "raw")) usage();
+            break;
         default: usage();
         }
     }
@@ -577,14 +638,15 @@ int main(int argc, char **argv) {
             while (next_conn < o_clients && t >= t_begin + (int64_t)next_conn * ns_per_conn) conn_start(next_conn++);
             if (t >= t_next_timeout_scan) {
                 for (int i = 0; i < next_conn; i++)
-                    if (conns[i].state == C_CONNECTING && t - conns[i].t_start > (int64_t)(o_connect_timeout * 1e9))
+                    if ((conns[i].state == C_CONNECTING || (o_irc && conns[i].state == C_OPEN && !conns[i].joined)) &&
+                        t - conns[i].t_start > (int64_t)(o_connect_timeout * 1e9))
                         conn_close(i, 0);
                 t_next_timeout_scan = t + 100000000;
             }
             if (next_conn < o_clients) {
                 int64_t d = t_begin + (int64_t)next_conn * ns_per_conn;
                 if (d < deadline) deadline = d;
-            } else if (n_connected + n_connect_failed >= (uint64_t)o_clients) {
+            } else if (n_ready + n_connect_failed + n_join_failed >= (uint64_t)o_clients) {
                 t_ramp_end = t;
                 for (int i = 0; i < o_clients; i++)
                     if (conns[i].state == C_OPEN) { syncer = i; break; }
@@ -614,8 +676,9 @@ int main(int argc, char **argv) {
             }
             if (t >= t_sync_end) { t_sync_end = t; phase = P_WARM; t_warm_end = t + (int64_t)(o_warmup * 1e9); break; }
             if (t >= t_next_sync) {
-                char l[64];
-                int n = snprintf(l, sizeof l, "~LS %d\n", ++sync_rounds);
+                char l[128], text[32];
+                snprintf(text, sizeof text, "~LS %d", ++sync_rounds);
+                int n = frame(l, sizeof l, text, 0);
                 if (conns[syncer].state != C_OPEN) { /* pick another */
                     syncer = -1;
                     for (int i = 0; i < o_clients; i++)
@@ -667,8 +730,8 @@ int main(int argc, char **argv) {
             if (o_observe && t >= t_hold_end) { t_done = t; phase = P_DONE; break; }
             if (t >= t_hold_end) {
                 s_hold = srv_sample();
-                char l[64];
-                int n = snprintf(l, sizeof l, "~LP 1\n");
+                char l[128];
+                int n = frame(l, sizeof l, "~LP 1", 0);
                 if (conns[syncer].state != C_OPEN) { phase = P_DONE; break; }
                 probe_expected = n_synced_alive - (conns[syncer].synced ? 1 : 0);
                 t_probe_sent = now_ns();
@@ -707,6 +770,8 @@ int main(int argc, char **argv) {
                 n_open++;
                 n_connected++;
                 ep_mod(c, idx, EPOLLIN | EPOLLET);
+                if (o_irc) irc_nick(idx); /* after ep_mod: a short write re-arms EPOLLOUT */
+                else n_ready++;
                 if (!(e & EPOLLIN)) continue;
             }
             if (c->state != C_OPEN) continue;
@@ -746,6 +811,8 @@ int main(int argc, char **argv) {
     printf("{\"tool\":\"chatload\",\"label\":\"%s\",\"mode\":\"%s\",", o_label, o_observe ? "observe" : o_idle ? "idle" : "fanout");
     printf("\"clients\":%d,\"senders\":%d,\"rate\":%.3f,\"duration\":%.3f,\"size\":%d,\"ports\":%d,",
            o_clients, S, o_rate, o_duration, o_size, o_nports);
+    printf("\"protocol\":\"%s\",\"join_failed\":%" PRIu64 ",\"irc_errors\":%" PRIu64 ",", o_irc ? "irc" : "raw",
+           n_join_failed, irc_errors);
     printf("\"connected\":%" PRIu64 ",\"connect_failed\":%" PRIu64 ",\"ramp_s\":%.3f,\"open_at_end\":%" PRIu64 ",",
            n_connected, n_connect_failed, t_ramp_end > 0 ? (double)(t_ramp_end - t_begin) / 1e9 : -1.0, n_open);
     printf("\"sync_ok\":%s,\"sync_s\":%.3f,\"sync_rounds\":%d,\"joined\":%" PRIu64 ",", sync_ok ? "true" : "false",

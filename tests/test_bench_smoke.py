@@ -1,10 +1,11 @@
-"""The benchmark's smoke mode: a few seconds, correctness only (no performance bounds).
+"""The benchmark's smoke mode: a few seconds per server, correctness only (no performance bounds).
 
-It builds bench/chatload.c with gcc, starts chat-svc and the seed's server on free
-loopback ports and checks that every member receives every line (0 loss, no torn,
-duplicated or reordered lines from chat-svc) and that an idle room's broadcast
-reaches every member. The performance targets are checked by `python bench/run.py`,
-not here.
+``python -m bench --smoke`` builds bench/chatload.c and bench/broadcaster.c with gcc, starts
+chat-svc, the seed's server, the C broadcaster and (when installed) ngircd on free loopback
+ports, and checks that every member receives every line (0 loss; no torn, duplicated or
+reordered lines except from the seed, whose chunk relay tears lines by design), that an idle
+room's broadcast reaches every member, and that every server exited cleanly after SIGTERM with
+no failure in its log. The performance targets are checked by the full run, not here.
 """
 
 from __future__ import annotations
@@ -13,25 +14,79 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
-from _require import require_binary
+from _require import missing, require_binary
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench.servers import find_ngircd  # noqa: E402
+
+SmokeRun = tuple[subprocess.CompletedProcess[str], dict[str, Any]]
+
+
+def _smoke(results_dir: Path, *args: str) -> SmokeRun:
+    require_binary("gcc")
+    cmd = [sys.executable, "-m", "bench", "--smoke", "--results-dir", str(results_dir), *args]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT)
+    return r, json.loads((results_dir / "smoke.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory: pytest.TempPathFactory) -> SmokeRun:
+    return _smoke(tmp_path_factory.mktemp("bench"))
 
 
 @pytest.mark.slow
-def test_bench_smoke_every_member_gets_every_line(tmp_path: Path) -> None:
-    require_binary("gcc")
-    cmd = [sys.executable, str(ROOT / "bench" / "run.py"), "--smoke", "--results-dir", str(tmp_path)]
-    r = subprocess.run(cmd, capture_output=True, text=True, timeout=240, cwd=ROOT)
+def test_bench_smoke_every_member_gets_every_line(smoke: SmokeRun) -> None:
+    r, results = smoke
     assert r.returncode == 0, f"bench smoke failed:\n{r.stdout}\n{r.stderr[-4000:]}"
-    results = json.loads((tmp_path / "smoke.json").read_text())
-    assert results["problems"] == []
-    ours = results["smoke"]["chat-svc"]
-    assert ours["delivered"] > 0 and ours["lost"] == 0 and ours["sync_ok"]
-    assert ours["malformed"] == 0 and ours["duplicates"] == 0 and ours["out_of_order"] == 0
-    seed = results["smoke"]["seed"]
+    assert results["schema"] == 2 and results["mode"] == "smoke"
+    assert results["smoke"]["problems"] == [] and results["server_problems"] == []
+    runs = results["smoke"]["runs"]
+    for kind in ("chat-svc", "c-epoll"):
+        run = runs[kind]
+        assert run["delivered"] > 0 and run["lost"] == 0 and run["sync_ok"], kind
+        assert run["malformed"] == 0 and run["duplicates"] == 0 and run["out_of_order"] == 0, kind
+    seed = runs["seed"]
     assert seed["delivered"] > 0 and seed["lost"] == 0
-    idle = results["smoke"]["idle"]
+    idle = runs["idle"]["idle"]
     assert idle["probe_expected"] and idle["probe_delivered"] == idle["probe_expected"]
+    assert len(results["runs"]) == len(runs)
+
+
+@pytest.mark.slow
+def test_bench_smoke_drives_ngircd_over_irc(smoke: SmokeRun) -> None:
+    if find_ngircd() is None:
+        missing("ngircd is not installed (Debian package ngircd)")
+    _, results = smoke
+    run = results["smoke"]["runs"]["ngircd"]
+    assert run["protocol"] == "irc" and run["join_failed"] == 0 and run["sync_ok"]
+    assert run["delivered"] == run["expected"] > 0 and run["lost"] == 0
+    assert run["malformed"] == 0 and run["duplicates"] == 0 and run["out_of_order"] == 0
+
+
+@pytest.mark.slow
+def test_bench_smoke_fails_when_a_server_logs_a_failure_or_exits_badly(tmp_path: Path) -> None:
+    """Deliveries can be perfect while the server logs a bug and exits with the wrong code."""
+    planted = (
+        "import atexit, os, sys; "
+        "atexit.register(lambda: (print('session_failed (planted by the test)', flush=True), os._exit(3))); "
+        "from chat_svc.__main__ import main; main()"
+    )
+    r, results = _smoke(tmp_path, "--servers", "chat-svc", "--server-cmd", f'{sys.executable} -c "{planted}"')
+    assert r.returncode == 1, r.stdout + r.stderr[-3000:]
+    assert results["smoke"]["runs"]["chat-svc"]["lost"] == 0  # the lines all arrived
+    problems = "\n".join(results["smoke"]["problems"])
+    assert "exited with 3 after SIGTERM" in problems and "logged session_failed" in problems
+    assert "smoke: FAILED" in r.stdout
+
+
+def test_run_py_still_runs_the_benchmark() -> None:
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "run.py"), "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert r.returncode == 0 and "python -m bench" in r.stdout, r.stderr
