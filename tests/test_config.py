@@ -1,4 +1,4 @@
-"""One declaration per setting (a Config field) feeds --help, the CHAT_* variables and the README."""
+"""One declaration per setting (a Config field) feeds --help, the CHAT_* variables and docs/configuration.md."""
 
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 from chat_svc.config import SETTINGS, Config, load, markdown_table
 from conftest import ROOT
 
-README = (ROOT / "README.md").read_text()
+CONFIGURATION = (ROOT / "docs" / "configuration.md").read_text()
+OPERATIONS = (ROOT / "docs" / "operations.md").read_text()
 
 
 def test_flags_beat_environment_which_beats_defaults() -> None:
@@ -50,8 +51,8 @@ def test_help_documents_every_option_with_its_default() -> None:
         assert f"[env {setting.env}; default {setting.shown_default()}]" in flat, setting.name
 
 
-def test_readme_configuration_table_matches_the_settings() -> None:
-    assert markdown_table() in README
+def test_configuration_table_matches_the_settings() -> None:
+    assert markdown_table() in CONFIGURATION
 
 
 def test_secrets_never_appear_in_the_public_config() -> None:
@@ -59,10 +60,10 @@ def test_secrets_never_appear_in_the_public_config() -> None:
     assert shown["token"] == "<set>" and shown["redis_url"] == "<set>" and shown["token_file"] is None
 
 
-def test_readme_documents_every_metric_and_log_event() -> None:
+def test_operations_guide_documents_every_metric_and_log_event() -> None:
     source = "".join(path.read_text() for path in (ROOT / "service" / "chat_svc").rglob("*.py"))
     metrics = set(re.findall(r'"(chat_[a-z_]+)"', source)) - {"chat_svc"}
     events = set(re.findall(r'log\w*\.(?:info|warning|error|exception|debug)\(\s*"([a-z_]+)"', source))
     assert metrics and events
-    missing = sorted(name for name in metrics | events if f"`{name}" not in README)
+    missing = sorted(name for name in metrics | events if f"`{name}" not in OPERATIONS)
     assert not missing
