@@ -1,0 +1,141 @@
+"""A well-behaved member and a health prober that measure what an attack costs everyone else.
+
+Hardening tests run an attack against a real server while a ``Bystander`` keeps
+talking to itself (``/msg`` to its own nick, a round trip through the whole
+input, command, hub and output path) and polls ``/healthz``.  The test then
+asserts on the bystander's round-trip p99 and the slowest health answer.
+Plain threads and blocking sockets, so the probe does not share an event loop
+(or a GIL-heavy greenlet hub) with the attack it measures.
+"""
+
+from __future__ import annotations
+
+import http.client
+import socket
+import statistics
+import threading
+import time
+from dataclasses import dataclass, field
+
+
+@dataclass
+class Measured:
+    """What the bystander saw: round trips of its own /msg, and /healthz answer times (seconds)."""
+
+    round_trips: list[float] = field(default_factory=list)
+    health: list[float] = field(default_factory=list)
+    lost: int = 0
+    health_failures: list[str] = field(default_factory=list)
+
+    def p99(self) -> float:
+        values = sorted(self.round_trips)
+        if not values:
+            return float("inf")
+        return values[min(len(values) - 1, int(len(values) * 0.99))]
+
+    def slowest_health(self) -> float:
+        return max(self.health, default=float("inf"))
+
+    def summary(self) -> str:
+        median = statistics.median(self.round_trips) if self.round_trips else float("nan")
+        return (
+            f"{len(self.round_trips)} round trips, p50 {median * 1000:.1f} ms, p99 {self.p99() * 1000:.1f} ms, "
+            f"{self.lost} lost; {len(self.health)} health checks, slowest {self.slowest_health() * 1000:.0f} ms, "
+            f"failures {self.health_failures[:3]}"
+        )
+
+
+class Bystander:
+    """Joins as ``nick`` from ``source`` (e.g. 127.0.0.2, "another IP") and measures until stopped."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        nick: str = "bystander",
+        source: str = "127.0.0.1",
+        health_port: int | None = None,
+        interval: float = 0.05,
+        timeout: float = 5.0,
+    ) -> None:
+        self.host, self.port, self.nick = host, port, nick
+        self.health_port = health_port or port
+        self.interval = interval
+        self.timeout = timeout
+        self.measured = Measured()
+        self._stop = threading.Event()
+        self.sock = socket.create_connection((host, port), timeout=timeout, source_address=(source, 0))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._buffer = b""
+        self._expect_line(b"* welcome")
+        self.sock.sendall(f"/nick {nick}\n".encode())
+        self._expect_line(b"is now known as " + nick.encode())
+        self._threads = [
+            threading.Thread(target=self._talk, daemon=True),
+            threading.Thread(target=self._check_health, daemon=True),
+        ]
+
+    def __enter__(self) -> Bystander:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> Measured:
+        self._stop.set()
+        for thread in self._threads:
+            if thread.is_alive():
+                thread.join(self.timeout + 1)
+        self.sock.close()
+        return self.measured
+
+    def _expect_line(self, needle: bytes) -> bytes:
+        deadline = time.monotonic() + self.timeout
+        while True:
+            while b"\n" in self._buffer:
+                line, _, self._buffer = self._buffer.partition(b"\n")
+                if needle in line:
+                    return line
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no line with {needle!r}")
+            self.sock.settimeout(remaining)
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise EOFError("server closed the bystander's connection")
+            self._buffer += chunk
+
+    def _talk(self) -> None:
+        seq = 0
+        while not self._stop.is_set():
+            seq += 1
+            token = f"probe-{seq}"
+            started = time.monotonic()
+            try:
+                self.sock.sendall(f"/msg {self.nick} {token}\n".encode())
+                self._expect_line(token.encode())
+            except TimeoutError:
+                self.measured.lost += 1
+                continue
+            except OSError:
+                self.measured.lost += 1
+                return
+            self.measured.round_trips.append(time.monotonic() - started)
+            self._stop.wait(self.interval)
+
+    def _check_health(self) -> None:
+        while not self._stop.is_set():
+            started = time.monotonic()
+            try:
+                conn = http.client.HTTPConnection(self.host, self.health_port, timeout=self.timeout)
+                conn.request("GET", "/healthz")
+                status = conn.getresponse().status
+                conn.close()
+                if status != 200:
+                    self.measured.health_failures.append(f"status {status}")
+            except OSError as exc:
+                self.measured.health_failures.append(repr(exc))
+            self.measured.health.append(time.monotonic() - started)
+            self._stop.wait(0.2)
