@@ -150,6 +150,9 @@ class ServerProcess:
             self.metrics_port = int(args[args.index("--metrics-port") + 1])
         if "--log-format" not in args:
             argv += ["--log-format", "json"]
+        for drain in ("--drain-delay", "--drain-spread"):  # a test's teardown need not wait out a drain
+            if drain not in args:
+                argv += [drain, "0"]
         self.log_path = Path(os.environ.get("TMPDIR", "/tmp")) / f"chat-svc-{self.port}-{time.monotonic_ns()}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115
         full_env = {**os.environ, **(env or {})}

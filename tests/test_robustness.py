@@ -119,7 +119,7 @@ def test_sigterm_tells_twenty_members_closes_them_and_exits_zero(chat_server):
     started = time.monotonic()
     srv.signal(signal.SIGTERM)
     for member in members:
-        assert member.expect("* server shutting down") == "* server shutting down"
+        assert member.expect("* server restarting") == "* server restarting, reconnect"
         assert member.closed(10)
     assert srv.proc.wait(10) == 0
     assert time.monotonic() - started < 10

@@ -17,6 +17,7 @@ import structlog
 
 from . import protocol
 from .directory import Directory
+from .flood import TokenBucket
 from .hub import Hub, Member
 
 log = structlog.get_logger("chat_svc.commands")
@@ -39,6 +40,11 @@ class Context(Protocol):
     @property
     def token_required(self) -> bool: ...
 
+    @property
+    def new_rooms(self) -> tuple[int, float]:
+        """Rooms a member may bring into being at once, and per second after that (0: no limit)."""
+        ...
+
 
 Handler = Callable[[Context, Member, str], str | None]
 
@@ -60,6 +66,28 @@ def nick(ctx: Context, member: Member, arg: str) -> str | None:
     return None
 
 
+def _may_bring_into_being(ctx: Context, member: Member, room: str) -> bool:
+    """Whether ``member`` may enter ``room``: a room this process holds nothing of costs a token.
+
+    Every room brought into being costs memory here and keys in Redis until
+    it expires; one client must not mint them without bound.
+    """
+    burst, rate = ctx.new_rooms
+    if rate <= 0 or ctx.hub.knows_room(room):
+        return True
+    bucket = member.new_rooms
+    if not isinstance(bucket, TokenBucket):
+        bucket = member.new_rooms = TokenBucket(burst, rate)
+    wait = bucket.take()
+    if not wait:
+        return True
+    bucket.refund()
+    ctx.hub.counters.rooms_refused += 1
+    _reply(ctx, member, protocol.error_line(f"too many new rooms: try again in {max(1, round(wait))} s"))
+    log.info("room_creation_refused", nick=member.nick, room=room)
+    return False
+
+
 def join(ctx: Context, member: Member, arg: str) -> str | None:
     assert member.room is not None
     if not protocol.valid_room(arg):
@@ -67,6 +95,8 @@ def join(ctx: Context, member: Member, arg: str) -> str | None:
         return None
     if member.room.name == arg:
         _reply(ctx, member, protocol.info_line(f"you are already in {arg}"))
+        return None
+    if not _may_bring_into_being(ctx, member, arg):
         return None
     _reply(ctx, member, protocol.info_line(f"you joined {arg}"))
     ctx.hub.move(member, arg)
@@ -107,6 +137,29 @@ def msg(ctx: Context, member: Member, arg: str) -> str | None:
     return None
 
 
+def ids(ctx: Context, member: Member, _: str) -> str | None:
+    ctx.hub.enable_ids(member)
+    _reply(ctx, member, protocol.IDS_ON)
+    return None
+
+
+def resume(ctx: Context, member: Member, arg: str) -> str | None:
+    parsed = protocol.parse_resume(arg)
+    if parsed is None:
+        _reply(ctx, member, protocol.error_line("usage: /resume ROOM EPOCH:OFFSET"))
+        return None
+    room, epoch, offset = parsed
+    if not protocol.valid_room(room):
+        _reply(ctx, member, protocol.error_line(f"invalid room name: {ROOM_RULE}"))
+        return None
+    if not _may_bring_into_being(ctx, member, room):
+        return None
+    complete, _ = ctx.hub.resume(member, room, epoch, offset)
+    if not complete:
+        log.info("resume_incomplete", nick=member.nick, room=room, since=f"{epoch.decode()}:{offset}")
+    return None
+
+
 def help_(ctx: Context, member: Member, _: str) -> str | None:
     _reply(ctx, member, HELP)
     return None
@@ -141,6 +194,13 @@ TABLE: tuple[Command, ...] = (
     Command("who", "/who", "list who is in your room", who),
     Command("me", "/me ACTION", "tell your room what you are doing", me),
     Command("msg", "/msg NICK TEXT", "send TEXT to NICK alone", msg),
+    Command("ids", "/ids", "prefix every line of a room's log with its id @EPOCH:OFFSET", ids),
+    Command(
+        "resume",
+        "/resume ROOM EPOCH:OFFSET",
+        "enter ROOM and get every line after that id (turns ids on)",
+        resume,
+    ),
     Command("help", "/help", "show the commands", help_),
     Command("quit", "/quit", "say goodbye and disconnect", quit_),
     # Only meaningful as the first line, and only when the server has a token.

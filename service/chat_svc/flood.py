@@ -44,6 +44,10 @@ class TokenBucket:
             self.throttled_since = now
         return -tokens / self.rate
 
+    def refund(self) -> None:
+        """Give back the token of a ``take`` whose action was refused rather than delayed."""
+        self._tokens = min(self.burst, self._tokens + 1.0)
+
     def throttled_for(self) -> float:
         """Seconds this client has been over its rate without a break."""
         if self.throttled_since is None:

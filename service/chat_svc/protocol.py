@@ -7,6 +7,7 @@ built here, so the wire format is defined in one place (and in README.md).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 NICK_RE = re.compile(r"[A-Za-z0-9_.\-]{1,32}")
@@ -43,6 +44,17 @@ def valid_nick(name: str) -> bool:
 
 def valid_room(name: str) -> bool:
     return ROOM_RE.fullmatch(name) is not None
+
+
+RESUME_RE = re.compile(r"(\S+) ([A-Za-z0-9]{1,16}):([0-9]{1,18})")
+
+
+def parse_resume(arg: str) -> tuple[str, bytes, int] | None:
+    """``ROOM EPOCH:OFFSET`` of a /resume; None when it is not that shape."""
+    match = RESUME_RE.fullmatch(arg)
+    if match is None:
+        return None
+    return match[1], match[2].encode(), int(match[3])
 
 
 def encode(text: str) -> bytes:
@@ -86,9 +98,23 @@ def error_line(text: str) -> bytes:
     return encode(f"! {text}")
 
 
+def resumed_line(room: str, count: int) -> bytes:
+    """After a complete replay; the count is always followed by "lines", so clients match one pattern."""
+    return encode(f"* resumed {room}: {count} lines")
+
+
+def resume_incomplete_line(room: str, reason: str) -> bytes:
+    return error_line(f"resume incomplete {room}: {reason}")
+
+
+RESTARTING = encode("* server restarting, reconnect")
+IDS_ON = encode("* ids on")
+
 HISTORY_PREFIX = b"[history] "
 
 
-def history_block(lines: list[bytes]) -> bytes:
-    """Recent room lines, each marked so clients can tell them from live ones."""
-    return b"".join(HISTORY_PREFIX + line for line in lines)
+def history_block(entries: Sequence[tuple[bytes, int, bytes, bool]], ids: bool = False) -> bytes:
+    """Recent room lines, each marked so clients can tell them from live ones; with ids, each keeps its own."""
+    if ids:
+        return b"".join(b"@%b:%d [history] %b" % (epoch, offset, line) for epoch, offset, line, _ in entries)
+    return b"".join(HISTORY_PREFIX + entry[2] for entry in entries)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import hmac
 import itertools
+import socket
 import struct
 import termios
 import time
@@ -61,6 +62,8 @@ class SessionLimits:
     auth_timeout: float
     token: str | None
     log_messages: bool
+    room_create_burst: int = 20
+    room_create_rate: float = 0.0
 
     @classmethod
     def from_config(cls, config: Config) -> SessionLimits:
@@ -74,6 +77,8 @@ class SessionLimits:
             auth_timeout=config.auth_timeout,
             token=config.access_token(),
             log_messages=config.log_messages,
+            room_create_burst=config.room_create_burst,
+            room_create_rate=config.room_create_rate,
         )
 
 
@@ -98,6 +103,10 @@ class SessionContext:
     def token_required(self) -> bool:
         return self.limits.token is not None
 
+    @property
+    def new_rooms(self) -> tuple[int, float]:
+        return self.limits.room_create_burst, self.limits.room_create_rate
+
 
 class Session:
     """Serves one chat client from first line to close.
@@ -121,6 +130,7 @@ class Session:
         "bytes_in",
         "conn_id",
         "ctx",
+        "draining",
         "finished",
         "framer",
         "head",
@@ -154,6 +164,7 @@ class Session:
         self.watcher: Any = None
         self.busy = True
         self.finished = False
+        self.draining = False
         self.bytes_in = len(head)
         ctx.counters.bytes_in += len(head)
         self.admitted = False
@@ -229,9 +240,42 @@ class Session:
         self._serve(b"")
 
     def end(self, reason: str) -> None:
-        """Record why the session ends (the first reason wins)."""
+        """Record why the session ends (the first reason wins; once told to go, the drain is why)."""
         if self.reason is None:
-            self.reason = reason
+            self.reason = "shutdown" if self.draining and reason in ("eof", "error") else reason
+
+    def tell_to_go(self, notice: bytes) -> None:
+        """The drain reached this member: say ``notice`` and hand it no more room lines.
+
+        Its input is still read (a line sent before it saw the notice is not
+        lost) until it closes, or ``half_close`` and the drain's deadline end it.
+        """
+        self.draining = True
+        member = self.member
+        if member is not None and member.room is not None:
+            self.ctx.hub.send_to(member, notice)
+            self.ctx.hub.release(member)
+        else:
+            self.outbox.push(notice)
+
+    def half_close(self) -> bool:
+        """Everything owed is written: send FIN so the client sees the end, keep reading.
+
+        Plain TCP only (TLS and framed transports close instead); False when
+        the session was ended instead.
+        """
+        if self.finished:
+            return False
+        if self.raw is None:
+            self.kill("shutdown")
+            return False
+        self.outbox.closed = True  # nothing more is queued once the FIN is on its way
+        try:
+            self.raw.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.kill("shutdown")
+            return False
+        return True
 
     def kill(self, reason: str) -> None:
         """End the session from outside its own flow (hub, sweeper, shutdown); never blocks.
