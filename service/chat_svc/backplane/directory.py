@@ -35,7 +35,9 @@ class RedisDirectory:
         if nick == member.nick or nick in hub.members or not self._subscriber.up:
             return hub.claim_nick(member, nick)
         try:
-            taken = self._claim(keys=[keys.nick(nick)], args=[self._instance_id, self._ttl])
+            taken = self._claim(
+                keys=[keys.nick(nick)], args=[self._instance_id, self._publisher.now_ms(), self._ttl * 1000]
+            )
         except ERRORS as exc:
             self.log.info("backplane_query_failed", query="claim_nick", error=str(exc))
             return hub.claim_nick(member, nick)
@@ -55,14 +57,14 @@ class RedisDirectory:
         if not self._subscriber.up:
             return False
         try:
-            owner = self._redis.get(keys.nick(target))
+            owner = keys.nick_owner(self._redis.get(keys.nick(target)), self._publisher.now_ms())
         except ERRORS as exc:
             self.log.info("backplane_query_failed", query="whisper", error=str(exc))
             return False
-        if owner is None or owner.decode() == self._instance_id:
+        if owner is None or owner == self._instance_id:
             return False
         line = protocol.private_line(member.nick, target, text)
-        self._publisher.send_private(owner.decode(), target, line)
+        self._publisher.send_private(owner, target, line)
         self.hub.send_to(member, line)
         return True
 
