@@ -204,10 +204,12 @@ class Service:
         for session in self.sessions.difference(order):
             session.kill("shutdown")  # not a member yet (authenticating): nothing to resume
         spread_from = time.monotonic()
-        # the promise is an exit by spread end + --shutdown-timeout; keep a little of that for
-        # closing, flushing the backplane and exiting
+        # Told members get --shutdown-timeout after the last notice to close (the promise: an exit
+        # by spread end + --shutdown-timeout); a little of it is kept for closing the rest,
+        # flushing the backplane and exiting.
         reserve = EXIT_RESERVE + (BACKPLANE_RESERVE if self.backplane is not None else 0.0)
-        deadline = spread_from + config.drain_spread + max(0.0, config.shutdown_timeout - reserve)
+        grace = max(0.0, config.shutdown_timeout - reserve)
+        deadline = spread_from + config.drain_spread + grace
         told: list[Session] = []
         next_up = 0
         while next_up < len(order) or told:
@@ -220,6 +222,8 @@ class Service:
                 if not session.finished:
                     session.tell_to_go(protocol.RESTARTING)
                     told.append(session)
+            if next_up < len(order) <= due:  # the last one told now: the grace counts from here
+                deadline = min(deadline, now + grace)
             next_up = max(next_up, due)
             told = [session for session in told if _still_writing(session)]
             if now >= deadline:
