@@ -56,13 +56,17 @@ class Health:
 StartResponse = Callable[..., Any]
 
 
-def make_app(registry: CollectorRegistry, health: Health) -> Callable[[dict[str, Any], StartResponse], Iterable[bytes]]:
-    """One WSGI app for /metrics (prometheus_client's own), /healthz and /readyz."""
+def make_app(
+    registry: CollectorRegistry, health: Health, api: Callable[..., Iterable[bytes]] | None = None
+) -> Callable[[dict[str, Any], StartResponse], Iterable[bytes]]:
+    """One WSGI app for /metrics (prometheus_client's own), /healthz, /readyz and, when given, the API under /api/."""
     metrics_app = make_wsgi_app(registry)
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         method = environ.get("REQUEST_METHOD", "")
+        if api is not None and path.startswith("/api/"):
+            return api(environ, start_response)
         if path not in ("/metrics", "/healthz", "/readyz"):
             return _reply(start_response, "404 Not Found", b"not found\n")
         if method not in ("GET", "HEAD"):

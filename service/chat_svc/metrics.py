@@ -31,6 +31,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from . import __version__
+from .identity import AUTH_FAILURE_REASONS
 
 DISCONNECT_REASONS = (
     "quit",
@@ -43,6 +44,9 @@ DISCONNECT_REASONS = (
     "shutdown",
     "auth_failed",
     "server_full",
+    "kicked",
+    "banned",
+    "token_expired",
 )
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -107,6 +111,19 @@ class Metrics:
             buckets=LOOP_LAG_BUCKETS,
             registry=r,
         )
+        self.auth_failures = Counter(
+            "chat_auth_failures", "Refused /auth attempts, by reason.", ["reason"], registry=r
+        )
+        self.auth_failures_by_reason = {reason: self.auth_failures.labels(reason) for reason in AUTH_FAILURE_REASONS}
+        self.api_requests = Counter(
+            "chat_api_requests", "Operator API requests, by route template and status.", ["route", "status"], registry=r
+        )
+        self.api_replays = Counter(
+            "chat_api_idempotent_replays",
+            "API publishes answered from an earlier request with the same Idempotency-Key (nothing delivered).",
+            registry=r,
+        )
+        self.bans = Gauge("chat_bans", "Bans in force, as this instance enforces them.", registry=r)
         build = Gauge("chat_build_info", "Version of the running chat-svc.", ["version"], registry=r)
         build.labels(__version__).set(1)
 
