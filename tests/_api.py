@@ -10,6 +10,7 @@ import http.client
 import json
 import socket
 import time
+import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -62,7 +63,7 @@ def call(
 def documented(method: str, path: str, status: int) -> None:
     """An operation's answer must be one its OpenAPI entry lists (401, 404 and 405 are the router's)."""
     try:
-        route, _ = _match(method, path.split("?")[0])
+        route, _ = _match(method, urllib.parse.unquote(path.split("?")[0], errors="replace"))
     except ApiError as error:
         assert status in (401, error.status), (method, path, status)
         return

@@ -48,8 +48,13 @@ def test_without_a_keys_file_every_api_path_is_404(chat_server: Start) -> None:
 
 
 def test_every_request_needs_a_known_bearer_key(api: ServerProcess) -> None:
-    for headers in [{}, {"Authorization": "Bearer nope"}, {"Authorization": f"Basic {KEY}"},
-                    {"Authorization": "Bearer # operators"}, {"Authorization": "Bearer "}]:
+    for headers in [
+        {},
+        {"Authorization": "Bearer nope"},
+        {"Authorization": f"Basic {KEY}"},
+        {"Authorization": "Bearer # operators"},
+        {"Authorization": "Bearer "},
+    ]:
         status, body, answer_headers = call(api.port, "GET", "/api/v1/rooms", key=None, headers=headers)
         assert (status, body) == (401, {"error": "missing or unknown API key"})
         assert answer_headers["WWW-Authenticate"] == "Bearer"
@@ -96,8 +101,13 @@ def test_bodies_must_be_json_objects_of_known_fields_within_64_kib(api: ServerPr
 def chunked(port: int, path: str, parts: list[bytes], encode: bool) -> tuple[int, object]:
     connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
     try:
-        connection.request("POST", path, body=iter(parts), encode_chunked=encode,
-                           headers={"Authorization": f"Bearer {KEY}", "Transfer-Encoding": "chunked"})
+        connection.request(
+            "POST",
+            path,
+            body=iter(parts),
+            encode_chunked=encode,
+            headers={"Authorization": f"Bearer {KEY}", "Transfer-Encoding": "chunked"},
+        )
         response = connection.getresponse()
         return response.status, json.loads(response.read())
     finally:
@@ -134,9 +144,16 @@ def test_publish_refuses_bad_rooms_senders_and_texts(api: ServerProcess, chat_se
     lobby = "/api/v1/rooms/lobby/messages"
     nick_rule = "use 1-32 letters, digits, _ - ."
     cases = [
-        (f"/api/v1/rooms/{urllib.parse.quote('bad room')}/messages", {"text": "x"},
-         f"invalid room name: {nick_rule} (optional leading #)"),
-        ("/api/v1/rooms/" + "r" * 33 + "/messages", {"text": "x"}, f"invalid room name: {nick_rule} (optional leading #)"),
+        (
+            f"/api/v1/rooms/{urllib.parse.quote('bad room')}/messages",
+            {"text": "x"},
+            f"invalid room name: {nick_rule} (optional leading #)",
+        ),
+        (
+            "/api/v1/rooms/" + "r" * 33 + "/messages",
+            {"text": "x"},
+            f"invalid room name: {nick_rule} (optional leading #)",
+        ),
         (lobby, {"text": "x", "from": "deploy bot"}, f"invalid from: {nick_rule}"),
         (lobby, {"text": "x", "from": ""}, f"invalid from: {nick_rule}"),
         (lobby, {"text": "x", "from": 7}, "from must be a string"),
@@ -165,10 +182,13 @@ def test_an_idempotency_key_delivers_once_and_answers_the_same(api: ServerProces
     assert [line for line in alice.lines_for(0.5) if line.startswith("[")] == ["[api] once", "[api] twice"]
     assert samples(api.port)["chat_api_idempotent_replays_total"] == 1
     # A request that delivered nothing does not use up its key.
-    assert call(api.port, "POST", "/api/v1/rooms/dev/messages", {"text": "x"},
-                headers={"Idempotency-Key": "k"})[:2] == (404, {"error": "no such room"})
+    assert call(api.port, "POST", "/api/v1/rooms/dev/messages", {"text": "x"}, headers={"Idempotency-Key": "k"})[
+        :2
+    ] == (404, {"error": "no such room"})
     api.member("bob", "dev")
-    assert call(api.port, "POST", "/api/v1/rooms/dev/messages", {"text": "x"}, headers={"Idempotency-Key": "k"})[0] == 200
+    assert (
+        call(api.port, "POST", "/api/v1/rooms/dev/messages", {"text": "x"}, headers={"Idempotency-Key": "k"})[0] == 200
+    )
     for bad in ["with space", "x" * 256, "tab\tkey"]:
         assert call(api.port, "POST", path, {"text": "x"}, headers={"Idempotency-Key": bad})[:2] == (
             400,
@@ -321,7 +341,7 @@ def test_openapi_document_lists_exactly_the_routes_in_the_code(api: ServerProces
     status, served, _ = call(api.port, "GET", "/api/v1/openapi.json")
     assert status == 200 and served == json.loads(json.dumps(DOCUMENT))
     assert served["openapi"].startswith("3.")
-    for (method, path) in documented:
+    for method, path in documented:
         assert {"200", "401"} <= set(DOCUMENT["paths"][path][method]["responses"]), (method, path)
 
 
@@ -362,8 +382,9 @@ def test_with_a_metrics_port_the_api_leaves_the_chat_port(chat_server: Start, tm
     from conftest import free_port
 
     metrics_port = free_port()
-    srv = chat_server("--api-keys-file", str(keys_file(tmp_path)), "--metrics-port", str(metrics_port),
-                      "--metrics-host", "127.0.0.1")
+    srv = chat_server(
+        "--api-keys-file", str(keys_file(tmp_path)), "--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.1"
+    )
     wait_for(lambda: raw_get(metrics_port, "/healthz")[0] == 200, 5, "metrics port up")
     assert call(metrics_port, "GET", "/api/v1/rooms")[:2] == (200, [])
     assert raw_get(srv.port, "/api/v1/rooms", {"Authorization": f"Bearer {KEY}"})[0] == 404
@@ -372,3 +393,62 @@ def test_with_a_metrics_port_the_api_leaves_the_chat_port(chat_server: Start, tm
 def test_a_bad_keys_file_stops_the_start_with_a_reason(chat_server: Start, tmp_path: Path) -> None:
     with pytest.raises(RuntimeError, match="exited with 1"):
         chat_server("--api-keys-file", str(tmp_path / "missing"))
+
+
+# ----------------------------------------------------------------------------- fuzz
+
+
+def test_random_json_and_headers_at_every_endpoint_get_a_4xx_never_a_500(chat_server: Start, tmp_path: Path) -> None:
+    """Hypothesis throws random bodies, path parameters and headers at every route.
+
+    Nobody is connected, so no request can find a room or a member: the only
+    2xx answers possible are reads and a ban that happened to be valid.
+    """
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    srv = chat_server("--api-keys-file", str(keys_file(tmp_path)))
+    fields = st.sampled_from(["text", "from", "reason", "nick", "ip", "ttl_s", "id", "rooms", ""])
+    scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40)
+    values = st.recursive(
+        scalars,
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
+        max_leaves=12,
+    )
+    bodies = st.dictionaries(fields | st.text(max_size=10), values, max_size=5).map(lambda d: json.dumps(d).encode())
+    bodies = bodies | values.map(lambda v: json.dumps(v).encode()) | st.binary(max_size=200) | st.just(b"")
+    visible = st.text(st.characters(min_codepoint=0x20, max_codepoint=0xFF, blacklist_characters="\x7f"), max_size=60)
+    headers = st.dictionaries(
+        st.sampled_from(["Authorization", "Content-Type", "Idempotency-Key", "Accept", "X-Forwarded-For", "Expect"]),
+        visible,
+        max_size=4,
+    )
+    params = st.text(max_size=40).map(lambda text: urllib.parse.quote(text, safe="")) | st.sampled_from(
+        ["nobody", "empty-room", "%23nowhere", "0123456789abcdef", "", "..", "%2F"]
+    )
+    methods = st.sampled_from(["GET", "POST", "DELETE", "PUT", "PATCH"])
+
+    @settings(max_examples=400, deadline=None, database=None, suppress_health_check=list(HealthCheck))
+    @given(
+        route=st.sampled_from(ROUTES),
+        param=params,
+        method=st.none() | methods,
+        body=bodies,
+        sent=headers,
+        keyed=st.booleans(),
+    )
+    def throw(route, param, method, body, sent, keyed) -> None:
+        path = re.sub(r"\{\w+\}", param, route.template)
+        if keyed:
+            sent = {**sent, "Authorization": f"Bearer {KEY}"}
+        status, answer, _ = call(srv.port, method or route.method, path, key=None, headers=sent, raw=body)
+        assert status < 500, (route.template, status, answer)
+        if status != 200:
+            assert 400 <= status < 500 and set(answer) == {"error"}, (status, answer)
+
+    throw()
+    assert srv.proc.poll() is None
+    text = srv.log_text()
+    assert "Traceback" not in text and "api_failed" not in text and '"exception"' not in text
+    statuses = {event["status"] for event in events(srv, "api_request")}
+    assert {400, 401, 404, 405} <= statuses, statuses

@@ -345,8 +345,17 @@ ROUTES: tuple[Route, ...] = (
     Route("GET", "/api/v1/openapi.json", Api.document),
 )
 _PATTERNS = [(route, route.pattern) for route in ROUTES]
-_PHRASES = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found", 405: "Method Not Allowed",
-            409: "Conflict", 413: "Content Too Large", 500: "Internal Server Error", 503: "Service Unavailable"}
+_PHRASES = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    405: "Method Not Allowed",
+    409: "Conflict",
+    413: "Content Too Large",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
 
 
 def _match(method: str, path: str) -> tuple[Route, dict[str, str]]:

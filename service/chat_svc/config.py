@@ -76,7 +76,9 @@ class Config:
     """The typed configuration every module receives; built by ``load``."""
 
     host: str = setting("0.0.0.0", str, "Address the chat port binds to.")
-    port: int = setting(9009, parse_port, "Chat TCP port; it also answers HTTP /metrics, /healthz, /readyz and the API (/api/).")
+    port: int = setting(
+        9009, parse_port, "Chat TCP port; it also answers HTTP /metrics, /healthz, /readyz and the API (/api/)."
+    )
     metrics_host: str = setting("0.0.0.0", str, "Address of the separate metrics listener.")
     metrics_port: int | None = setting(
         None,

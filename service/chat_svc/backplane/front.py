@@ -58,7 +58,8 @@ class RedisBackplane:
         self.subscriber = Subscriber(instance, self._pool, (self._queries, writer), wake)
         self.publisher = Publisher(instance, writer, self.subscriber, wake)
         self.directory = RedisDirectory(instance, self._queries, self.subscriber, self.publisher)
-        self.bans = RedisBans(instance, self._queries, self.subscriber, self.publisher, bans or BanList())
+        mirror = bans if bans is not None else BanList()
+        self.bans = RedisBans(instance, self._queries, self.subscriber, self.publisher, mirror)
         self.idempotency = RedisIdempotency(instance, self._queries, self.subscriber)
         self._greenlets: list[gevent.Greenlet] = []
 
