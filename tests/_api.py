@@ -18,7 +18,6 @@ from typing import Any
 from chat_svc.api import ApiError, _match
 from chat_svc.openapi import DOCUMENT
 from conftest import LineClient, ServerProcess
-from prometheus_client.parser import text_string_to_metric_families
 
 KEY = "k3y-for-tests-0123456789"
 
@@ -84,21 +83,6 @@ def from_address(srv: ServerProcess, source: str) -> LineClient:
     client = SourceClient(srv.host, srv.port, source)
     srv.clients.append(client)
     return client
-
-
-def samples(port: int) -> dict[str, float]:
-    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
-    try:
-        connection.request("GET", "/metrics")
-        text = connection.getresponse().read().decode()
-    finally:
-        connection.close()
-    found = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-            found[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return found
 
 
 def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:

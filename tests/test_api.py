@@ -15,10 +15,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from _api import KEY, call, events, from_address, keys_file, samples, wait_for
+from _api import KEY, call, events, from_address, keys_file, wait_for
 from chat_svc.api import ROUTES, key_id
 from chat_svc.openapi import DOCUMENT
 from conftest import ServerProcess
+from test_observability import scrape
 
 Start = Callable[..., ServerProcess]
 
@@ -180,7 +181,7 @@ def test_an_idempotency_key_delivers_once_and_answers_the_same(api: ServerProces
     other = call(api.port, "POST", path, {"text": "twice"}, headers={"Idempotency-Key": "deploy-43"})
     assert other[:2] == (200, {})
     assert [line for line in alice.lines_for(0.5) if line.startswith("[")] == ["[api] once", "[api] twice"]
-    assert samples(api.port)["chat_api_idempotent_replays_total"] == 1
+    assert scrape(api.port)["chat_api_idempotent_replays_total"] == 1
     # A request that delivered nothing does not use up its key.
     assert call(api.port, "POST", "/api/v1/rooms/dev/messages", {"text": "x"}, headers={"Idempotency-Key": "k"})[
         :2
@@ -229,7 +230,7 @@ def test_kick_tells_the_member_why_closes_it_and_counts_it(api: ServerProcess) -
     assert call(api.port, "POST", "/api/v1/members/bob/kick")[:2] == (200, {})
     assert bob.expect("!") == "! kicked: no reason given"
     assert bob.closed()
-    wait_for(lambda: samples(api.port).get("chat_disconnects_total{reason=kicked}") == 2, 5, "two kicks counted")
+    wait_for(lambda: scrape(api.port).get("chat_disconnects_total{reason=kicked}") == 2, 5, "two kicks counted")
     assert call(api.port, "POST", "/api/v1/members/alice/kick", {"reason": "again"})[:2] == (
         404,
         {"error": "no such member"},
@@ -257,7 +258,7 @@ def test_a_nick_ban_kicks_the_member_and_holds_at_nick_until_lifted(api: ServerP
     ban_id = body["id"]
     assert mallory.expect("!") == "! banned: spam"
     assert mallory.closed()
-    wait_for(lambda: samples(api.port).get("chat_disconnects_total{reason=banned}") == 1, 5, "ban counted")
+    wait_for(lambda: scrape(api.port).get("chat_disconnects_total{reason=banned}") == 1, 5, "ban counted")
     # Back again: the nick stays banned at /nick; the connection itself is fine.
     again = api.member()
     again.send("/nick mallory")
@@ -268,7 +269,7 @@ def test_a_nick_ban_kicks_the_member_and_holds_at_nick_until_lifted(api: ServerP
     assert status == 200 and len(listed) == 1
     assert listed[0]["id"] == ban_id and listed[0]["nick"] == "mallory" and listed[0]["ip"] is None
     assert listed[0]["reason"] == "spam" and 595 <= listed[0]["ttl_s"] <= 600
-    assert samples(api.port)["chat_bans"] == 1
+    assert scrape(api.port)["chat_bans"] == 1
     assert call(api.port, "DELETE", f"/api/v1/bans/{ban_id}")[:2] == (200, {})
     assert call(api.port, "DELETE", f"/api/v1/bans/{ban_id}")[:2] == (404, {"error": "no such ban"})
     assert call(api.port, "DELETE", "/api/v1/bans/not-an-id")[:2] == (404, {"error": "no such ban"})
@@ -357,7 +358,7 @@ def test_every_request_is_logged_with_the_key_id_never_the_key(api: ServerProces
     ]
     text = api.log_text()
     assert KEY not in text and "wrong-key-0000" not in text
-    found = samples(api.port)
+    found = scrape(api.port)
     assert found["chat_api_requests_total{route=/api/v1/rooms,status=200}"] == 1
     assert found["chat_api_requests_total{route=unmatched,status=401}"] == 1
     assert found["chat_api_requests_total{route=/api/v1/bans,status=400}"] == 1

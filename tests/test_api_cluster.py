@@ -12,9 +12,10 @@ from pathlib import Path
 
 import jwt
 import pytest
-from _api import call, from_address, keys_file, samples, wait_for
+from _api import call, from_address, keys_file, wait_for
 from _redis import RedisServer
 from conftest import LineClient, ServerProcess
+from test_observability import scrape
 
 pytestmark = pytest.mark.redis
 
@@ -43,7 +44,7 @@ def cluster(chat_server: Start, redis: RedisServer, tmp_path: Path, *args: str) 
         for _ in range(2)
     ]
     for srv in servers:
-        wait_for(lambda srv=srv: samples(srv.port).get("chat_backplane_up") == 1, 10, f"backplane up on :{srv.port}")
+        wait_for(lambda srv=srv: scrape(srv.port).get("chat_backplane_up") == 1, 10, f"backplane up on :{srv.port}")
     return servers
 
 
@@ -99,7 +100,7 @@ def test_an_idempotency_key_holds_across_instances(
     assert first[:2] == second[:2] == third[:2] == (200, {})
     assert chat(alice) == ["[api] released"]
     assert chat(bob) == ["[api] released"]
-    assert samples(b.port)["chat_api_idempotent_replays_total"] == 1
+    assert scrape(b.port)["chat_api_idempotent_replays_total"] == 1
     assert call(
         b.port,
         "POST",
@@ -119,7 +120,7 @@ def test_kick_and_ban_reach_members_of_another_instance(
     assert call(a.port, "POST", "/api/v1/members/bob/kick", {"reason": "off topic"})[:2] == (200, {})
     assert bob.expect("!") == "! kicked: off topic"
     assert bob.closed()
-    wait_for(lambda: samples(b.port).get("chat_disconnects_total{reason=kicked}") == 1, 5, "kick counted on b")
+    wait_for(lambda: scrape(b.port).get("chat_disconnects_total{reason=kicked}") == 1, 5, "kick counted on b")
     wait_for(lambda: call(a.port, "POST", "/api/v1/members/bob/kick")[0] == 404, 10, "bob gone everywhere")
 
     mallory = present(b, "mallory")
@@ -133,7 +134,7 @@ def test_kick_and_ban_reach_members_of_another_instance(
     for srv in (a, b):
         back = srv.member()
         wait_for(lambda back=back: "banned" in nick_answer(back, "mallory"), 5, f"mallory banned on :{srv.port}")
-        assert samples(srv.port)["chat_bans"] == 1
+        assert scrape(srv.port)["chat_bans"] == 1
     status, _, _ = call(b.port, "POST", "/api/v1/bans", {"ip": "127.0.0.2", "ttl_s": 600, "reason": "abuse"})
     assert remote.expect("!") == "! banned: abuse"
     for srv in (a, b):
@@ -159,7 +160,7 @@ def test_bans_cannot_change_while_redis_is_down_but_stay_enforced(
     a, _ = cluster(chat_server, redis_server, tmp_path, "--ready-requires-backplane", "false")
     assert call(a.port, "POST", "/api/v1/bans", {"nick": "mallory", "ttl_s": 600})[0] == 200
     redis_server.kill()
-    wait_for(lambda: samples(a.port).get("chat_backplane_up") == 0, 10, "backplane down")
+    wait_for(lambda: scrape(a.port).get("chat_backplane_up") == 0, 10, "backplane down")
     assert call(a.port, "POST", "/api/v1/bans", {"nick": "eve", "ttl_s": 600})[:2] == (
         503,
         {"error": "bans cannot be changed while Redis is unreachable"},
@@ -187,7 +188,7 @@ def test_a_sub_is_reserved_across_instances(redis_server: RedisServer, chat_serv
     assert nick_answer(guest, "alicia") == "! nick alicia is taken"
     # With --require-auth the taken sub refuses the connection itself.
     strict = chat_server("--redis-url", redis_server.url, "--jwt-key-file", str(tmp_path / "jwt.key"), "--require-auth")
-    wait_for(lambda: samples(strict.port).get("chat_backplane_up") == 1, 10, "strict instance up")
+    wait_for(lambda: scrape(strict.port).get("chat_backplane_up") == 1, 10, "strict instance up")
     refused = strict.connect()
     refused.send(f"/auth {token}")
     assert refused.expect("!") == "! nick alice is taken"

@@ -16,12 +16,13 @@ from typing import Any
 
 import jwt
 import pytest
-from _api import events, samples, wait_for
+from _api import events, wait_for
 from chat_svc.identity import Authenticator, ExpiryWatch, Identity
 from chat_svc.jwtauth import AuthFailed, JwtKey
 from conftest import LineClient, ServerProcess
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from test_observability import scrape
 
 Start = Callable[..., ServerProcess]
 SECRET = "an-hs256-secret-of-at-least-32-bytes!"
@@ -58,7 +59,7 @@ def identified(srv: ServerProcess, token: str, nick: str) -> LineClient:
 
 def failures(srv: ServerProcess) -> dict[str, float]:
     prefix = "chat_auth_failures_total{reason="
-    return {k[len(prefix) : -1]: v for k, v in samples(srv.port).items() if k.startswith(prefix) and v}
+    return {k[len(prefix) : -1]: v for k, v in scrape(srv.port).items() if k.startswith(prefix) and v}
 
 
 def forge(token: str, **changes: Any) -> str:
@@ -252,7 +253,7 @@ def test_expiry_disconnects_and_a_refresh_extends(chat_server: Start, tmp_path: 
     time.sleep(max(0.0, 1.0 - (time.monotonic() - started)))
     refreshed.send("/who")
     assert refreshed.expect("* in lobby") == "* in lobby (1): kept"
-    found = samples(srv.port)
+    found = scrape(srv.port)
     assert found["chat_disconnects_total{reason=token_expired}"] == 1
     assert found["chat_auth_failures_total{reason=wrong_sub}"] == 1
     assert [e["nick"] for e in events(srv, "token_expired")] == ["short"]
