@@ -42,6 +42,7 @@ from locust import log as locust_log
 from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
 
+from loadtest import _webui
 from loadtest._ledger import JudgedLine, Ledger
 from loadtest._options import SwarmOptions
 from loadtest._recorder import Recorder, parse_probe
@@ -241,6 +242,8 @@ class Swarm:
             runner.register_message("chat_drain", self._on_drain_msg)
         elif runner is not None:
             runner.register_message("chat_batch", self._on_batch_msg)
+        if environment.web_ui is not None:
+            _webui.install(environment.web_ui, self)
 
     def _on_setup_msg(self, environment: Environment, msg: Any, **_kw: Any) -> None:
         self.run_id = msg.data["run_id"]

@@ -601,14 +601,21 @@ def test_distributed_two_workers_detect_cross_worker_loss(faulty_server: Any, tm
     assert t["lost_cross_node"] > 0  # sent on one worker, missing on the other
 
 
+def _verdict_rows(base: str) -> list[dict[str, str]]:
+    stats = json.loads(_get(base + "/stats/requests"))
+    (tab,) = [e for e in stats["extended_stats"] if e["key"] == "swarm-verdict"]
+    return list(tab["data"])
+
+
 @pytest.mark.slow
-def test_web_ui_runs_the_swarm(chat_server: Any, tmp_path: Path) -> None:
-    """``locust -f loadtest`` with the web UI: start from the form, Ctrl-C prints the summary."""
+def test_web_ui_form_runs_the_swarm_and_shows_the_verdict(chat_server: Any, tmp_path: Path) -> None:
+    """``locust -f loadtest`` with the web UI: swarm options in the form, a run started from it,
+    the verdict tab provisional then final (before Locust says stopped), downloads, Ctrl-C."""
     _need("locust")
     srv = chat_server("--flood-rate", "0")
     web = _free_port()
     proc = subprocess.Popen(
-        [*LOCUST, "--web-host", "127.0.0.1", "--web-port", str(web), "--deadline", "2"],
+        [*LOCUST, "--web-host", "127.0.0.1", "--web-port", str(web), "--deadline", "2", "--room-size", "3"],
         cwd=tmp_path,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -616,9 +623,18 @@ def test_web_ui_runs_the_swarm(chat_server: Any, tmp_path: Path) -> None:
     )
     try:
         base = f"http://127.0.0.1:{web}"
-        _until("the web UI", lambda: _get(base + "/"))
-        form = f"user_count=6&spawn_rate=6&host=tcp://127.0.0.1:{srv.port}&room_size=3&msg_rate=2"
-        assert json.loads(_get(base + "/swarm", form.encode()))["success"]
+        page = _until("the web UI", lambda: _get(base + "/").decode())
+        args = json.loads(re.search(r"window\.templateArgs = (\{.*\})", page).group(1))  # type: ignore[union-attr]
+        form = args["extra_options"]
+        for name in ("msg_rate", "room_size", "deadline", "max_loss_ratio", "max_p99_ms", "min_deliveries_per_s"):
+            assert name in form, sorted(form)
+        assert "summary_json" not in form  # a file path on the server is no form field
+        assert form["room_size"]["default_value"] == 3 and form["deadline"]["default_value"] == 2.0
+        assert args["num_users"] == 3  # the default user count fills one room
+        assert _verdict_rows(base)[0]["result"].startswith("no run yet")
+
+        body = f"user_count=6&spawn_rate=6&host=tcp://127.0.0.1:{srv.port}&room_size=3&msg_rate=2&max_p99_ms="
+        assert json.loads(_get(base + "/swarm", body.encode()))["success"]
 
         def joined() -> dict[str, Any] | None:
             stats = {(e["method"], e["name"]): e for e in json.loads(_get(base + "/stats/requests"))["stats"]}
@@ -627,6 +643,24 @@ def test_web_ui_runs_the_swarm(chat_server: Any, tmp_path: Path) -> None:
 
         stats = _until("6 joins and a verified line", joined)
         assert stats[("join", "tcp")]["num_failures"] == 0 and stats[("send", "tcp")]["num_requests"] > 0
+        rows = _verdict_rows(base)
+        assert rows[0]["verdict"] == "PASS so far" and rows[0]["threshold"] == "run in progress"
+        _until("a chart point with verified lines", lambda: "verify" in _get(base + "/swarm/series.json").decode())
+
+        assert json.loads(_get(base + "/stop", b""))["success"]  # returns once the verdict is given
+        final = json.loads(_get(base + "/stats/requests"))
+        rows = next(e["data"] for e in final["extended_stats"] if e["key"] == "swarm-verdict")
+        assert rows[0] == {"check": "RESULT", "threshold": "", "result": "RESULT: PASS", "verdict": "PASS"}
+        assert rows[-1]["check"] == "exit code on quit"
+        assert rows[-1]["result"] == "0 (0 of 1 runs in this session failed)"
+        downloaded = json.loads(_get(base + "/swarm/verdict.json"))
+        assert downloaded["passed"] is True and downloaded["rows"] == rows
+        assert downloaded["room_size"] == 3 and downloaded["msg_rate"] == 2.0
+        assert list(csv.DictReader(io.StringIO(_get(base + "/swarm/verdict.csv").decode()))) == rows
+        # the charts page: each request type sampled on its own, kept after the run
+        points = json.loads(_get(base + "/swarm/series.json"))["points"]
+        assert {"join", "send", "verify"} <= {r["type"] for p in points for r in p["rows"]}, points
+        assert b'fetch("./series.json"' in _get(base + "/swarm/charts")
         proc.send_signal(signal.SIGINT)
         out, _ = proc.communicate(timeout=30)
     finally:
