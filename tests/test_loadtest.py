@@ -52,6 +52,14 @@ def _batch(rec: Recorder) -> dict[str, Any]:
     return batch
 
 
+def _room(*nicks: str, deadline: float = 1.0, grace: float = 0.0) -> tuple[Recorder, Ledger]:
+    """A recorder whose ``nicks`` all joined room "r" at t=0, and an empty ledger."""
+    rec = Recorder("n1", deadline)
+    for nick in nicks:
+        rec.joined("r", nick, 0.0)
+    return rec, Ledger(deadline, grace)
+
+
 def test_probe_lines_carry_seq_and_send_time_and_other_lines_are_ignored() -> None:
     line = probe_line(7, 1234.5, 64)
     assert len(line) == 65 and line.endswith(b"\n")
@@ -84,10 +92,7 @@ def test_loss_counts_only_members_at_send_time() -> None:
 
 
 def test_late_delivery_is_lost_and_leaving_member_is_excused() -> None:
-    rec = Recorder("n1", deadline=1.0)
-    ledger = Ledger(deadline=1.0, grace=0.0)
-    for nick in ("a", "b", "c"):
-        rec.joined("r", nick, 0.0)
+    rec, ledger = _room("a", "b", "c")
     rec.sent("r", "a", 1, 5.0)
     kind, ms = rec.received("b", "a", 1, 5.0, 6.5)  # 1.5 s > 1 s deadline
     assert kind == "late" and ms == pytest.approx(1500)
@@ -101,10 +106,7 @@ def test_late_delivery_is_lost_and_leaving_member_is_excused() -> None:
 
 def test_a_line_arriving_after_its_verdict_moves_from_never_to_late() -> None:
     """A server frozen longer than deadline + grace: lines are judged before they arrive."""
-    rec = Recorder("n1", deadline=1.0)
-    ledger = Ledger(deadline=1.0, grace=0.5)
-    for nick in ("a", "b", "c"):
-        rec.joined("r", nick, 0.0)
+    rec, ledger = _room("a", "b", "c", grace=0.5)
     rec.sent("r", "a", 1, 5.0)
     ledger.apply(_batch(rec), 5.1)
     (judged,) = ledger.sweep(7.0)  # nothing arrived yet: both missing, never so far
@@ -121,10 +123,7 @@ def test_a_line_arriving_after_its_verdict_moves_from_never_to_late() -> None:
 
 
 def test_member_leaving_after_deadline_is_still_expected() -> None:
-    rec = Recorder("n1", deadline=1.0)
-    ledger = Ledger(deadline=1.0, grace=0.0)
-    rec.joined("r", "a", 0.0)
-    rec.joined("r", "b", 0.0)
+    rec, ledger = _room("a", "b")
     rec.sent("r", "a", 1, 5.0)
     rec.left("b", 6.5)
     ledger.apply(_batch(rec), 7.0)
@@ -168,10 +167,7 @@ def test_cross_node_receipts_before_send_record_and_cross_node_loss() -> None:
 
 
 def test_final_sweep_judges_complete_messages_and_leaves_after_drain() -> None:
-    rec = Recorder("n", deadline=5.0)
-    ledger = Ledger(deadline=5.0, grace=1.0)
-    rec.joined("r", "a", 0.0)
-    rec.joined("r", "b", 0.0)
+    rec, ledger = _room("a", "b", deadline=5.0, grace=1.0)
     rec.sent("r", "a", 1, 10.0)
     rec.sent("r", "a", 2, 10.5)
     rec.received("b", "a", 1, 10.0, 10.01)
@@ -187,10 +183,7 @@ def test_final_sweep_judges_complete_messages_and_leaves_after_drain() -> None:
 
 def _lossy_totals() -> dict[str, Any]:
     """100 lines a -> b over 2 s: seq 50 never arrives, seq 99-100 take 200 ms."""
-    rec = Recorder("n", deadline=1.0)
-    ledger = Ledger(deadline=1.0, grace=0.0)
-    rec.joined("r", "a", 0.0)
-    rec.joined("r", "b", 0.0)
+    rec, ledger = _room("a", "b")
     for seq in range(1, 101):
         t = 1.0 + seq * 0.01
         rec.sent("r", "a", seq, t)
@@ -242,10 +235,7 @@ def test_verdict_rows_csv_and_json_say_the_same_thing() -> None:
 
 
 def test_latency_thresholds_use_the_steady_state_after_ramp_up() -> None:
-    rec = Recorder("n", deadline=5.0)
-    ledger = Ledger(deadline=5.0, grace=0.0)
-    rec.joined("r", "a", 0.0)
-    rec.joined("r", "b", 0.0)
+    rec, ledger = _room("a", "b", deadline=5.0)
     for seq in range(1, 11):  # ramp-up: slow
         rec.sent("r", "a", seq, float(seq))
         rec.received("b", "a", seq, float(seq), seq + 0.5)
@@ -373,20 +363,22 @@ def faulty_server() -> Iterator[type[FaultyServer]]:
             srv.stats()
 
 
-def _run_locust(tmp_path: Path, port: int, *args: str, timeout: float = 90) -> tuple[int, str, dict]:
+def _start_locust(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
+    """``locust -f loadtest ARGS`` in the background; its stdout and stderr in one pipe."""
+    return subprocess.Popen([*LOCUST, *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _headless(tmp_path: Path, port: int) -> list[str]:
+    """Flags of a headless run against ``port`` that writes tmp_path/summary.json."""
     summary = tmp_path / "summary.json"
-    cmd = [
-        *LOCUST,
-        "--headless",
-        "--host",
-        f"tcp://127.0.0.1:{port}",
-        "--summary-json",
-        str(summary),
-        "--only-summary",
-        *args,
-    ]
+    return ["--headless", "--host", f"tcp://127.0.0.1:{port}", "--summary-json", str(summary), "--only-summary"]
+
+
+def _run_locust(tmp_path: Path, port: int, *args: str, timeout: float = 90) -> tuple[int, str, dict]:
+    cmd = [*LOCUST, *_headless(tmp_path, port), *args]
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
     out = proc.stdout + proc.stderr
+    summary = tmp_path / "summary.json"
     assert summary.exists(), out[-3000:]
     return proc.returncode, out, json.loads(summary.read_text())
 
@@ -399,40 +391,22 @@ def _run_distributed(tmp_path: Path, port: int, *args: str) -> tuple[int, str, d
     """1 master + 2 worker processes talking over Locust's loopback messaging."""
     mport = _free_port()
     summary = tmp_path / "summary.json"
-    common = ["-f", str(ROOT / "loadtest")]
-    master = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "locust",
-            *common,
-            "--master",
-            "--master-bind-host",
-            "127.0.0.1",
-            "--master-bind-port",
-            str(mport),
-            "--expect-workers",
-            "2",
-            "--headless",
-            "--host",
-            f"tcp://127.0.0.1:{port}",
-            "--summary-json",
-            str(summary),
-            "--only-summary",
-            *args,
-        ],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    master = _start_locust(
+        tmp_path,
+        "--master",
+        "--master-bind-host",
+        "127.0.0.1",
+        "--master-bind-port",
+        str(mport),
+        "--expect-workers",
+        "2",
+        *_headless(tmp_path, port),
+        *args,
     )
     workers = [
         subprocess.Popen(
             [
-                sys.executable,
-                "-m",
-                "locust",
-                *common,
+                *LOCUST,
                 "--worker",
                 "--master-host",
                 "127.0.0.1",
@@ -532,15 +506,8 @@ def test_server_freeze_counts_late_deliveries_apart_from_lost_ones(chat_server: 
     _need("locust")
     srv = chat_server("--flood-rate", "0")
     users = 6
-    summary = tmp_path / "summary.json"
-    cmd = [*LOCUST, "--headless", "--host", f"tcp://127.0.0.1:{srv.port}", "--summary-json", str(summary)]
-    proc = subprocess.Popen(
-        [*cmd, "--only-summary", "-u", str(users), "-r", str(users), "-t", "10s", "--deadline", "1"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
+    run = ["-u", str(users), "-r", str(users), "-t", "10s", "--deadline", "1"]
+    proc = _start_locust(tmp_path, *_headless(tmp_path, srv.port), *run)
     try:
         metrics = f"http://127.0.0.1:{srv.port}/metrics"
         _until(f"{users} members", lambda: f"chat_members {users}.0" in _get(metrics).decode(), timeout=20)
@@ -553,7 +520,7 @@ def test_server_freeze_counts_late_deliveries_apart_from_lost_ones(chat_server: 
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    t = json.loads(summary.read_text())["totals"]
+    t = json.loads((tmp_path / "summary.json").read_text())["totals"]
     assert proc.returncode == 1, out[-3000:]
     assert t["lost_late"] > 0 and t["lost_never"] == 0, t
     assert "lost: arrived late: " in out and "(counts as loss)" in out
@@ -614,12 +581,8 @@ def test_web_ui_form_runs_the_swarm_and_shows_the_verdict(chat_server: Any, tmp_
     _need("locust")
     srv = chat_server("--flood-rate", "0")
     web = _free_port()
-    proc = subprocess.Popen(
-        [*LOCUST, "--web-host", "127.0.0.1", "--web-port", str(web), "--deadline", "2", "--room-size", "3"],
-        cwd=tmp_path,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    proc = _start_locust(
+        tmp_path, "--web-host", "127.0.0.1", "--web-port", str(web), "--deadline", "2", "--room-size", "3"
     )
     try:
         base = f"http://127.0.0.1:{web}"
