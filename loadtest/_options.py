@@ -32,7 +32,7 @@ class SwarmOptions:
     deadline: float = _opt(5.0, "Seconds a line may take to reach every member; a delivery after it is lost (late).")
     msg_bytes: int = _opt(64, "Size of each chat line (padded).", int)
     max_loss_ratio: float | None = _opt(
-        0.0, "Fail if lost deliveries (late + never) / expected deliveries exceeds this (empty: not checked)."
+        0.0, "Fail if lost deliveries (late + never) / expected deliveries exceeds this (1: accept any loss)."
     )
     max_p99_ms: float | None = _opt(
         None, "Fail if the p99 fan-out latency (every delivery after ramp-up) exceeds this."
@@ -49,8 +49,8 @@ class SwarmOptions:
     def read(cls, env: Environment | None) -> SwarmOptions:
         """The options as given on the command line, in the web form or by the master.
 
-        Web form values arrive as strings when the default is None; an empty field means
-        "not set".
+        Web form values arrive as strings when the default is None (Locust converts the
+        others to the default's type); an empty field means "not set".
         """
         opts = env.parsed_options if env is not None else None
         values: dict[str, Any] = {}
