@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CLIENT = [sys.executable, "-m", "chat_svc.client"]
 # The server's wording may change; the client reads it as loosely (see client/session.py).
 WELCOME = re.compile(r"\* welcome\b.*?\byou are (\S+) in (?:room )?([^\s;,]+)")
+TOO_LONG = "(line not sent: {size} bytes is over the {limit}-byte line limit)"
 
 
 def client_env(**extra: str) -> dict[str, str]:
@@ -278,7 +279,7 @@ def test_console_script_is_installed() -> None:
         script = Path(script_path)
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0
-    assert "--reconnect" in result.stdout and "--tls" in result.stdout
+    assert "--reconnect" in result.stdout and "--tls" in result.stdout and "--max-line-bytes" in result.stdout
 
 
 def test_insecure_needs_tls() -> None:
@@ -440,6 +441,41 @@ def test_incoming_control_characters_are_stripped(pipe_client: Any) -> None:
     client.wait(10)
     assert "evil ]0;pwned[2J31m\tend!\nnext\n" in client.out.text
     assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f]", client.out.text)
+
+
+def test_over_long_line_is_refused_locally_and_the_session_goes_on(chat_server: Any, pipe_client: Any) -> None:
+    srv = chat_server()
+    peer = srv.member("watcher")
+    client = pipe_client(srv.host, str(srv.port))
+    nick = client.nick()
+    peer.expect(f"* {nick} joined lobby")
+    client.send("x" * 9000)  # the server's default limit is 8192: it would disconnect us
+    client.err.wait_for(TOO_LONG.format(size=9000, limit=8192))
+    client.send("y" * 8192)  # exactly the limit is fine
+    client.send("still here")
+    assert lines_until(peer, "still here$") == [f"[{nick}] " + "y" * 8192, f"[{nick}] still here"]
+    client.close_stdin()
+    assert client.wait(10) == 0, client.output()
+
+
+def test_max_line_bytes_follows_the_server(chat_server: Any, pipe_client: Any) -> None:
+    """With the server's limit lowered, --max-line-bytes keeps the client on the right side of it.
+
+    An endless line on stdin is skipped without being stored, and still reported with its size.
+    """
+    srv = chat_server("--max-line-bytes", "100")
+    peer = srv.member("watcher")
+    client = pipe_client("--max-line-bytes", "100", srv.host, str(srv.port))
+    nick = client.nick()
+    client.send("a" * 101)
+    client.send("b" * 3_000_000)
+    client.send("a" * 100 + "\r")
+    client.send("done")
+    client.err.wait_for(TOO_LONG.format(size=101, limit=100))
+    client.err.wait_for(TOO_LONG.format(size=3_000_000, limit=100))
+    assert lines_until(peer, "done$")[-2:] == [f"[{nick}] " + "a" * 100, f"[{nick}] done"]
+    client.close_stdin()
+    assert client.wait(10) == 0, client.output()
 
 
 def test_reconnect_after_server_restart(chat_server: Any, pipe_client: Any) -> None:
@@ -628,6 +664,29 @@ def test_pty_replies_never_split_the_prompt(chat_server: Any, pty_client: Any, s
     assert not odd, "\n".join(odd)
     assert sum(row == "* in lobby (2): bob, carol" for row in rows) == 50
     assert sum(row == "[carol@lobby] /who" for row in rows) == 50
+
+
+def test_pty_pasted_over_long_line_is_refused(chat_server: Any, pty_client: Any, screen_of: Any) -> None:
+    srv = chat_server()
+    peer = srv.member("bob")
+    client = pty_client(srv.host, str(srv.port))
+    screen = screen_of(client)
+    client.out.wait_for(WELCOME)
+    client.type(b"/nick carol\r")
+    screen.wait(lambda rows, _: rows[-1] == "[carol@lobby]", "the prompt after /nick")
+    client.type(b"x" * 9000)
+    screen.wait(lambda rows, _: rows[-1].endswith("x" * 40), "the pasted text", timeout=30)
+    client.type(b"\r")
+    screen.wait(
+        lambda rows, _: rows[-2:] == [TOO_LONG.format(size=9000, limit=8192), "[carol@lobby]"],
+        "the refusal and a fresh prompt",
+        timeout=30,
+    )
+    client.type(b"still here\r")
+    received = lines_until(peer, "still here$")
+    assert received[-1] == "[carol] still here"
+    assert not [line for line in received if line.startswith("[carol] ")][:-1], "nothing else was sent"
+    assert client.proc.poll() is None
 
 
 def test_pty_ctrl_c_while_lines_arrive(chat_server: Any, pty_client: Any, screen_of: Any) -> None:

@@ -1,7 +1,7 @@
 """``chat-client``: the terminal client for chat-svc.
 
-Usage: ``chat-client [--reconnect] [--tls [--insecure | --ca-file PEM]] [HOST] [PORT]``
-(defaults: ``localhost 9009``).
+Usage: ``chat-client [--reconnect] [--max-line-bytes N] [--tls [--insecure | --ca-file PEM]]
+[HOST] [PORT]`` (defaults: ``localhost 9009``).
 
 It behaves like the seed's ``chat_client.py`` (lines typed are sent, lines received are
 printed) but fixes what made the seed unpleasant to use:
@@ -10,6 +10,8 @@ printed) but fixes what made the seed unpleasant to use:
   with GNU readline, and readline itself clears and redraws its prompt and line around every
   incoming line, with the cursor where the user left it.  The prompt shows who and where the
   user is, ``[alice@lobby] `` (``[Me] `` until the server has said).
+* A line longer than the server accepts is refused locally with a message, instead of getting
+  the user disconnected.
 * Ctrl-C and end of input exit cleanly (status 0, no traceback).  At end of input the client
   sends ``/quit`` and keeps printing what the server sends until it closes the connection
   (bounded), so a script piped into it sees every reply.

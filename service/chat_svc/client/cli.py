@@ -10,7 +10,13 @@ import ssl
 import sys
 from collections.abc import Sequence
 
-from chat_svc.client.connection import BACKOFF_MAX_SECONDS, MAX_INCOMING_LINE_BYTES, QUIT_GRACE_SECONDS, Connection
+from chat_svc.client.connection import (
+    BACKOFF_MAX_SECONDS,
+    DEFAULT_MAX_LINE_BYTES,
+    QUIT_GRACE_SECONDS,
+    Connection,
+    too_long_message,
+)
 from chat_svc.client.display import ReadlineDisplay
 from chat_svc.client.session import Session
 from chat_svc.client.terminal import ReadlineTerminal, Terminal
@@ -38,6 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="when the server goes away, reconnect with capped exponential backoff "
         f"(up to {BACKOFF_MAX_SECONDS:g}s) and restore your /auth, nick and room",
     )
+    parser.add_argument(
+        "--max-line-bytes",
+        type=_positive,
+        default=DEFAULT_MAX_LINE_BYTES,
+        metavar="N",
+        help="the server's line limit: a longer line is not sent (the server would disconnect "
+        f"you for it) ({DEFAULT_MAX_LINE_BYTES}, the server's default)",
+    )
     parser.add_argument("--tls", action="store_true", help="connect with TLS")
     trust = parser.add_mutually_exclusive_group()
     trust.add_argument(
@@ -57,6 +71,16 @@ def _port(value: str) -> int:
     if not 0 < port < 65536:
         raise argparse.ArgumentTypeError(f"port out of range: {port}")
     return port
+
+
+def _positive(value: str) -> int:
+    try:
+        number = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
+    if number < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1: {number}")
+    return number
 
 
 def make_tls_context(insecure: bool, ca_file: str | None) -> ssl.SSLContext:
@@ -101,14 +125,17 @@ def _read_terminal(conn: Connection, term: Terminal, session: Session) -> None:
             return
 
 
-def _read_pipe(conn: Connection, wakeup: WakeUp) -> None:
+def _read_pipe(conn: Connection, term: Terminal, wakeup: WakeUp) -> None:
     """Input loop without a terminal: ``select()`` on stdin and the wake-up socket.
 
     Waiting in ``select()`` (not in a blocking ``readline()``) means a server that goes away,
-    or a Ctrl-C, is noticed at once even while the other end of the pipe is silent.
+    or a Ctrl-C, is noticed at once even while the other end of the pipe is silent.  Memory
+    stays bounded whatever stdin holds: an over-long line is counted and skipped, not stored.
     """
     stdin_fd = sys.stdin.fileno()
+    limit = conn.max_line_bytes
     pending = b""
+    skipped = 0  # bytes of an over-long line seen so far
     with selectors.DefaultSelector() as sel:
         sel.register(stdin_fd, selectors.EVENT_READ)
         sel.register(wakeup.socket, selectors.EVENT_READ)
@@ -122,21 +149,23 @@ def _read_pipe(conn: Connection, wakeup: WakeUp) -> None:
                     continue
                 chunk = os.read(stdin_fd, 65536)
                 if not chunk:
-                    if pending.strip():
-                        conn.send_line(pending.decode("utf-8", "surrogateescape"))
-                    if not conn.quitting:
-                        conn.quit_and_drain()
-                    else:
-                        conn.wait_finished(QUIT_GRACE_SECONDS)
-                    return
-                pending += chunk
-                *lines, pending = pending.split(b"\n")
-                if len(pending) > MAX_INCOMING_LINE_BYTES:  # bounded memory, whatever stdin is
-                    lines.append(pending)
+                    lines = [pending] if pending or skipped else []
                     pending = b""
+                else:
+                    *lines, pending = (pending + chunk).split(b"\n")
                 for raw in lines:
+                    if skipped:
+                        term.status(too_long_message(skipped + len(raw.rstrip(b"\r")), limit))
+                        skipped = 0
+                        continue
                     if _typed(conn, raw.decode("utf-8", "surrogateescape").rstrip("\r")):
                         return
+                if len(pending) > limit + 1:  # + 1: a CRLF line's \r may not have come yet
+                    skipped += len(pending)
+                    pending = b""
+                if not chunk:
+                    conn.quit_and_drain()
+                    return
 
 
 def run(argv: Sequence[str] | None = None) -> int:
@@ -160,6 +189,7 @@ def run(argv: Sequence[str] | None = None) -> int:
         args.port,
         tls=make_tls_context(args.insecure, args.ca_file) if args.tls else None,
         reconnect=args.reconnect,
+        max_line_bytes=args.max_line_bytes,
         session=session,
         terminal=term,
         wakeup=wakeup,
@@ -181,7 +211,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             if interactive:
                 _read_terminal(conn, term, session)
             else:
-                _read_pipe(conn, wakeup)
+                _read_pipe(conn, term, wakeup)
             wakeup.leaving()
         except (ServerGone, KeyboardInterrupt) as exc:
             wakeup.leaving()

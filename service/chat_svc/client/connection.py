@@ -27,6 +27,8 @@ CONNECT_TIMEOUT_SECONDS = 5.0
 BACKOFF_INITIAL_SECONDS = 0.5
 BACKOFF_MAX_SECONDS = 10.0
 RECV_BYTES = 65536
+#: The server's default ``--max-line-bytes``: a longer line would get the user disconnected.
+DEFAULT_MAX_LINE_BYTES = 8192
 #: A line longer than this (without a newline) is handled in pieces rather than buffered without
 #: bound: neither a broken server nor an endless stdin line may make the client eat memory.
 MAX_INCOMING_LINE_BYTES = 1 << 20
@@ -44,6 +46,11 @@ def encode_line(text: str) -> bytes:
         return text.encode("utf-8", "replace") + b"\n"
 
 
+def too_long_message(size: int, limit: int) -> str:
+    """What the user is told instead of being disconnected by the server for a long line."""
+    return f"(line not sent: {size} bytes is over the {limit}-byte line limit)"
+
+
 class Connection:
     """One chat session: the network thread, its outbound queue and the reconnect policy."""
 
@@ -54,6 +61,7 @@ class Connection:
         *,
         tls: ssl.SSLContext | None,
         reconnect: bool,
+        max_line_bytes: int,
         session: Session,
         terminal: Terminal,
         wakeup: WakeUp,
@@ -62,6 +70,7 @@ class Connection:
         self.port = port
         self.tls = tls
         self.reconnect = reconnect
+        self.max_line_bytes = max_line_bytes
         self.session = session
         self.term = terminal
         self.wakeup = wakeup
@@ -111,11 +120,14 @@ class Connection:
     # ------------------------------------------------------------------------ main-thread API
 
     def send_line(self, text: str) -> bool:
-        """Queue one line for the server; returns False (and says so) when not connected."""
+        """Queue one line for the server; returns False (and says why) when it is not sent."""
         if not self._connected.is_set():
             self.term.status(NOT_CONNECTED_MESSAGE)
             return False
         data = encode_line(text)
+        if len(data) - 1 > self.max_line_bytes:
+            self.term.status(too_long_message(len(data) - 1, self.max_line_bytes))
+            return False
         self.session.typed(text)
         if text.partition(" ")[0].lower() == "/quit":  # parsed as the server parses it
             self._quitting.set()
