@@ -32,7 +32,7 @@ import pytest
 from _require import missing, require_module
 from _streams import StreamWatcher
 from chat_svc.client.connection import encode_line
-from chat_svc.client.session import Session
+from chat_svc.client.session import NICK_RETRY_SECONDS, Session
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = [sys.executable, "-m", "chat_svc.client"]
@@ -297,7 +297,7 @@ def test_insecure_needs_tls() -> None:
 
 def welcomed(session: Session, nick: str = "10.0.0.1:5", room: str = "lobby") -> Session:
     line = f"* welcome to chat-svc, you are {nick} in room {room}; type /help for commands"
-    session.received(line)
+    assert session.received(line).shown == line
     return session
 
 
@@ -349,6 +349,47 @@ def test_session_replays_only_what_the_server_confirmed() -> None:
     session.typed("/join bad room!")
     session.received("! invalid room name")
     assert session.connected() == ["/auth s3cret", "/nick alice", "/join den"]
+
+
+def test_session_takes_back_a_taken_nick() -> None:
+    now = [100.0]
+    session = welcomed(Session(clock=lambda: now[0]))
+    session.typed("/nick alice")
+    session.received("* 10.0.0.1:5 is now known as alice")
+    assert session.connected() == ["/nick alice"]
+    welcomed(session, "10.0.0.1:6")
+    refused = session.received("! nick alice is taken")
+    assert refused.shown is None  # answered in plain words instead
+    assert refused.notes == [
+        "* could not take back your nick alice: taken",
+        f"* trying again every {NICK_RETRY_SECONDS:g} s; /nick NAME picks another nick",
+    ]
+    assert session.due() == []
+    assert session.next_due() == NICK_RETRY_SECONDS
+    now[0] += NICK_RETRY_SECONDS
+    assert session.due() == ["/nick alice"]
+    assert session.received("! nick alice is taken") == (None, [])  # said once only
+    now[0] += NICK_RETRY_SECONDS
+    assert session.due() == ["/nick alice"]
+    back = session.received("* 10.0.0.1:6 is now known as alice")
+    assert back.notes == ["* took back your nick alice"]
+    assert session.prompt() == "[alice@lobby] "
+    assert session.next_due() is None
+
+
+def test_session_stops_asking_when_the_user_picks_another_nick() -> None:
+    now = [0.0]
+    session = welcomed(Session(clock=lambda: now[0]))
+    session.typed("/nick alice")
+    session.received("* 10.0.0.1:5 is now known as alice")
+    session.connected()
+    welcomed(session, "10.0.0.1:6")
+    session.received("! nick alice is taken")
+    session.typed("/nick alice2")
+    now[0] += NICK_RETRY_SECONDS
+    assert session.due() == []
+    # The user's own failures are theirs to see.
+    assert session.received("! nick alice2 is taken").shown == "! nick alice2 is taken"
 
 
 # ---------------------------------------------------------------------------------- pipe mode
@@ -533,6 +574,33 @@ def test_lines_typed_while_disconnected_are_not_sent(chat_server: Any, pipe_clie
     received = lines_until(peer, "typed after$")
     assert "[phoenix] typed after" in received
     assert not [line for line in received if "typed while away" in line], received
+
+
+def test_reconnect_takes_back_a_nick_taken_meanwhile(chat_server: Any, pipe_client: Any) -> None:
+    srv = chat_server()
+    port = srv.port
+    client = pipe_client("--reconnect", srv.host, str(port))
+    client.nick()
+    client.send("/nick alice")
+    client.out.wait_for("is now known as alice")
+    with frozen(client):  # someone takes the nick before the client is back
+        srv.stop()
+        srv2 = chat_server(port=port)
+        squatter = srv2.member("alice")
+    client.err.wait_for("* could not take back your nick alice: taken\n", timeout=20)
+    client.err.wait_for(f"* trying again every {NICK_RETRY_SECONDS:g} s; /nick NAME picks another nick\n")
+    new_nick = WELCOME.findall(client.out.text)[-1][0]
+    assert new_nick != "alice"
+    peer = srv2.member("watcher")
+    client.send("who am i")
+    peer.expect(f"[{new_nick}] who am i")
+
+    squatter.close()
+    client.err.wait_for("* took back your nick alice\n", timeout=NICK_RETRY_SECONDS + 10)
+    peer.expect(f"* {new_nick} is now known as alice")
+    client.send("me again")
+    peer.expect("[alice] me again")
+    assert "! nick alice is taken" not in client.out.text, "the refusal of an automatic /nick is explained instead"
 
 
 # ----------------------------------------------------------------------------------- pty mode

@@ -18,7 +18,8 @@ printed) but fixes what made the seed unpleasant to use:
 * Without a terminal on stdin (a pipe, a file) there is no prompt and nothing but received chat
   lines goes to stdout; client messages go to stderr.
 * ``--reconnect`` survives server restarts: capped, jittered exponential backoff, then the last
-  ``/auth`` and the nick and room the server had confirmed are sent again.
+  ``/auth`` and the nick and room the server had confirmed are sent again.  A nick someone took
+  meanwhile is asked for again every few seconds, and the user is told.
 * Received text has control characters (except tab) stripped before it is printed, so a peer
   can never drive the user's terminal with escape sequences, even if a server forgot to.
 

@@ -236,11 +236,13 @@ class Connection:
                     for data in self._outq:
                         outbuf += data
                     self._outq.clear()
+                for line in self.session.due():
+                    outbuf += encode_line(line)
                 events = selectors.EVENT_READ
                 if (outbuf and not write_needs_read) or read_needs_write:
                     events |= selectors.EVENT_WRITE
                 sel.modify(sock, events)
-                for key, mask in sel.select():
+                for key, mask in sel.select(self.session.next_due()):
                     if key.fileobj is self._wake_r:
                         with contextlib.suppress(BlockingIOError, OSError):
                             while self._wake_r.recv(4096):
@@ -310,6 +312,8 @@ class Connection:
     def _print_raw(self, raw: bytes) -> None:
         # clean() strips control characters (a trailing \r among them), so no peer can drive
         # the user's terminal with escape sequences, even through a server that forgot to.
-        text = clean(raw)
-        self.session.received(text)
-        self.term.line(text)
+        shown, notes = self.session.received(clean(raw))
+        if shown is not None:
+            self.term.line(shown)
+        for note in notes:
+            self.term.status(note)
