@@ -29,8 +29,8 @@ BACKOFF_MAX_SECONDS = 10.0
 RECV_BYTES = 65536
 #: The server's default ``--max-line-bytes``: a longer line would get the user disconnected.
 DEFAULT_MAX_LINE_BYTES = 8192
-#: A line longer than this (without a newline) is handled in pieces rather than buffered without
-#: bound: neither a broken server nor an endless stdin line may make the client eat memory.
+#: A received line longer than this (without a newline) is printed in pieces rather than
+#: buffered without bound: a broken server may not make the client eat memory.
 MAX_INCOMING_LINE_BYTES = 1 << 20
 
 DISCONNECTED_MESSAGE = "Disconnected from chat server"
@@ -119,22 +119,21 @@ class Connection:
 
     # ------------------------------------------------------------------------ main-thread API
 
-    def send_line(self, text: str) -> bool:
-        """Queue one line for the server; returns False (and says why) when it is not sent."""
+    def send_line(self, text: str) -> None:
+        """Queue one line for the server, or say why it is not sent."""
         if not self._connected.is_set():
             self.term.status(NOT_CONNECTED_MESSAGE)
-            return False
+            return
         data = encode_line(text)
         if len(data) - 1 > self.max_line_bytes:
             self.term.status(too_long_message(len(data) - 1, self.max_line_bytes))
-            return False
+            return
         self.session.typed(text)
         if text.partition(" ")[0].lower() == "/quit":  # parsed as the server parses it
             self._quitting.set()
         with self._outq_lock:
             self._outq.append(data)
         self._wake()
-        return True
 
     def quit_and_drain(self) -> None:
         """Send ``/quit`` and keep printing server output until it closes (bounded wait)."""

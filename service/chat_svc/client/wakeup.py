@@ -71,11 +71,13 @@ class WakeUp:
         self._main_ident = threading.main_thread().ident
         self._gone = threading.Event()
         self._exiting = threading.Event()
+        # The relay saw SIGINT on the wake-up socket (the handler may not have run yet).
         self._interrupted = False
         # What the handlers raised into the main thread, and whether it has left its input loop
         # (plain attributes: the handlers may only read them, see the module docstring).
         self._raised: BaseException | None = None
         self._left = False
+        # The SIGINT handler ran but could not raise yet (it interrupted a flush).
         self._interrupt_pending = False
         self._sig_r, self._sig_w = socket.socketpair()
         self._sig_r.setblocking(False)
