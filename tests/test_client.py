@@ -267,7 +267,7 @@ def test_encode_line_terminates_and_passes_undecodable_bytes_through() -> None:
 
 
 def test_client_does_not_import_gevent() -> None:
-    code = "import sys, chat_svc.client.cli; sys.exit('gevent' in sys.modules)"
+    code = "import sys, chat_svc.client; sys.exit('gevent' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], env=client_env(), timeout=30).returncode == 0
 
 
