@@ -221,6 +221,27 @@ def screen_of() -> Callable[[PtyClient], Screen]:
     return lambda client: Screen(pyte, client)
 
 
+@pytest.fixture
+def carol(chat_server: Any, pty_client: Any, screen_of: Any) -> Any:
+    """``carol(*server_args, columns=, rows=)``: a server, ``bob`` on it (a raw socket) and a
+    chat-client at its prompt on a pty, renamed to ``carol``; returns (bob, client, screen)."""
+
+    def start(*server_args: str, **size: int) -> tuple[Any, PtyClient, Screen]:
+        srv = chat_server(*server_args)
+        bob = srv.member("bob")
+        client = pty_client(srv.host, str(srv.port), **size)
+        screen = screen_of(client)
+        nick = client.out.wait_for(WELCOME).group(1)
+        screen.wait(lambda rows, _: rows[-1] == f"[{nick}@lobby]", "the prompt with nick and room")
+        bob.expect(f"* {nick} joined lobby")
+        client.type(b"/nick carol\r")
+        screen.wait(lambda rows, _: rows[-1] == "[carol@lobby]", "the prompt after /nick")
+        bob.expect(f"* {nick} is now known as carol")
+        return bob, client, screen
+
+    return start
+
+
 def closed_port() -> int:
     """A loopback port with nothing listening on it (bound then released, never listened)."""
     with socket.socket() as sock:
@@ -555,13 +576,19 @@ def test_reconnect_after_server_restart(chat_server: Any, pipe_client: Any) -> N
     assert client.wait(10) == 0, client.output()
 
 
-def test_lines_typed_while_disconnected_are_not_sent(chat_server: Any, pipe_client: Any) -> None:
+def reconnecting(chat_server: Any, pipe_client: Any, nick: str) -> tuple[Any, PipeClient]:
+    """A server, and a ``--reconnect`` pipe client on it renamed to ``nick``."""
     srv = chat_server()
-    port = srv.port
-    client = pipe_client("--reconnect", srv.host, str(port))
+    client = pipe_client("--reconnect", srv.host, str(srv.port))
     client.nick()
-    client.send("/nick phoenix")
-    client.out.wait_for("is now known as phoenix")
+    client.send(f"/nick {nick}")
+    client.out.wait_for(f"is now known as {nick}")
+    return srv, client
+
+
+def test_lines_typed_while_disconnected_are_not_sent(chat_server: Any, pipe_client: Any) -> None:
+    srv, client = reconnecting(chat_server, pipe_client, "phoenix")
+    port = srv.port
     srv.stop()
     client.err.wait_for("Disconnected from chat server; reconnecting...")
     client.send("typed while away")
@@ -577,12 +604,8 @@ def test_lines_typed_while_disconnected_are_not_sent(chat_server: Any, pipe_clie
 
 
 def test_reconnect_takes_back_a_nick_taken_meanwhile(chat_server: Any, pipe_client: Any) -> None:
-    srv = chat_server()
+    srv, client = reconnecting(chat_server, pipe_client, "alice")
     port = srv.port
-    client = pipe_client("--reconnect", srv.host, str(port))
-    client.nick()
-    client.send("/nick alice")
-    client.out.wait_for("is now known as alice")
     with frozen(client):  # someone takes the nick before the client is back
         srv.stop()
         srv2 = chat_server(port=port)
@@ -606,16 +629,8 @@ def test_reconnect_takes_back_a_nick_taken_meanwhile(chat_server: Any, pipe_clie
 # ----------------------------------------------------------------------------------- pty mode
 
 
-def test_pty_prompt_and_no_garbling(chat_server: Any, pty_client: Any, screen_of: Any) -> None:
-    srv = chat_server()
-    peer = srv.member("bob")
-    client = pty_client(srv.host, str(srv.port))
-    screen = screen_of(client)
-    nick = client.out.wait_for(WELCOME).group(1)
-    screen.wait(lambda rows, _: rows[-1] == f"[{nick}@lobby]", "the prompt with nick and room")
-    peer.expect(f"* {nick} joined lobby")
-    client.type(b"/nick carol\r")
-    screen.wait(lambda rows, _: rows[-1] == "[carol@lobby]", "the prompt after /nick")
+def test_pty_prompt_and_no_garbling(carol: Any) -> None:
+    peer, client, screen = carol()
 
     client.type(b"half a thou")
     screen.wait(lambda rows, _: rows[-1] == "[carol@lobby] half a thou", "the typed text")
@@ -639,15 +654,9 @@ def test_pty_prompt_and_no_garbling(chat_server: Any, pty_client: Any, screen_of
     assert "KeyboardInterrupt" not in client.out.text
 
 
-def test_pty_cursor_stays_where_the_user_left_it(chat_server: Any, pty_client: Any, screen_of: Any) -> None:
+def test_pty_cursor_stays_where_the_user_left_it(carol: Any) -> None:
     """Issue 14: type abcdefgh, Left three times, a line arrives, type XY: abcdeXYfgh everywhere."""
-    srv = chat_server()
-    peer = srv.member("bob")
-    client = pty_client(srv.host, str(srv.port))
-    screen = screen_of(client)
-    client.out.wait_for(WELCOME)
-    client.type(b"/nick carol\r")
-    screen.wait(lambda rows, _: rows[-1] == "[carol@lobby]", "the prompt after /nick")
+    peer, client, screen = carol()
     client.type(b"abcdefgh\x1b[D\x1b[D\x1b[D")
     prompt_cursor = len("[carol@lobby] abcde")
     screen.wait(lambda rows, cursor: cursor[0] == prompt_cursor, "the cursor moved left")
@@ -665,15 +674,9 @@ def test_pty_cursor_stays_where_the_user_left_it(chat_server: Any, pty_client: A
     peer.expect("[carol] abcdeXYfgh")
 
 
-def test_pty_long_input_line_leaves_no_stale_rows(chat_server: Any, pty_client: Any, screen_of: Any) -> None:
+def test_pty_long_input_line_leaves_no_stale_rows(carol: Any) -> None:
     """Issue 14: a half line wider than the terminal is cleared on all its rows before a redraw."""
-    srv = chat_server()
-    peer = srv.member("bob")
-    client = pty_client(srv.host, str(srv.port), columns=80)
-    screen = screen_of(client)
-    client.out.wait_for(WELCOME)
-    client.type(b"/nick carol\r")
-    screen.wait(lambda rows, _: rows[-1] == "[carol@lobby]", "the prompt after /nick")
+    peer, client, screen = carol(columns=80)
     typed = "the quick brown fox jumps over the lazy dog " * 4  # three rows with the prompt
     client.type(typed.encode())
     wide = "[carol@lobby] " + typed
@@ -698,15 +701,9 @@ def test_pty_long_input_line_leaves_no_stale_rows(chat_server: Any, pty_client: 
     peer.expect("[carol] " + typed.rstrip())
 
 
-def test_pty_replies_never_split_the_prompt(chat_server: Any, pty_client: Any, screen_of: Any) -> None:
+def test_pty_replies_never_split_the_prompt(carol: Any) -> None:
     """Issue 14: /who replies and a busy room while readline draws the prompt, many times over."""
-    srv = chat_server("--flood-rate", "0")
-    peer = srv.member("bob")
-    client = pty_client(srv.host, str(srv.port), columns=120, rows=2000)
-    screen = screen_of(client)
-    client.out.wait_for(WELCOME)
-    client.type(b"/nick carol\r")
-    screen.wait(lambda rows, _: rows[-1] == "[carol@lobby]", "the prompt after /nick")
+    peer, client, screen = carol("--flood-rate", "0", columns=120, rows=2000)
     stop = threading.Event()
 
     def chatter() -> None:
@@ -734,14 +731,8 @@ def test_pty_replies_never_split_the_prompt(chat_server: Any, pty_client: Any, s
     assert sum(row == "[carol@lobby] /who" for row in rows) == 50
 
 
-def test_pty_pasted_over_long_line_is_refused(chat_server: Any, pty_client: Any, screen_of: Any) -> None:
-    srv = chat_server()
-    peer = srv.member("bob")
-    client = pty_client(srv.host, str(srv.port))
-    screen = screen_of(client)
-    client.out.wait_for(WELCOME)
-    client.type(b"/nick carol\r")
-    screen.wait(lambda rows, _: rows[-1] == "[carol@lobby]", "the prompt after /nick")
+def test_pty_pasted_over_long_line_is_refused(carol: Any) -> None:
+    peer, client, screen = carol()
     client.type(b"x" * 9000)
     screen.wait(lambda rows, _: rows[-1].endswith("x" * 40), "the pasted text", timeout=30)
     client.type(b"\r")

@@ -8,7 +8,7 @@ import os
 import selectors
 import ssl
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from chat_svc.client.connection import (
     BACKOFF_MAX_SECONDS,
@@ -37,7 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
         "at end of input and prints the server's replies until it closes.",
     )
     parser.add_argument("host", nargs="?", default=DEFAULT_HOST, help="server host (localhost)")
-    parser.add_argument("port", nargs="?", type=_port, default=DEFAULT_PORT, help="port (9009)")
+    parser.add_argument(
+        "port", nargs="?", type=_whole_number("port", 1, 65535), default=DEFAULT_PORT, help="port (9009)"
+    )
     parser.add_argument(
         "--reconnect",
         action="store_true",
@@ -46,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--max-line-bytes",
-        type=_positive,
+        type=_whole_number("line limit", 1),
         default=DEFAULT_MAX_LINE_BYTES,
         metavar="N",
         help="the server's line limit: a longer line is not sent (the server would disconnect "
@@ -63,24 +65,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _port(value: str) -> int:
-    try:
-        port = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid port {value!r}") from None
-    if not 0 < port < 65536:
-        raise argparse.ArgumentTypeError(f"port out of range: {port}")
-    return port
+def _whole_number(what: str, low: int, high: int | None = None) -> Callable[[str], int]:
+    """An argparse ``type``: a whole number from ``low`` to ``high``, named ``what`` in errors."""
 
+    def parse(value: str) -> int:
+        try:
+            number = int(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {what} {value!r}") from None
+        if number < low or (high is not None and number > high):
+            raise argparse.ArgumentTypeError(f"{what} out of range: {number}")
+        return number
 
-def _positive(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {number}")
-    return number
+    return parse
 
 
 def make_tls_context(insecure: bool, ca_file: str | None) -> ssl.SSLContext:
