@@ -7,6 +7,7 @@ import signal
 import socket
 import time
 
+import pytest
 from _chat import delta, free_port, get, scrape, wait_for
 
 
@@ -185,6 +186,7 @@ def test_port_in_use_is_logged_as_listen_failed_and_exits_1(chat_server):
     assert event["port"] == port and "Address already in use" in str(event["error"])
 
 
+@pytest.mark.slow
 def test_healthz_is_503_after_the_event_loop_stalled(chat_server):
     """A server blocked for over 10 s (here: logging to a pipe nobody reads) says so on /healthz.
 
