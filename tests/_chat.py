@@ -310,8 +310,8 @@ class LogPipe:
             self._held = True
             while not self._parked:
                 self._cond.wait()
-        while select.select([self._read], [], [], 0)[0]:
-            self._drain_once()
+        while select.select([self._read], [], [], 0)[0] and self._drain_once():
+            pass
         self._filler += os.write(self.write_fd, b"#" * self.capacity)
 
     def release(self) -> None:
