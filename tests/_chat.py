@@ -346,7 +346,11 @@ class ServerProcess:
     ) -> None:
         args = tuple(args)
         self.host = "127.0.0.1"
-        self.port = port or free_port()
+        # Without a port to use, the server binds port 0 and says which one it got
+        # (server_started): a port picked here and bound later can be taken in between
+        # by anything else on the machine that connects or listens.
+        learn_port = port is None and wait and "--log-format" not in args
+        self.port = port or (0 if learn_port else free_port())
         self.metrics_port: int | None = None
         if "--metrics-port" in args:
             self.metrics_port = int(args[args.index("--metrics-port") + 1])
@@ -367,12 +371,29 @@ class ServerProcess:
         self.expected_events: set[str] = set()
         self.killed = False
         self.stop_timed_out = False
+        if learn_port:
+            started = self._started()
+            self.port = int(str(started["address"]).rpartition(":")[2])
+            if self.metrics_port == 0:
+                self.metrics_port = int(str(started["metrics_port"]))
         if wait:
             wait_port(self.host, self.port, proc=self.proc)
 
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    def _started(self, timeout: float = 15.0) -> dict[str, object]:
+        """The ``server_started`` event: the ports bound (port 0 = the kernel's choice)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for event in self.log_events():
+                if event.get("event") == "server_started":
+                    return event
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}\n{self.log_tail()}")
+            time.sleep(0.02)
+        raise TimeoutError(f"no server_started within {timeout}s\n{self.log_tail()}")
 
     # -- what the test expects of it --------------------------------------
 

@@ -8,7 +8,7 @@ import socket
 import time
 
 import pytest
-from _chat import delta, free_port, get, scrape, wait_for
+from _chat import delta, get, scrape, wait_for
 
 
 def test_counters_move_by_exactly_the_traffic_sent(chat_server):
@@ -90,8 +90,9 @@ def test_silent_client_becomes_a_member_after_the_sniff_window(chat_server):
 
 
 def test_metrics_port_serves_the_same_endpoints(chat_server):
-    port = free_port()
-    srv = chat_server("--metrics-port", str(port), "--metrics-host", "127.0.0.1")
+    srv = chat_server("--metrics-port", "0", "--metrics-host", "127.0.0.1")
+    port = srv.metrics_port
+    assert port
     srv.member("alice")
     samples = scrape(port)
     assert samples["chat_members"] == 1
@@ -103,10 +104,11 @@ def test_metrics_port_serves_the_same_endpoints(chat_server):
 
 
 def test_readyz_turns_503_while_draining_and_healthz_stays_up(chat_server):
-    port = free_port()
     srv = chat_server(
-        "--metrics-port", str(port), "--flood-rate", "0", "--sendq-bytes", str(64 << 20), "--shutdown-timeout", "3"
+        "--metrics-port", "0", "--flood-rate", "0", "--sendq-bytes", str(64 << 20), "--shutdown-timeout", "3"
     )
+    port = srv.metrics_port
+    assert port
     stuck = srv.connect()
     stuck.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stuck.send("/nick stuck")
