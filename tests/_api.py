@@ -9,15 +9,13 @@ from __future__ import annotations
 import http.client
 import json
 import socket
-import time
 import urllib.parse
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from _chat import LineClient, ServerProcess
 from chat_svc.api import ApiError, _match
 from chat_svc.openapi import DOCUMENT
-from conftest import LineClient, ServerProcess
 
 KEY = "k3y-for-tests-0123456789"
 
@@ -85,22 +83,6 @@ def from_address(srv: ServerProcess, source: str) -> LineClient:
     return client
 
 
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        time.sleep(0.05)
-
-
 def events(srv: ServerProcess, name: str) -> list[dict[str, Any]]:
     """The JSON log events called ``name``."""
-    found = []
-    for line in srv.log_text().splitlines():
-        try:
-            event = json.loads(line)
-        except ValueError:
-            continue
-        if event.get("event") == name:
-            found.append(event)
-    return found
+    return [event for event in srv.log_events() if event.get("event") == name]

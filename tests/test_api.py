@@ -15,11 +15,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from _api import KEY, call, events, from_address, keys_file, wait_for
+from _api import KEY, call, events, from_address, keys_file
+from _chat import ServerProcess, scrape, wait_for
 from chat_svc.api import ROUTES, key_id
 from chat_svc.openapi import DOCUMENT
-from conftest import ServerProcess
-from test_observability import scrape
 
 Start = Callable[..., ServerProcess]
 
@@ -392,8 +391,10 @@ def test_with_a_metrics_port_the_api_leaves_the_chat_port(chat_server: Start, tm
 
 
 def test_a_bad_keys_file_stops_the_start_with_a_reason(chat_server: Start, tmp_path: Path) -> None:
-    with pytest.raises(RuntimeError, match="exited with 1"):
-        chat_server("--api-keys-file", str(tmp_path / "missing"))
+    srv = chat_server("--api-keys-file", str(tmp_path / "missing"), wait=False)
+    srv.expect_exit(1)
+    assert srv.proc.wait(10) == 1
+    assert "No such file" in srv.wait_log("startup_failed")["error"]
 
 
 # ----------------------------------------------------------------------------- fuzz

@@ -12,10 +12,9 @@ from pathlib import Path
 
 import jwt
 import pytest
-from _api import call, from_address, keys_file, wait_for
+from _api import call, from_address, keys_file
+from _chat import LineClient, ServerProcess, scrape, wait_for
 from _redis import RedisServer
-from conftest import LineClient, ServerProcess
-from test_observability import scrape
 
 pytestmark = pytest.mark.redis
 

@@ -9,7 +9,16 @@ from __future__ import annotations
 import pytest
 from chat_svc.bans import Ban, BanList, normalize_ip
 from chat_svc.idempotency import MAX_KEYS, PENDING, LocalIdempotency
-from test_flood import Clock
+
+
+class Clock:
+    """Time the test moves by hand (``clock.now += 60``)."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def test_bans_match_by_nick_sub_address_and_network() -> None:

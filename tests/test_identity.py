@@ -16,13 +16,12 @@ from typing import Any
 
 import jwt
 import pytest
-from _api import events, wait_for
+from _api import events
+from _chat import LineClient, ServerProcess, scrape, wait_for
 from chat_svc.identity import Authenticator, ExpiryWatch, Identity
 from chat_svc.jwtauth import AuthFailed, JwtKey
-from conftest import LineClient, ServerProcess
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from test_observability import scrape
 
 Start = Callable[..., ServerProcess]
 SECRET = "an-hs256-secret-of-at-least-32-bytes!"
