@@ -64,7 +64,7 @@ def test_member_who_never_reads_is_dropped_while_ten_others_get_every_line_in_or
         thread.join(30)
     expected = [f"[talker] {n:05d} {payload}" for n in range(total)]
     assert [results.get(n) == expected for n in range(10)] == [True] * 10
-    assert scrape(srv.port)["chat_disconnects_total{reason=slow_consumer}"] == 1
+    assert scrape(srv.port)["chat_disconnects_total{reason=slow_consumer,transport=tcp}"] == 1
     assert '"slow_consumer_disconnected"' in srv.log_text()
     readers[0].send("/who")
     assert "stuck" not in readers[0].expect("* in lobby")
@@ -100,7 +100,7 @@ def test_a_20000_line_flood_does_not_drown_out_the_room(chat_server):
     assert len(flooded) <= 40
     samples = scrape(srv.port)
     assert samples["chat_flood_delayed_lines_total"] >= 1
-    assert samples["chat_disconnects_total{reason=flood}"] == 1
+    assert samples["chat_disconnects_total{reason=flood,transport=tcp}"] == 1
 
 
 def test_flood_control_delays_a_fast_sender_to_its_rate(chat_server):
@@ -152,7 +152,7 @@ def test_max_clients_refuses_the_next_connection_cleanly(chat_server):
     assert third.closed()
     alice.send("still working")
     assert bob.expect("[alice]") == "[alice] still working"
-    assert scrape(srv.port)["chat_disconnects_total{reason=server_full}"] == 1
+    assert scrape(srv.port)["chat_disconnects_total{reason=server_full,transport=tcp}"] == 1
 
 
 def test_per_ip_cap_and_idle_timeout(chat_server):
@@ -162,7 +162,7 @@ def test_per_ip_cap_and_idle_timeout(chat_server):
     second.send("hi")
     assert second.expect("!").startswith("! server full")
     assert alice.closed(3)
-    assert scrape(srv.port)["chat_disconnects_total{reason=idle_timeout}"] == 1
+    assert scrape(srv.port)["chat_disconnects_total{reason=idle_timeout,transport=tcp}"] == 1
 
 
 def test_token_required_wrong_and_right(chat_server, tmp_path: Path):
@@ -190,7 +190,7 @@ def test_token_required_wrong_and_right(chat_server, tmp_path: Path):
     right.send("authenticated hello")
     assert other.expect("[alice]") == "[alice] authenticated hello"
     assert get(srv.port, "/healthz")[0] == 200
-    assert scrape(srv.port)["chat_disconnects_total{reason=auth_failed}"] == 3
+    assert scrape(srv.port)["chat_disconnects_total{reason=auth_failed,transport=tcp}"] == 3
     assert "open-sesame" not in srv.log_text()
 
 
