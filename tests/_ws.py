@@ -46,8 +46,6 @@ class WsClient(LineClient):
         timeout: float = 5.0,
         origin: str | None = None,
         tls: ssl.SSLContext | None = None,
-        path: str = "/ws",
-        host_header: str | None = None,
     ) -> None:
         raw = socket.create_connection((host, port), timeout=timeout)
         self.sock = tls.wrap_socket(raw, server_hostname=host) if tls is not None else raw
@@ -60,15 +58,18 @@ class WsClient(LineClient):
         self.close_reason: str | None = None
         self.ws = WSConnection(ConnectionType.CLIENT)
         headers = [(b"origin", origin.encode())] if origin else []
-        self.sock.sendall(self.ws.send(Request(host=host_header or f"{host}:{port}", target=path, extra_headers=headers)))
+        request = Request(host=f"{host}:{port}", target="/ws", extra_headers=headers)
+        self.sock.sendall(self.ws.send(request))
         status, body = 0, b""
         deadline = time.monotonic() + timeout
-        while True:
+        accepted = False
+        while not accepted:
             self.ws.receive_data(self._recv(deadline))
+            # Frames that came with the 101 are events right behind the acceptance.
             for event in self.ws.events():
                 if isinstance(event, AcceptConnection):
-                    return
-                if isinstance(event, RejectConnection):
+                    accepted = True
+                elif isinstance(event, RejectConnection):
                     status = event.status_code
                     if not event.has_body:
                         raise Refused(status, b"")
@@ -123,7 +124,7 @@ class WsClient(LineClient):
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"no line within timeout; partial {self._buffer[:200]!r}")
-            if not self.pump(remaining):
+            if not self.pump(remaining) and b"\n" not in self._buffer:
                 raise EOFError(f"connection closed ({self.close_code} {self.close_reason}); partial {self._buffer!r}")
         line, _, self._buffer = self._buffer.partition(b"\n")
         return line.decode("utf-8", "replace")

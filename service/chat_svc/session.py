@@ -294,7 +294,8 @@ class Session:
             self._bid_farewell()
             if self.outbox.size and not self.outbox.closed and self.reason in _GRACEFUL:
                 try:
-                    self.sock.shutdown(socket.SHUT_RD)
+                    # Under the SSL layer: SSLSocket.shutdown would drop the TLS state the flush needs.
+                    raw_socket(self.sock).shutdown(socket.SHUT_RD)
                     return
                 except OSError:
                     pass
