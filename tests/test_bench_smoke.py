@@ -1,11 +1,12 @@
 """The benchmark's smoke mode: a few seconds per server, correctness only (no performance bounds).
 
 ``python -m bench --smoke`` builds bench/chatload.c and bench/broadcaster.c with gcc, starts
-chat-svc (driven over TCP and over WebSocket), the seed's server, the C broadcaster and (when installed) ngircd on free loopback
-ports, and checks that every member receives every line (0 loss; no torn, duplicated or
-reordered lines except from the seed, whose chunk relay tears lines by design), that an idle
-room's broadcast reaches every member, and that every server exited cleanly after SIGTERM with
-no failure in its log. The performance targets are checked by the full run, not here.
+chat-svc (driven over TCP and over WebSocket), the seed's server, the C broadcaster and (when
+installed) ngircd on free loopback ports, and checks that every member receives every line
+(0 loss; no torn, duplicated or reordered lines except from the seed, whose chunk relay tears
+lines by design), that an idle room's broadcast reaches every member, and that every server
+exited cleanly after SIGTERM with no failure in its log. The performance targets are checked
+by the full run, not here.
 """
 
 from __future__ import annotations
