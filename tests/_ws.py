@@ -52,6 +52,7 @@ class WsClient(LineClient):
         self.timeout = timeout
         self._buffer = b""
         self.messages: list[str] = []
+        self._message = ""
         self.pongs: list[bytes] = []
         self.pings: list[bytes] = []
         self.close_code: int | None = None
@@ -90,9 +91,13 @@ class WsClient(LineClient):
 
     def _handle(self, event: object) -> None:
         if isinstance(event, TextMessage):
-            assert event.frame_finished and event.message_finished, "server messages come in one frame"
-            self.messages.append(event.data)
-            self._buffer += event.data.encode()
+            # wsproto hands over a frame's payload as it arrives; a message is whole at message_finished.
+            assert event.message_finished or not event.frame_finished, "server messages come in one frame"
+            self._message += event.data
+            if event.message_finished:
+                self.messages.append(self._message)
+                self._buffer += self._message.encode()
+                self._message = ""
         elif isinstance(event, BytesMessage):
             raise AssertionError("server sent a binary message")
         elif isinstance(event, Ping):
@@ -118,16 +123,9 @@ class WsClient(LineClient):
             self._handle(event)
         return data is not None and self.close_code is None
 
-    def recv_line(self, timeout: float | None = None) -> str:
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)
-        while b"\n" not in self._buffer:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError(f"no line within timeout; partial {self._buffer[:200]!r}")
-            if not self.pump(remaining) and b"\n" not in self._buffer:
-                raise EOFError(f"connection closed ({self.close_code} {self.close_reason}); partial {self._buffer!r}")
-        line, _, self._buffer = self._buffer.partition(b"\n")
-        return line.decode("utf-8", "replace")
+    def _fill(self, timeout: float) -> None:
+        if not self.pump(timeout) and b"\n" not in self._buffer:
+            raise EOFError(f"connection closed ({self.close_code} {self.close_reason}); partial {self._buffer!r}")
 
     def send(self, text: str | bytes) -> None:
         """One text message holding ``text`` (a newline is added when missing)."""
