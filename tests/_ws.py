@@ -11,7 +11,7 @@ import socket
 import ssl
 import time
 
-from conftest import LineClient
+from _chat import LineClient
 from wsproto import ConnectionType, WSConnection
 from wsproto.connection import ConnectionState
 from wsproto.events import (

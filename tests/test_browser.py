@@ -11,8 +11,8 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from _chat import ServerProcess
 from _require import require_binary, require_module
-from conftest import ServerProcess
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
 XSS = "<img src=x onerror=alert(1)>"
@@ -161,11 +161,8 @@ def test_the_page_asks_for_the_token_when_the_server_does(browser, chat_server):
 
 
 def test_the_page_from_the_metrics_port_talks_to_the_chat_port(browser, chat_server):
-    from conftest import free_port
-
-    metrics_port = free_port()
-    srv: ServerProcess = chat_server("--metrics-port", str(metrics_port))
-    tab = ChatPage(browser, f"http://{srv.host}:{metrics_port}/")
+    srv: ServerProcess = chat_server("--metrics-port", "0")
+    tab = ChatPage(browser, f"http://{srv.host}:{srv.metrics_port}/")
     tcp = srv.member("tcp")
     tab.type("from the metrics port's page")
     assert tcp.expect("[") .endswith("] from the metrics port's page")

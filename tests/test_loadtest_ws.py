@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ROOT, free_port, wait_port
+from _chat import ROOT, free_port, wait_port
 from test_loadtest import _need, _run_locust
 
 PAIRS = {"tcp->tcp", "tcp->ws", "ws->tcp", "ws->ws"}

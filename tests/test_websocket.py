@@ -4,16 +4,14 @@ from __future__ import annotations
 
 import signal
 import socket
-import ssl
 import threading
 import time
 from pathlib import Path
 
 import pytest
+from _chat import LineClient, get, make_cert, scrape
 from _ws import Refused, WsClient, mask_frame
-from conftest import LineClient
-from test_observability import get, scrape
-from test_robustness import make_cert, pump
+from test_robustness import pump
 from wsproto.events import TextMessage
 
 
@@ -238,13 +236,8 @@ def test_a_websocket_member_that_never_reads_is_dropped_while_others_flow(chat_s
 def test_wss_on_the_tls_port(chat_server, tmp_path: Path):
     cert, key = make_cert(tmp_path)
     srv = chat_server("--tls-cert", str(cert), "--tls-key", str(key))
-    context = ssl.create_default_context(cafile=str(cert))
-    context.check_hostname = False
-    alice = ws(srv, "alice", tls=context)
-    tcp = LineClient.__new__(LineClient)
-    tcp.sock, tcp.timeout, tcp._buffer = context.wrap_socket(socket.create_connection((srv.host, srv.port))), 5.0, b""
-    tcp.send("/nick tls-tcp")
-    tcp.expect_re("now known as tls-tcp$")
+    alice = ws(srv, "alice", tls=srv.tls_context)
+    tcp = srv.member("tls-tcp")
     alice.send("over wss " + "w" * 5000)
     assert tcp.expect("[alice]") == "[alice] over wss " + "w" * 5000
     tcp.send("back over tls")
@@ -256,6 +249,7 @@ def test_wss_on_the_tls_port(chat_server, tmp_path: Path):
     srv.signal(signal.SIGTERM)
     assert alice.expect("* server") == "* server shutting down"
     assert alice.wait_closed() == (1001, "server shutting down")
+    assert srv.proc.wait(10) == 0
 
 
 def test_token_max_clients_and_the_transport_label(chat_server):
@@ -287,10 +281,9 @@ def test_token_max_clients_and_the_transport_label(chat_server):
 
 
 def test_the_page_on_the_chat_port_and_on_the_metrics_port(chat_server):
-    from conftest import free_port
-
-    metrics_port = free_port()
-    srv = chat_server("--metrics-port", str(metrics_port))
+    srv = chat_server("--metrics-port", "0")
+    metrics_port = srv.metrics_port
+    assert metrics_port
     status, html, headers = get(srv.port, "/")
     assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
     assert "script-src 'self'" in headers["Content-Security-Policy"]

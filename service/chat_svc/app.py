@@ -88,7 +88,7 @@ class Service:
         self.metrics.watch(
             self.hub, self.counters, self._open_connections, lambda: self._ready()[0], config.max_clients
         )
-        page = Page(config.port, tls=bool(config.tls_cert))
+        page = Page(lambda: int(self.server.server_port), tls=bool(config.tls_cert))
         self.http = HttpFront(
             make_app(self.metrics.registry, Health(self._alive, self._ready), page, self.metrics.requests_by_path)
         )

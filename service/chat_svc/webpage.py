@@ -40,15 +40,14 @@ _PORT_SLOT = b'data-chat-port=""'
 
 
 class Page:
-    """The page's files, ready to serve."""
+    """The page's files, ready to serve; ``chat_port`` says where the chat port is bound."""
 
-    def __init__(self, chat_port: int, tls: bool) -> None:
+    def __init__(self, chat_port: Callable[[], int], tls: bool) -> None:
         web = files("chat_svc") / "web"
         self._files = {path: ((web / name).read_bytes(), kind) for path, (name, kind) in _ASSETS.items()}
-        html, kind = self._files["/"]
-        assert _PORT_SLOT in html
-        elsewhere = f'data-chat-port="{chat_port}" data-chat-tls="{int(tls)}"'.encode()
-        self._elsewhere = (html.replace(_PORT_SLOT, elsewhere), kind)
+        assert _PORT_SLOT in self._files["/"][0]
+        self._chat_port = chat_port
+        self._tls = tls
 
     def serves(self, path: str) -> bool:
         return path in self._files
@@ -57,6 +56,7 @@ class Page:
         path = environ.get("PATH_INFO", "")
         body, kind = self._files[path]
         if path == "/" and environ.get(LISTENER) != CHAT_LISTENER:
-            body, kind = self._elsewhere
+            where = f'data-chat-port="{self._chat_port()}" data-chat-tls="{int(self._tls)}"'
+            body = body.replace(_PORT_SLOT, where.encode())
         start_response("200 OK", [("Content-Type", kind), ("Content-Length", str(len(body))), *_HEADERS])
         return [body]
