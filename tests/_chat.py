@@ -36,6 +36,7 @@ from typing import BinaryIO
 
 from _require import require_binary
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,13 +99,17 @@ def get(
         return error.code, error.read().decode(), dict(error.headers)
 
 
+def metric_samples(text: str) -> list[Sample]:
+    """Every sample line of an exposition (``name`` as written, e.g. with ``_total``/``_bucket``)."""
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+
 def parse_metrics(text: str) -> dict[str, float]:
     """Samples keyed ``name`` or ``name{label=value,...}`` (labels sorted, values unquoted)."""
     samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    for sample in metric_samples(text):
+        labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+        samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
     return samples
 
 
