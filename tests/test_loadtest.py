@@ -17,7 +17,6 @@ import io
 import json
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,16 +26,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _chat import ROOT, free_port
+from _require import missing
 
-ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from _require import missing  # noqa: E402
-
-from loadtest._ledger import Ledger  # noqa: E402
-from loadtest._recorder import Recorder, parse_probe, probe_line  # noqa: E402
-from loadtest._verdict import Verdict, evaluate, to_csv  # noqa: E402
+from loadtest._ledger import Ledger
+from loadtest._recorder import Recorder, parse_probe, probe_line
+from loadtest._verdict import Verdict, evaluate, to_csv
 
 LOCUST = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest")]
 
@@ -270,12 +268,6 @@ def _need(*modules: str) -> None:
             missing(f"Python module {name} is not installed; pip install -e '.[loadtest]'")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _until(what: str, probe: Callable[[], Any], timeout: float = 30.0) -> Any:
     """Poll ``probe`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -362,7 +354,7 @@ def _result_line(out: str) -> str:
 
 def _run_distributed(tmp_path: Path, port: int, *args: str) -> tuple[int, str, dict]:
     """1 master + 2 worker processes talking over Locust's loopback messaging."""
-    mport = _free_port()
+    mport = free_port()
     summary = tmp_path / "summary.json"
     master = _start_locust(
         tmp_path,
@@ -553,7 +545,7 @@ def test_web_ui_form_runs_the_swarm_and_shows_the_verdict(chat_server: Any, tmp_
     the verdict tab provisional then final (before Locust says stopped), downloads, Ctrl-C."""
     _need("locust")
     srv = chat_server("--flood-rate", "0")
-    web = _free_port()
+    web = free_port()
     proc = _start_locust(
         tmp_path, "--web-host", "127.0.0.1", "--web-port", str(web), "--deadline", "2", "--room-size", "3"
     )
