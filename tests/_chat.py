@@ -133,10 +133,15 @@ def tls_client_context(cert: Path | str) -> ssl.SSLContext:
 
 
 def make_cert(directory: Path) -> tuple[Path, Path]:
-    """A self-signed certificate and key (openssl; fails under CI=true when it is missing)."""
+    """A self-signed CA certificate for localhost and 127.0.0.1, and its key.
+
+    The subjectAltName lets a client that checks host names (chat-client without
+    --insecure) trust it as a CA.  openssl; fails under CI=true when it is missing.
+    """
     openssl = require_binary("openssl")
     cert, key = directory / "cert.pem", directory / "key.pem"
-    argv = [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"]
+    argv = [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"]
     subprocess.run([*argv, "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
     return cert, key
 
@@ -187,13 +192,18 @@ class LineClient:
     def expect_re(self, pattern: str, timeout: float | None = None) -> str:
         """Skip lines until one matches the regex ``pattern`` (re.search); return it."""
         __tracebackhide__ = True
-        compiled = re.compile(pattern)
-        return self._read_until(lambda line: compiled.search(line) is not None, pattern, timeout)[-1]
+        return self.read_until_re(pattern, timeout)[-1]
 
     def read_until(self, prefix: str, timeout: float | None = None) -> list[str]:
         """Every line up to and including the first that starts with ``prefix``."""
         __tracebackhide__ = True
         return self._read_until(lambda line: line.startswith(prefix), prefix, timeout)
+
+    def read_until_re(self, pattern: str, timeout: float | None = None) -> list[str]:
+        """Every line up to and including the first that matches the regex ``pattern`` (re.search)."""
+        __tracebackhide__ = True
+        compiled = re.compile(pattern)
+        return self._read_until(lambda line: compiled.search(line) is not None, pattern, timeout)
 
     def _read_until(self, match: Callable[[str], bool], what: str, timeout: float | None) -> list[str]:
         __tracebackhide__ = True
