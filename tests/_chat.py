@@ -29,10 +29,11 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from _require import require_binary
 from prometheus_client.parser import text_string_to_metric_families
@@ -119,6 +120,18 @@ def scrape(port: int, *, context: ssl.SSLContext | None = None) -> dict[str, flo
     assert status == 200, (status, body)
     assert headers["Content-Type"].startswith("text/plain; version=0.0.4"), headers
     return parse_metrics(body)
+
+
+def prometheus_api(port: int, path: str, **params: str) -> Any:
+    """The ``data`` of a Prometheus server's ``/api/v1/<path>`` answer, which must be a success.
+
+    Raises ``OSError`` (urllib's errors) while that server is not up yet, for callers that poll.
+    """
+    url = f"http://127.0.0.1:{port}/api/v1/{path}?{urllib.parse.urlencode(params)}"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        body = json.load(response)
+    assert body["status"] == "success", body
+    return body["data"]
 
 
 def delta(before: dict[str, float], after: dict[str, float], name: str) -> float:

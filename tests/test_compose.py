@@ -9,19 +9,16 @@ when one is missing, skips elsewhere.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import time
-import urllib.parse
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from _chat import ROOT, free_port, get, scrape
+from _chat import ROOT, free_port, get, prometheus_api, scrape
 from _docker import build_image, docker, member, report, wait_chat_ready
 from _require import require_binary, require_docker, require_image
 
@@ -56,11 +53,7 @@ class Stack:
         return r.stdout + r.stderr
 
     def prom(self, path: str, **params: str) -> Any:
-        url = f"http://127.0.0.1:{self.prometheus}/api/v1/{path}?{urllib.parse.urlencode(params)}"
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            body = json.load(resp)
-        assert body["status"] == "success", body
-        return body["data"]
+        return prometheus_api(self.prometheus, path, **params)
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 import yaml
-from _chat import ROOT, free_port, metric_samples
+from _chat import ROOT, free_port, metric_samples, prometheus_api
 from _redis import RedisServer
 from _require import require_binary, require_module
 
@@ -559,15 +559,8 @@ def test_prometheus_scrapes_a_running_server(chat_server, redis_server: RedisSer
         stderr=subprocess.STDOUT,
     )
 
-    def api(path: str, **params: str) -> Any:
-        url = f"http://127.0.0.1:{web}/api/v1/{path}?{urllib.parse.urlencode(params)}"
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            body = json.load(resp)
-        assert body["status"] == "success", body
-        return body["data"]
-
     def query(q: str) -> list[dict[str, Any]]:
-        return api("query", query=q)["result"]
+        return prometheus_api(web, "query", query=q)["result"]
 
     try:
         deadline = time.monotonic() + 45
@@ -589,7 +582,7 @@ def test_prometheus_scrapes_a_running_server(chat_server, redis_server: RedisSer
         assert connections and float(connections[0]["value"][1]) >= 1, connections
         build = query("chat_build_info")
         assert build and build[0]["metric"]["version"], build
-        groups = api("rules")["groups"]
+        groups = prometheus_api(web, "rules")["groups"]
         loaded = {r["name"]: r for g in groups for r in g["rules"]}
         assert set(loaded) == {r["alert"] for r in alert_rules()}
         assert all(r["health"] in ("ok", "unknown") for r in loaded.values()), loaded
