@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import os
 import re
 import shutil
@@ -23,10 +24,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
-from _chat import ROOT, free_port, make_cert, wait_for
+from _chat import ROOT, LineClient, free_port, make_cert, wait_for
 from _require import require_module
 from _streams import StreamWatcher
 from chat_svc.client.connection import encode_line
@@ -96,7 +97,7 @@ class PtyClient:
     SIGINT through the line discipline, exactly as on a real terminal.
     """
 
-    def __init__(self, *args: str, inputrc: Path, columns: int, rows: int) -> None:
+    def __init__(self, *args: str, inputrc: Path, columns: int = 80, rows: int = 200) -> None:
         self.columns, self.rows = columns, rows
         self.master, slave = os.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
@@ -135,6 +136,9 @@ class PtyClient:
             self.proc.wait(5)
         self.out.wait_eof(5)
         os.close(self.master)
+
+
+AnyClient = TypeVar("AnyClient", PipeClient, PtyClient)
 
 
 class Screen:
@@ -178,13 +182,12 @@ class Screen:
             time.sleep(0.05)
 
 
-@pytest.fixture
-def pipe_client() -> Any:
-    """Factory for pipe-driven clients, all killed at teardown."""
-    made: list[PipeClient] = []
+def killed_at_teardown(start: Callable[..., AnyClient]) -> Iterator[Callable[..., AnyClient]]:
+    """A fixture's body: yields ``start``, then kills every client it started."""
+    made: list[AnyClient] = []
 
-    def make(*args: str) -> PipeClient:
-        client = PipeClient(*args)
+    def make(*args: str, **kwargs: Any) -> AnyClient:
+        client = start(*args, **kwargs)
         made.append(client)
         return client
 
@@ -194,21 +197,18 @@ def pipe_client() -> Any:
 
 
 @pytest.fixture
-def pty_client(tmp_path: Path) -> Any:
+def pipe_client() -> Iterator[Callable[..., PipeClient]]:
+    """Factory for pipe-driven clients, all killed at teardown."""
+    yield from killed_at_teardown(PipeClient)
+
+
+@pytest.fixture
+def pty_client(tmp_path: Path) -> Iterator[Callable[..., PtyClient]]:
     """Factory for pty-driven clients (80 columns unless asked), all killed at teardown."""
-    made: list[PtyClient] = []
     # Keep readline's output predictable: no bracketed-paste mode switches in the stream.
     inputrc = tmp_path / "inputrc"
     inputrc.write_text("set enable-bracketed-paste off\nset bell-style none\n")
-
-    def make(*args: str, columns: int = 80, rows: int = 200) -> PtyClient:
-        client = PtyClient(*args, inputrc=inputrc, columns=columns, rows=rows)
-        made.append(client)
-        return client
-
-    yield make
-    for client in made:
-        client.kill()
+    yield from killed_at_teardown(functools.partial(PtyClient, inputrc=inputrc))
 
 
 @pytest.fixture
@@ -387,20 +387,25 @@ def test_session_stops_asking_when_the_user_picks_another_nick() -> None:
 # ---------------------------------------------------------------------------------- pipe mode
 
 
+def talk_both_ways(peer: LineClient, client: PipeClient, there: str, back: str) -> str:
+    """``client`` joins a just-connected ``peer``'s room, says ``there`` and prints ``back``; its nick."""
+    welcome = WELCOME.search(peer.expect("* welcome"))
+    assert welcome, "the welcome names the peer"
+    peer_nick = welcome.group(1)
+    nick = client.nick()
+    peer.expect(f"* {nick} joined lobby")
+    client.send(there)
+    peer.expect(f"[{nick}] {there}")
+    peer.send(back)
+    client.out.wait_for(f"[{peer_nick}] {back}\n")
+    return nick
+
+
 def test_pipe_client_sends_and_receives(chat_server: Any, pipe_client: Any) -> None:
     srv = chat_server()
     peer = srv.connect()
-    peer_nick = WELCOME.search(peer.expect("* welcome")).group(1)
-
     client = pipe_client(srv.host, str(srv.port))
-    nick = client.nick()
-    peer.expect(f"* {nick} joined lobby")
-
-    client.send("hello from the pipe")
-    peer.expect(f"[{nick}] hello from the pipe")
-
-    peer.send("hello back, ünïcödé")
-    client.out.wait_for(f"[{peer_nick}] hello back, ünïcödé\n")
+    nick = talk_both_ways(peer, client, "hello from the pipe", "hello back, ünïcödé")
 
     # End of input: the client sends /quit, prints until the server closes, exits 0.
     client.close_stdin()
@@ -780,15 +785,9 @@ def test_tls_round_trip(chat_server: Any, pipe_client: Any, tmp_path: Path) -> N
     cert, key = make_cert(tmp_path)
     srv = chat_server("--tls-cert", str(cert), "--tls-key", str(key))
     peer = srv.connect(timeout=10)  # over TLS, trusting cert
-    peer_nick = WELCOME.search(peer.expect("* welcome")).group(1)
     try:
         client = pipe_client("--tls", "--insecure", "127.0.0.1", str(srv.port))
-        nick = client.nick()
-        peer.expect(f"* {nick} joined lobby")
-        client.send("over tls")
-        peer.expect(f"[{nick}] over tls")
-        peer.send("and back")
-        client.out.wait_for(f"[{peer_nick}] and back\n")
+        talk_both_ways(peer, client, "over tls", "and back")
         client.close_stdin()
         assert client.wait(10) == 0, client.output()
 
