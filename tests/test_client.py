@@ -582,12 +582,15 @@ def test_lines_typed_while_disconnected_are_not_sent(chat_server: Any, pipe_clie
 def test_reconnect_takes_back_a_nick_taken_meanwhile(chat_server: Any, pipe_client: Any) -> None:
     srv, client = reconnecting(chat_server, pipe_client, "alice")
     port = srv.port
+    welcomes = len(WELCOME.findall(client.out.text))
     with frozen(client):  # someone takes the nick before the client is back
         srv.stop()
         srv2 = chat_server(port=port)
         squatter = srv2.member("alice")
     client.err.wait_for("* could not take back your nick alice: taken\n", timeout=20)
     client.err.wait_for(f"* trying again every {NICK_RETRY_SECONDS:g} s; /nick NAME picks another nick\n")
+    # stdout has its own reader: wait for the new connection's welcome there, not the old one's.
+    wait_for(lambda: len(WELCOME.findall(client.out.text)) > welcomes, 10, "the new connection's welcome")
     new_nick = WELCOME.findall(client.out.text)[-1][0]
     assert new_nick != "alice"
     peer = srv2.member("watcher")
