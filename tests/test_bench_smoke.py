@@ -18,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _chat import ROOT
 from _require import missing, require_binary
 
-ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.servers import find_ngircd  # noqa: E402
+from bench.servers import find_ngircd
 
 SmokeRun = tuple[subprocess.CompletedProcess[str], dict[str, Any]]
 
