@@ -17,14 +17,15 @@ from typing import Any
 
 import pytest
 from _chat import ROOT, free_port, wait_port
-from test_loadtest import _need, _run_locust
+from _require import require_installed
+from test_loadtest import _run_locust
 
 PAIRS = {"tcp->tcp", "tcp->ws", "ws->tcp", "ws->ws"}
 
 
 @pytest.mark.slow
 def test_a_mixed_swarm_of_200_users_passes_with_zero_loss_across_transports(chat_server: Any, tmp_path: Path) -> None:
-    _need("locust")
+    require_installed("locust")
     srv = chat_server("--flood-rate", "0")
     rc, out, s = _run_locust(
         tmp_path, srv.port, "-u", "200", "-r", "100", "-t", "15s", "--ws-share", "0.5", "--csv", "run", timeout=120
@@ -46,7 +47,7 @@ def test_a_mixed_swarm_of_200_users_passes_with_zero_loss_across_transports(chat
 
 @pytest.mark.slow
 def test_a_server_that_drops_websocket_lines_fails_the_swarm_and_only_ws_members_lost(tmp_path: Path) -> None:
-    _need("locust")
+    require_installed("locust")
     port = free_port()
     cmd = [sys.executable, str(ROOT / "tests" / "_ws_dropping_server.py"), "--drop-every", "25", "--",
            "--host", "127.0.0.1", "--port", str(port), "--flood-rate", "0", "--log-format", "json"]  # fmt: skip
