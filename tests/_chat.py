@@ -184,18 +184,22 @@ class LineClient:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"no line within timeout; partial {self._buffer[:200]!r}")
-            self.sock.settimeout(remaining)
-            try:
-                chunk = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            except ConnectionResetError as exc:
-                raise EOFError(f"connection reset; partial {self._buffer[:200]!r}") from exc
-            if not chunk:
-                raise EOFError(f"connection closed; partial {self._buffer[:200]!r}")
-            self._buffer += chunk
+            self._fill(remaining)
         line, _, self._buffer = self._buffer.partition(b"\n")
         return line.decode("utf-8", "replace")
+
+    def _fill(self, timeout: float) -> None:
+        """Add what arrives within ``timeout`` to the buffer; EOFError once the server closed."""
+        self.sock.settimeout(timeout)
+        try:
+            chunk = self.sock.recv(65536)
+        except TimeoutError:
+            return
+        except ConnectionResetError as exc:
+            raise EOFError(f"connection reset; partial {self._buffer[:200]!r}") from exc
+        if not chunk:
+            raise EOFError(f"connection closed; partial {self._buffer[:200]!r}")
+        self._buffer += chunk
 
     def expect(self, prefix: str, timeout: float | None = None) -> str:
         """Skip lines until one starts with ``prefix``; return it."""
