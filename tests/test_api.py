@@ -229,7 +229,9 @@ def test_kick_tells_the_member_why_closes_it_and_counts_it(api: ServerProcess) -
     assert call(api.port, "POST", "/api/v1/members/bob/kick")[:2] == (200, {})
     assert bob.expect("!") == "! kicked: no reason given"
     assert bob.closed()
-    wait_for(lambda: scrape(api.port).get("chat_disconnects_total{reason=kicked}") == 2, 5, "two kicks counted")
+    wait_for(
+        lambda: scrape(api.port).get("chat_disconnects_total{reason=kicked,transport=tcp}") == 2, 5, "two kicks counted"
+    )
     assert call(api.port, "POST", "/api/v1/members/alice/kick", {"reason": "again"})[:2] == (
         404,
         {"error": "no such member"},
@@ -257,7 +259,7 @@ def test_a_nick_ban_kicks_the_member_and_holds_at_nick_until_lifted(api: ServerP
     ban_id = body["id"]
     assert mallory.expect("!") == "! banned: spam"
     assert mallory.closed()
-    wait_for(lambda: scrape(api.port).get("chat_disconnects_total{reason=banned}") == 1, 5, "ban counted")
+    wait_for(lambda: scrape(api.port).get("chat_disconnects_total{reason=banned,transport=tcp}") == 1, 5, "ban counted")
     # Back again: the nick stays banned at /nick; the connection itself is fine.
     again = api.member()
     again.send("/nick mallory")
@@ -379,12 +381,9 @@ def test_sighup_rereads_the_keys_file(chat_server: Start, tmp_path: Path) -> Non
 
 
 def test_with_a_metrics_port_the_api_leaves_the_chat_port(chat_server: Start, tmp_path: Path) -> None:
-    from conftest import free_port
-
-    metrics_port = free_port()
-    srv = chat_server(
-        "--api-keys-file", str(keys_file(tmp_path)), "--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.1"
-    )
+    srv = chat_server("--api-keys-file", str(keys_file(tmp_path)), "--metrics-port", "0", "--metrics-host", "127.0.0.1")
+    metrics_port = srv.metrics_port
+    assert metrics_port
     wait_for(lambda: raw_get(metrics_port, "/healthz")[0] == 200, 5, "metrics port up")
     assert call(metrics_port, "GET", "/api/v1/rooms")[:2] == (200, [])
     assert raw_get(srv.port, "/api/v1/rooms", {"Authorization": f"Bearer {KEY}"})[0] == 404

@@ -119,7 +119,9 @@ def test_kick_and_ban_reach_members_of_another_instance(
     assert call(a.port, "POST", "/api/v1/members/bob/kick", {"reason": "off topic"})[:2] == (200, {})
     assert bob.expect("!") == "! kicked: off topic"
     assert bob.closed()
-    wait_for(lambda: scrape(b.port).get("chat_disconnects_total{reason=kicked}") == 1, 5, "kick counted on b")
+    wait_for(
+        lambda: scrape(b.port).get("chat_disconnects_total{reason=kicked,transport=tcp}") == 1, 5, "kick counted on b"
+    )
     wait_for(lambda: call(a.port, "POST", "/api/v1/members/bob/kick")[0] == 404, 10, "bob gone everywhere")
 
     mallory = present(b, "mallory")

@@ -253,7 +253,7 @@ def test_expiry_disconnects_and_a_refresh_extends(chat_server: Start, tmp_path: 
     refreshed.send("/who")
     assert refreshed.expect("* in lobby") == "* in lobby (1): kept"
     found = scrape(srv.port)
-    assert found["chat_disconnects_total{reason=token_expired}"] == 1
+    assert found["chat_disconnects_total{reason=token_expired,transport=tcp}"] == 1
     assert found["chat_auth_failures_total{reason=wrong_sub}"] == 1
     assert [e["nick"] for e in events(srv, "token_expired")] == ["short"]
 

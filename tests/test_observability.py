@@ -38,8 +38,8 @@ def test_counters_move_by_exactly_the_traffic_sent(chat_server):
     sent = [b"one\n", b"two\n", b"/who\n", b"/msg bob psst\n", b"z" * 9000 + b"\n", b"/quit\n"]
     received = delta(before, after, "chat_bytes_received_total")
     assert received >= sum(map(len, sent[:4])) + len(b"/quit\n") + 8192
-    assert delta(before, after, "chat_disconnects_total{reason=quit}") == 1
-    assert delta(before, after, "chat_disconnects_total{reason=line_too_long}") == 1
+    assert delta(before, after, "chat_disconnects_total{reason=quit,transport=tcp}") == 1
+    assert delta(before, after, "chat_disconnects_total{reason=line_too_long,transport=tcp}") == 1
     assert after["chat_members"] == 1
     assert delta(before, after, "chat_bytes_sent_total") >= 2 * len(b"[alice] one\n[alice] two\n")
 
@@ -61,7 +61,7 @@ def test_a_scrape_is_never_a_chat_member(chat_server):
 
 def test_unknown_paths_and_methods_get_404_and_405(chat_server):
     srv = chat_server()
-    assert get(srv.port, "/")[0] == 404
+    assert get(srv.port, "/nope")[0] == 404
     assert get(srv.port, "/metrics", method="POST")[0] == 405
     assert get(srv.port, "/healthz", method="DELETE")[0] == 405
 

@@ -27,6 +27,8 @@ from .identity import Authenticator, ExpiryWatch
 from .metrics import Counters, Metrics
 from .session import Session, SessionContext, SessionLimits
 from .transport import ChatServer
+from .webpage import Page
+from .ws import WebSockets
 
 if TYPE_CHECKING:
     from .backplane import RedisBackplane
@@ -100,8 +102,14 @@ class Service:
         self.shutting_down = False
         self.accepting = False
         self.loop_tick = time.monotonic()
+        self.websockets = WebSockets(
+            config.ws_origins,
+            frame_limit=config.max_line_bytes * 4,
+            ping_interval=config.ws_ping_interval,
+            count_upgrade=lambda outcome: self.metrics.ws_upgrades[outcome].inc(),
+        )
         self.metrics.watch(
-            self.hub, self.counters, lambda: self.connection_slots.count, lambda: self._ready()[0], config.max_clients
+            self.hub, self.counters, self._open_connections, lambda: self._ready()[0], config.max_clients
         )
         # The operator API (--api-keys-file) is served where /metrics is: on the chat
         # port, or only on --metrics-port when there is one.
@@ -117,14 +125,22 @@ class Service:
                 self.metrics.api_replays,
                 max_text_bytes=config.max_line_bytes,
             )
+        page = Page(lambda: int(self.server.server_port), tls=bool(config.tls_cert))
         health = Health(self._alive, self._ready)
-        self.internal_app = make_app(self.metrics.registry, health, api)
-        chat_port_app = self.internal_app if config.metrics_port is None else make_app(self.metrics.registry, health)
+        requests = self.metrics.requests_by_path
+        self.internal_app = make_app(self.metrics.registry, health, page, requests, api)
+        chat_port_app = self.internal_app
+        if config.metrics_port is not None:
+            chat_port_app = make_app(self.metrics.registry, health, page, requests)
         self.http = HttpFront(chat_port_app)
-        self.server = ChatServer(config, self.session_context, self.metrics, self.http)
+        self.server = ChatServer(config, self.session_context, self.metrics, self.http, self.websockets)
         self.metrics_server: Any = None
         self.stopped = gevent.event.Event()
         self.exit_code = 0
+
+    def _open_connections(self) -> dict[str, int]:
+        websockets = self.websockets.open_streams
+        return {"tcp": self.connection_slots.count - websockets, "ws": websockets}
 
     # -- health -----------------------------------------------------------
 
@@ -203,6 +219,7 @@ class Service:
             self.backplane.start()
         self.server.start()
         self.accepting = True
+        self.websockets.start()
         gevent.spawn(self._watch_loop)
         if self.config.idle_timeout:
             gevent.spawn(self._expire_idle)
