@@ -249,6 +249,24 @@ def test_kick_tells_the_member_why_closes_it_and_counts_it(api: ServerProcess) -
     assert [(e["nick"], e["reason"]) for e in kicked] == [("alice", "spamming links"), ("bob", "no reason given")]
 
 
+def test_a_kicked_or_banned_websocket_member_gets_the_line_then_a_policy_close(api: ServerProcess) -> None:
+    from _ws import WsClient
+
+    browser = WsClient(api.host, api.port)
+    browser.join("carol")
+    assert call(api.port, "POST", "/api/v1/members/carol/kick", {"reason": "spam"})[:2] == (200, {})
+    assert browser.expect("!") == "! kicked: spam"
+    assert browser.wait_closed() == (1008, "kicked")
+    again = WsClient(api.host, api.port)
+    again.join("carol")
+    assert call(api.port, "POST", "/api/v1/bans", {"nick": "carol", "ttl_s": 60, "reason": "spam"})[0] == 200
+    assert again.expect("!") == "! banned: spam"
+    assert again.wait_closed() == (1008, "banned")
+    wait_for(
+        lambda: scrape(api.port).get("chat_disconnects_total{reason=kicked,transport=ws}") == 1, 5, "counted as ws"
+    )
+
+
 # ----------------------------------------------------------------------------- bans
 
 
