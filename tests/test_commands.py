@@ -6,13 +6,15 @@ The end-to-end tests (test_chat.py) send the same commands over real sockets.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 from _hub_fakes import RecordingSink, make_member, settle
 from chat_svc import commands, protocol
+from chat_svc.bans import BanList
 from chat_svc.directory import Directory
 from chat_svc.hub import Hub, Member
+from chat_svc.identity import Authenticator, ExpiryWatch
 from chat_svc.metrics import Counters
 from chat_svc.roomlog import RoomLogs
 
@@ -21,7 +23,9 @@ from chat_svc.roomlog import RoomLogs
 class Context:
     hub: Hub
     directory: Directory
-    token_required: bool = False
+    auth: Authenticator
+    expiry: ExpiryWatch
+    bans: BanList = field(default_factory=BanList)
     new_rooms: tuple[int, float] = (20, 0.0)
 
 
@@ -37,7 +41,8 @@ class Room:
         resume_lines: int = 1000,
     ) -> None:
         self.hub = Hub(Counters(), history=history, logs=RoomLogs(max_lines=resume_lines))
-        self.ctx = Context(self.hub, self.hub, token_required, new_rooms)
+        auth = Authenticator("secret" if token_required else None, None)
+        self.ctx = Context(self.hub, self.hub, auth, ExpiryWatch(lambda member: None), new_rooms=new_rooms)
         self.sinks: dict[str, RecordingSink] = {}
         self.members: dict[str, Member] = {}
         for nick in nicks:

@@ -9,7 +9,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable
 
-from conftest import LineClient, ServerProcess, free_port
+from _chat import LineClient, ServerProcess
 
 Start = Callable[..., ServerProcess]
 NOTICE = "* server restarting, reconnect"
@@ -61,11 +61,11 @@ class Watch(threading.Thread):
 
 def test_sigterm_turns_unready_at_once_then_closes_members_spread_over_the_window(chat_server: Start) -> None:
     delay, spread, count = 1.0, 2.0, 20
-    metrics_port = free_port()
     srv = chat_server(
-        "--drain-delay", str(delay), "--drain-spread", str(spread), "--metrics-port", str(metrics_port),
-        "--flood-rate", "0",
+        "--drain-delay", str(delay), "--drain-spread", str(spread), "--metrics-port", "0", "--flood-rate", "0"
     )  # fmt: skip
+    metrics_port = srv.metrics_port
+    assert metrics_port
     members = [srv.member(f"m{n}") for n in range(count)]
     watches = [Watch(member) for member in members]
     for watch in watches:
@@ -124,6 +124,7 @@ def test_a_second_signal_during_the_drain_exits_at_once_with_status_1(chat_serve
     time.sleep(0.3)
     assert srv.proc.poll() is None
     started = time.monotonic()
+    srv.expect_exit(1)
     srv.signal(signal.SIGTERM)
     assert srv.proc.wait(3) == 1
     assert time.monotonic() - started < 2

@@ -13,10 +13,10 @@ from collections.abc import Callable
 
 import pytest
 import redis as redis_client
+from _chat import LineClient, ServerProcess, wait_for
 from _redis import RedisServer
 from chat_svc.backplane import keys
-from conftest import LineClient, ServerProcess
-from test_backplane import cluster, joined, metrics, wait_for
+from test_backplane import cluster, joined, metrics
 
 Start = Callable[..., ServerProcess]
 ID = re.compile(r"@([A-Za-z0-9]{1,16}):(\d+) (.*)")
@@ -73,7 +73,7 @@ def test_a_member_that_reconnects_gets_exactly_the_lines_it_missed(chat_server: 
     bob.send("live again")
     assert split_id(back.expect_re(r"live again$")) == (epoch, offset + 51, "[bob] live again")
     samples = metrics(srv)
-    assert samples['chat_resumes_total{outcome="complete"}'] == 1
+    assert samples['chat_resumes_total{outcome=complete}'] == 1
     assert samples["chat_resume_lines_total"] == 50
 
 
@@ -123,7 +123,7 @@ def test_a_stale_epoch_or_an_id_older_than_retention_is_reported_then_history_fo
     assert [n for _, n, _ in lines] == [offset + 28, offset + 29, offset + 30]  # each history line keeps its own id
     bob.send("after")
     assert late.expect_re(r"after$").endswith(" [bob] after")
-    assert metrics(srv)['chat_resumes_total{outcome="incomplete"}'] == 3
+    assert metrics(srv)['chat_resumes_total{outcome=incomplete}'] == 3
 
 
 def test_a_resume_into_a_room_moves_the_member_there(chat_server: Start) -> None:
@@ -187,7 +187,7 @@ def test_an_emptied_rooms_log_is_kept_for_resumes_then_dropped(chat_server: Star
     bob.close()
     alice.close()
     wait_for(lambda: metrics(srv)["chat_members"] == 0, 5, "both gone: the room is empty")
-    assert metrics(srv)['chat_room_logs{state="dormant"}'] >= 1
+    assert metrics(srv)['chat_room_logs{state=dormant}'] >= 1
     _, replay, end = resume(srv, "alice2", "quiet", epoch, offset)
     assert [text for _, _, text in map(split_id, replay)] == ["[bob] unheard"] and end.startswith("* resumed quiet")
     carol = srv.member("carol")
@@ -201,7 +201,7 @@ def test_an_emptied_rooms_log_is_kept_for_resumes_then_dropped(chat_server: Star
     epoch2, offset2 = last_id(dave, "[erin] gone soon")
     dave.close()
     erin.close()
-    wait_for(lambda: metrics(srv2)['chat_room_logs_dropped_total{reason="expired"}'] == 2, 5, "lobby's and brief's")
+    wait_for(lambda: metrics(srv2)['chat_room_logs_dropped_total{reason=expired}'] == 2, 5, "lobby's and brief's")
     _, _, end = resume(srv2, "dave2", "brief", epoch2, offset2)
     assert end == "! resume incomplete brief: epoch changed"
 

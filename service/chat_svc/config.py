@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -66,6 +67,17 @@ def parse_choice(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
+def parse_origins(text: str) -> str:
+    """``same-host``, ``*`` or a comma-separated list of origins (``scheme://host[:port]``), normalized."""
+    items = [item.strip().lower().rstrip("/") for item in text.split(",") if item.strip()]
+    if not items:
+        raise ValueError("give same-host, * or a list of origins")
+    for item in items:
+        if item not in ("same-host", "*") and not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s]+", item):
+            raise ValueError(f"not an origin (scheme://host[:port]): {item!r}")
+    return ",".join(items)
+
+
 def setting(default: Any, parse: Callable[[str], Any], help: str, *, secret: bool = False) -> Any:
     """A ``Config`` field that is also an option: its default, parser and documentation."""
     return field(default=default, metadata={_SETTING: (parse, help, secret)})
@@ -76,13 +88,18 @@ class Config:
     """The typed configuration every module receives; built by ``load``."""
 
     host: str = setting("0.0.0.0", str, "Address the chat port binds to.")
-    port: int = setting(9009, parse_port, "Chat TCP port; it also answers HTTP /metrics, /healthz, /readyz.")
+    port: int = setting(
+        9009,
+        parse_port,
+        "Chat TCP port; it also serves the chat page (/), WebSocket chat (/ws) and HTTP "
+        "/metrics, /healthz, /readyz and the API (/api/).",
+    )
     metrics_host: str = setting("0.0.0.0", str, "Address of the separate metrics listener.")
     metrics_port: int | None = setting(
         None,
         parse_port,
-        "Extra HTTP listener for /metrics, /healthz, /readyz (bind it to an internal "
-        "interface with --metrics-host to keep metrics off the chat port).",
+        "Extra HTTP listener for /metrics, /healthz, /readyz, the chat page and the API (bind it to an "
+        "internal interface with --metrics-host; the API then leaves the chat port).",
     )
     history: int = setting(
         20, parse_non_negative_int, "Recent chat lines replayed to a joiner (from the room's retained log)."
@@ -186,6 +203,20 @@ class Config:
     http_timeout: float = setting(
         5.0, parse_non_negative_float, "Seconds an HTTP client has to send its request headers."
     )
+    ws_origins: str = setting(
+        "same-host",
+        parse_origins,
+        "Origins whose pages may open a WebSocket on /ws: same-host (the page's host is the "
+        "one it connects to, any port), * (any), or a comma-separated list such as "
+        "https://chat.example.com,same-host. A request without an Origin header (not a "
+        "browser) is always accepted.",
+    )
+    ws_ping_interval: float = setting(
+        30.0,
+        parse_non_negative_float,
+        "Seconds a WebSocket client may be silent before it is pinged; one that answers "
+        "nothing for another interval is dropped (ping_timeout). 0 = no pings.",
+    )
     auth_timeout: float = setting(
         5.0, parse_non_negative_float, "Seconds a client has to send '/auth TOKEN' when a token is set."
     )
@@ -193,6 +224,25 @@ class Config:
     tls_key: str | None = setting(None, str, "PEM private key for --tls-cert.")
     token: str | None = setting(None, str, "Access token; clients must send '/auth TOKEN' first.", secret=True)
     token_file: str | None = setting(None, str, "File holding the access token (first line).", secret=True)
+    jwt_key_file: str | None = setting(
+        None,
+        str,
+        "Accept '/auth <JWT>': an HS256 secret (32+ bytes), or an RS256/ES256 public key in PEM; "
+        "re-read on SIGHUP. The token's sub becomes the member's nick.",
+    )
+    jwt_audience: str | None = setting(None, str, "With --jwt-key-file: the aud a token must carry.")
+    jwt_issuer: str | None = setting(None, str, "With --jwt-key-file: the iss a token must carry.")
+    require_auth: bool = setting(
+        False,
+        parse_bool,
+        "Make '/auth' (a JWT or the shared token) the mandatory first line; --token alone already does.",
+    )
+    api_keys_file: str | None = setting(
+        None,
+        str,
+        "Turn on the operator HTTP API under /api/: Bearer keys, one per line ('#' comments); "
+        "re-read on SIGHUP. Off: every /api/ path answers 404.",
+    )
     redis_url: str | None = setting(
         None,
         str,
@@ -322,6 +372,8 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     config = Config(**values)
     if bool(config.tls_cert) != bool(config.tls_key):
         parser.error("--tls-cert and --tls-key go together")
+    if config.require_auth and not (config.token or config.token_file or config.jwt_key_file):
+        parser.error("--require-auth needs --token, --token-file or --jwt-key-file")
     return config
 
 

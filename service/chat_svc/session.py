@@ -11,15 +11,14 @@ member's Outbox.
 from __future__ import annotations
 
 import fcntl
-import hmac
 import itertools
 import socket
 import struct
 import termios
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import gevent
 import structlog
@@ -27,12 +26,15 @@ from prometheus_client import Counter
 
 from . import commands, protocol
 from .admission import Admission
+from .bans import BanList
 from .config import Config
 from .directory import Directory
 from .flood import TokenBucket
 from .framing import LineFramer
 from .gevent_seams import raw_socket
 from .hub import Hub, Member
+from .identity import MISSING, NICK_TAKEN, Authenticator, ExpiryWatch, Identity
+from .jwtauth import AuthFailed
 from .metrics import Counters
 from .outbox import Outbox, Sink
 from .text import clean
@@ -43,7 +45,22 @@ _ids = itertools.count(1)
 
 # Reasons after which the client is owed what is already queued (a goodbye,
 # an error line) before the socket closes; the rest close at once.
-_GRACEFUL = frozenset({"quit", "line_too_long", "flood", "idle_timeout", "auth_failed", "server_full", "shutdown"})
+_GRACEFUL = frozenset(
+    {
+        "quit",
+        "line_too_long",
+        "flood",
+        "idle_timeout",
+        "auth_failed",
+        "server_full",
+        "shutdown",
+        "kicked",
+        "banned",
+        "token_expired",
+    }
+)
+# Reasons a connection is refused before it becomes a member.
+_REFUSALS = ("auth_failed", "server_full", "banned")
 
 
 log = structlog.get_logger("chat_svc.session")
@@ -60,7 +77,6 @@ class SessionLimits:
     flood_max_input_bytes: int
     flood_kick_after: float
     auth_timeout: float
-    token: str | None
     log_messages: bool
     room_create_burst: int = 20
     room_create_rate: float = 0.0
@@ -75,7 +91,6 @@ class SessionLimits:
             flood_max_input_bytes=config.flood_max_input_bytes,
             flood_kick_after=config.flood_kick_after,
             auth_timeout=config.auth_timeout,
-            token=config.access_token(),
             log_messages=config.log_messages,
             room_create_burst=config.room_create_burst,
             room_create_rate=config.room_create_rate,
@@ -95,17 +110,50 @@ class SessionContext:
     connection_slots: Admission
     # Chat members (--max-clients, --max-per-ip): taken before joining.
     member_slots: Admission
-    disconnects: Mapping[str, Counter]
-    # Live sessions, for the idle scan and shutdown.
+    # By transport ("tcp", or the framing's name), then by reason.
+    disconnects: Mapping[str, Mapping[str, Counter]]
+    # Live sessions, for the idle scan, bans and shutdown.
     sessions: set[Session]
-
-    @property
-    def token_required(self) -> bool:
-        return self.limits.token is not None
+    # /auth: the shared token and JWTs; the watch that ends expired identities.
+    auth: Authenticator
+    expiry: ExpiryWatch
+    # Enforced at connect, /nick and /auth.
+    bans: BanList
 
     @property
     def new_rooms(self) -> tuple[int, float]:
         return self.limits.room_create_burst, self.limits.room_create_rate
+
+
+class Framing(Protocol):
+    """A transport that carries lines inside frames (WebSocket), as a session sees it.
+
+    A plain byte stream (TCP, TLS) has none.  With one, the session still
+    reads bytes from its socket and writes through its Outbox; the framing
+    turns what is read into line bytes for the framer, frames what the Outbox
+    is handed, and has the last word when the session ends.
+    """
+
+    name: str
+    # Why the peer's frames end the session (a close frame, a protocol
+    # error, a frame over the limit); set by ``decode``.
+    ended: str | None
+
+    def open(
+        self,
+        sink: Sink,
+        limit: int,
+        on_overflow: Callable[[], None],
+        on_error: Callable[[], None],
+        kill: Callable[[str], None],
+    ) -> Outbox:
+        """Start: the member's outbox, which frames whatever it is pushed; ``kill`` ends a dead peer."""
+
+    def decode(self, data: bytes) -> bytes:
+        """Bytes read from the socket into line bytes for the framer (maybe none)."""
+
+    def farewell(self, reason: str) -> None:
+        """Queue the stream's last words for ``reason`` (a close frame); only the first call counts."""
 
 
 class Session:
@@ -133,6 +181,7 @@ class Session:
         "draining",
         "finished",
         "framer",
+        "framing",
         "head",
         "ip",
         "last_input",
@@ -147,7 +196,15 @@ class Session:
         "watcher",
     )
 
-    def __init__(self, ctx: SessionContext, sock: Any, address: tuple[str, int], head: bytes, sink: Sink) -> None:
+    def __init__(
+        self,
+        ctx: SessionContext,
+        sock: Any,
+        address: tuple[str, int],
+        head: bytes,
+        sink: Sink,
+        framing: Framing | None = None,
+    ) -> None:
         self.ctx = ctx
         limits = ctx.limits
         self.sock = sock
@@ -157,7 +214,11 @@ class Session:
         self.reason: str | None = None
         self.member: Member | None = None
         self.framer = LineFramer(limits.max_line_bytes)
-        self.outbox = Outbox(sink, limits.sendq_bytes, self._slow_consumer, self._socket_error)
+        self.framing = framing
+        if framing is None:
+            self.outbox = Outbox(sink, limits.sendq_bytes, self._slow_consumer, self._socket_error)
+        else:
+            self.outbox = framing.open(sink, limits.sendq_bytes, self._slow_consumer, self._socket_error, self.kill)
         self.bucket = TokenBucket(limits.flood_burst, limits.flood_rate) if limits.flood_rate > 0 else None
         self.started = self.last_input = time.monotonic()
         self.raw = raw_socket(sock) if sink.parkable else None
@@ -179,22 +240,63 @@ class Session:
         ctx = self.ctx
         ctx.sessions.add(self)
         try:
-            if ctx.token_required and not self._authenticate():
-                self.end("auth_failed")
-            elif refusal := ctx.member_slots.acquire(self.ip):
-                self.outbox.push(protocol.error_line(refusal))
-                self.end("server_full")
-            else:
-                self.admitted = True
-                self.member = Member(f"{self.ip}:{self.port}", self.outbox)
-                ctx.hub.attach(self.member, DEFAULT_ROOM)
-                log.info("client_connected", nick=self.member.nick, room=DEFAULT_ROOM)
+            member = self._admit()
+            if member is not None:
+                self.member = member
+                identity = member.identity
+                room = identity.start_room(DEFAULT_ROOM) if identity is not None else DEFAULT_ROOM
+                ctx.hub.attach(member, room)
+                ctx.expiry.watch(member)
+                log.info("client_connected", nick=member.nick, room=room, identified=identity is not None)
                 head, self.head = self.head, b""
                 self._serve(head)
                 return
         except Exception:
             self._failed()
         self._finish()
+
+    def _admit(self) -> Member | None:
+        """Bans, authentication, the member caps and the nick, in that order; None when refused (and told why)."""
+        ctx = self.ctx
+        ban = ctx.bans.for_ip(self.ip)
+        if ban is not None:
+            self._refuse(f"banned: {ban.reason}", "banned")
+            return None
+        identity: Identity | None = None
+        if ctx.auth.required:
+            presented = self._auth_line()
+            if presented is None:
+                return None
+            try:
+                identity = ctx.auth.check(presented)
+            except AuthFailed as failed:
+                log.info("auth_failed", reason=failed.reason)
+                self._refuse("authentication failed", "auth_failed")
+                return None
+        if refusal := ctx.member_slots.acquire(self.ip):
+            self._refuse(refusal, "server_full")
+            return None
+        self.admitted = True
+        nick = f"{self.ip}:{self.port}"
+        if identity is not None:
+            nick = identity.sub
+            ban = ctx.bans.for_nick(nick)
+            if ban is not None:
+                self._refuse(f"banned: {ban.reason}", "banned")
+                return None
+            taken = ctx.directory.reserve(nick)
+            if taken is not None:
+                ctx.auth.count(NICK_TAKEN)
+                log.info("auth_failed", reason=NICK_TAKEN)
+                self._refuse(taken, "auth_failed")
+                return None
+        member = Member(nick, self.outbox, self)
+        member.identity = identity
+        return member
+
+    def _refuse(self, error: str, reason: str) -> None:
+        self.outbox.push(protocol.error_line(error))
+        self.end(reason)
 
     def _bind_log_context(self) -> None:
         structlog.contextvars.bind_contextvars(conn_id=self.conn_id, peer=f"{self.ip}:{self.port}")
@@ -261,12 +363,12 @@ class Session:
     def half_close(self) -> bool:
         """Everything owed is written: send FIN so the client sees the end, keep reading.
 
-        Plain TCP only (TLS and framed transports close instead); False when
-        the session was ended instead.
+        Plain TCP only (TLS and WebSocket sessions are closed instead); False
+        when the session was ended instead.
         """
         if self.finished:
             return False
-        if self.raw is None:
+        if self.raw is None or self.framing is not None:  # TLS; a WebSocket ends with its close frame
             self.kill("shutdown")
             return False
         self.outbox.closed = True  # nothing more is queued once the FIN is on its way
@@ -280,12 +382,23 @@ class Session:
     def kill(self, reason: str) -> None:
         """End the session from outside its own flow (hub, sweeper, shutdown); never blocks.
 
-        A parked session is finished on the spot; a busy one leaves the room
-        now and its greenlet finishes once its socket call fails.
+        A parked session is finished on the spot.  A busy one leaves the room
+        now; if it still owes the client a goodbye (graceful reasons) its
+        input is shut so that its own greenlet wakes and flushes it (up to
+        1 s, as in ``_finish``), otherwise its socket is closed and the
+        greenlet finishes once its socket call fails.
         """
         self.end(reason)
         if self.busy:
             self._leave_hub()
+            self._bid_farewell()
+            if self.outbox.size and not self.outbox.closed and self.reason in _GRACEFUL:
+                try:
+                    # Under the SSL layer: SSLSocket.shutdown would drop the TLS state the flush needs.
+                    raw_socket(self.sock).shutdown(socket.SHUT_RD)
+                    return
+                except OSError:
+                    pass
             self.outbox.close()
             self.sock.close()
         else:
@@ -310,6 +423,11 @@ class Session:
             self.last_room = member.room.name
             self.ctx.hub.detach(member)
 
+    def _bid_farewell(self) -> None:
+        """The transport's last words (a WebSocket close frame), once the member can be sent nothing else."""
+        if self.framing is not None:
+            self.framing.farewell(self.reason or "error")
+
     def _nick_or_none(self) -> str | None:
         return self.member.nick if self.member is not None else None
 
@@ -321,6 +439,7 @@ class Session:
         reason = self.reason or "error"
         member = self.member
         self._leave_hub()
+        self._bid_farewell()
         if reason in _GRACEFUL and self.busy:
             self._wait_until_sent(1.0)
         self.busy = False
@@ -334,8 +453,9 @@ class Session:
         if self.admitted:
             self.admitted = False
             ctx.member_slots.release(self.ip)
+        disconnects = ctx.disconnects["tcp" if self.framing is None else self.framing.name]
         if member is not None:
-            ctx.disconnects[reason].inc()
+            disconnects[reason].inc()
             log.info(
                 "client_disconnected",
                 conn_id=self.conn_id,
@@ -346,8 +466,8 @@ class Session:
                 duration_s=round(time.monotonic() - self.started, 3),
                 bytes_in=self.bytes_in,
             )
-        elif reason in ("auth_failed", "server_full"):
-            ctx.disconnects[reason].inc()
+        elif reason in _REFUSALS:
+            disconnects[reason].inc()
             log.info("client_refused", conn_id=self.conn_id, peer=f"{self.ip}:{self.port}", reason=reason)
         self.sock.close()
         ctx.connection_slots.release(self.ip)
@@ -389,20 +509,27 @@ class Session:
         return None
 
     def _received(self, data: bytes) -> bytes | None:
+        """Account for what was read; with a framing, what remains of it for the framer."""
         if not data:
             self.end("eof")
             return None
-        self.last_input = time.monotonic()
         self.bytes_in += len(data)
         self.ctx.counters.bytes_in += len(data)
+        framing = self.framing
+        if framing is not None:
+            # Control frames (pings, pongs) are not input: --idle-timeout sees lines only.
+            data = framing.decode(data)
+            if framing.ended is not None:
+                self.end(framing.ended)
+            if not data:
+                return data
+        self.last_input = time.monotonic()
         return data
 
-    def _authenticate(self) -> bool:
-        """The first line must be ``/auth TOKEN``, within --auth-timeout."""
-        limits = self.ctx.limits
-        token = limits.token
-        assert token is not None
-        deadline = time.monotonic() + limits.auth_timeout
+    def _auth_line(self) -> str | None:
+        """What the first line presents (``/auth X``: X), within --auth-timeout; None when refused already."""
+        ctx = self.ctx
+        deadline = time.monotonic() + ctx.limits.auth_timeout
         lines = self.framer.feed(self.head)
         self.head = b""
         while not lines:
@@ -411,18 +538,19 @@ class Session:
                 self.end("auth_failed")
             data = self._recv(remaining, "auth_failed") if self.reason is None else None
             if data is None:
+                ctx.auth.count(MISSING)
                 self.outbox.push(protocol.error_line("authentication required: send /auth TOKEN first"))
-                return False
+                return None
             lines = self.framer.feed(data)
         first, rest = lines[0], lines[1:]
-        parsed = protocol.parse(clean(first))
-        given = parsed.arg if isinstance(parsed, protocol.Command) and parsed.name == "auth" else ""
-        if not hmac.compare_digest(given.encode(), token.encode()):
-            self.outbox.push(protocol.error_line("authentication failed"))
-            log.info("auth_failed")
-            return False
         self.head = b"".join(line + b"\n" for line in rest)
-        return True
+        parsed = protocol.parse(clean(first))
+        if isinstance(parsed, protocol.Command) and parsed.name == "auth" and parsed.arg:
+            return parsed.arg
+        ctx.auth.count(MISSING)
+        log.info("auth_failed", reason=MISSING)
+        self._refuse("authentication failed", "auth_failed")
+        return None
 
     def _process(self, data: bytes) -> bool:
         """Frame and act on one chunk of input; False ends the session."""

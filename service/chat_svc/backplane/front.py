@@ -1,8 +1,9 @@
 """``RedisBackplane``: what the service sees of the backplane.
 
 The hub's hooks in (``publish``, ``room_active``, ``joining``, ``left``), the
-cluster's ``directory`` and a metrics ``collector`` out; the work is done
-by the subscriber's and the publisher's greenlets.  Only ``joining`` may
+cluster's ``directory``, ``bans`` and ``idempotency`` (for the operator API)
+and a metrics ``collector`` out; the work is done by the subscriber's, the
+publisher's and the ban mirror's greenlets.  Only ``joining`` may
 block (in the joiner's greenlet); the other hooks only queue.
 
 ``joining`` keeps each room's mirror (the hub's RoomLog of the room) a copy
@@ -24,11 +25,14 @@ import structlog
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from ..bans import BanList
 from ..hub import Hub, Member, OnId
 from ..roomlog import Gap, RoomLog
 from . import keys
+from .bans import RedisBans
 from .connection import ERRORS, pool
 from .directory import RedisDirectory
+from .idempotency import RedisIdempotency
 from .instance import Instance, RoomBounds, default_instance_id
 from .publisher import Publisher
 from .subscriber import Subscriber
@@ -48,6 +52,7 @@ class RedisBackplane:
         instance_id: str | None = None,
         presence_ttl: int = 15,
         rooms: RoomBounds | None = None,
+        bans: BanList | None = None,
     ) -> None:
         self.hub = hub
         instance_id = instance_id or default_instance_id()
@@ -67,6 +72,9 @@ class RedisBackplane:
         self._read = self._queries.register_script(keys.READ)
         self._syncing: dict[str, gevent.event.Event] = {}
         self.reads = 0
+        mirror = bans if bans is not None else BanList()
+        self.bans = RedisBans(instance, self._queries, self.subscriber, self.publisher, mirror)
+        self.idempotency = RedisIdempotency(instance, self._queries, self.subscriber)
         self._greenlets: list[gevent.Greenlet] = []
 
     @property
@@ -78,13 +86,14 @@ class RedisBackplane:
 
     def start(self) -> None:
         """Connect in the background: the instance serves (degraded) while Redis is away."""
-        self._greenlets = [gevent.spawn(self.subscriber.run), gevent.spawn(self.publisher.run)]
+        self._greenlets = [gevent.spawn(g) for g in (self.subscriber.run, self.publisher.run, self.bans.run)]
 
     def stop(self, timeout: float = 2.0) -> None:
         """Flush what the leaving members changed, withdraw this instance, close."""
         self.publisher.flush(timeout)
         self.publisher.stop()
         self.subscriber.stop()
+        self.bans.stop()
         if self.up:
             self.publisher.withdraw()
         gevent.killall(self._greenlets, timeout=timeout)

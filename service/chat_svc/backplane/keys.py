@@ -19,10 +19,20 @@ in one slot)::
     nick:<nick>      "<expiry ms> <instance>": the instance owning a nick until then.
     rooms:<id>       hash room -> member count of one instance.
     instances        sorted set of instances scored by expiry time.
+    bans             hash ban id -> ban (JSON with its expiry, Redis clock); expired ones are
+                     pruned by whoever reads it.  Every instance mirrors it in memory.
+    control          pub/sub channel every instance subscribes to: "the bans changed".
+    idem:<sha256>    an operator API Idempotency-Key (hashed: keys are client text): ""
+                     while its request runs, then the answer; expires after 5 minutes.
 
-Presence (who, nick, rooms, instances) carries no TTL: it expires by the
-scores and expiry times in it, and the instances clean up after one that
-died (``GC_*``), so Redis' eviction can never take a nick from its owner.
+Global keys (bans, control, idem:*) are single keys, so on a Redis Cluster
+each lives on one shard like the others; no command here spans two keys.
+
+Presence (who, nick, rooms, instances) and bans carry no TTL: presence
+expires by the scores and expiry times in it, and the survivors delete what
+an instance that died left (the publisher's heartbeat), so Redis' eviction
+can never take a nick from its owner.  Besides the room logs, only the API's
+idem:* keys carry a TTL.
 
 A room line's offset and its publication happen in one Lua script
 (``PUBLISH``): every instance, the origin included, delivers the line when
@@ -34,12 +44,18 @@ members sent it (nobody hears their own lines).
 
 from __future__ import annotations
 
+import hashlib
+
 PREFIX = "chat:"
 INSTANCES = PREFIX + "instances"
 
+BANS = PREFIX + "bans"
+CONTROL = PREFIX + "control"
+
 # Kinds of message: a chat line (kept as history), a notice (join, leave,
-# rename) and a private line for one member of the receiving instance.
-LINE, NOTICE, PRIVATE = b"h", b"n", b"m"
+# rename), a private line for one member of the receiving instance, a kick
+# (the notice, then the member is disconnected) and "the bans changed".
+LINE, NOTICE, PRIVATE, KICK, BANS_CHANGED = b"h", b"n", b"m", b"k", b"b"
 
 
 def key(kind: str, name: str) -> str:
@@ -78,6 +94,11 @@ def nick(name: str) -> str:
 
 def room_counts(instance_id: str) -> str:
     return key("rooms", instance_id)
+
+
+def idempotency(client_key: str) -> str:
+    """The Redis key of an API Idempotency-Key: hashed, so any client text makes a short, safe name."""
+    return key("idem", hashlib.sha256(client_key.encode()).hexdigest())
 
 
 _ROOM = (PREFIX + "{").encode()

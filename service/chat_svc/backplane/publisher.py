@@ -95,6 +95,7 @@ class Publisher:
         self._prefixes = {True: keys.envelope_prefix(instance_id, keys.LINE),
                           False: keys.envelope_prefix(instance_id, keys.NOTICE)}  # fmt: skip
         self._private = keys.envelope_prefix(instance_id, keys.PRIVATE)
+        self._kick = keys.envelope_prefix(instance_id, keys.KICK)
         # read by the collector
         self.published = 0
         self.errors = {"redis_error": 0, "down": 0, "queue_full": 0}
@@ -151,13 +152,19 @@ class Publisher:
 
     def send_private(self, owner: str, target: str, line: bytes) -> None:
         """A /msg line for ``target``, a member of the instance ``owner``."""
+        self._to_inbox(owner, self._private + keys.private_payload(target, line))
+
+    def send_kick(self, owner: str, target: str, notice: bytes) -> None:
+        """Kick ``target``, a member of the instance ``owner``: it gets ``notice``, then is disconnected."""
+        self._to_inbox(owner, self._kick + keys.private_payload(target, notice))
+
+    def _to_inbox(self, owner: str, envelope: bytes) -> None:
         if not self._subscriber.up:
             self.errors["down"] += 1
             return
         if self._over_bounds():
             self._refuse_full(None)
             return
-        envelope = self._private + keys.private_payload(target, line)
         self._queue.append((keys.inbox(owner), envelope))
         self._queued_bytes += len(envelope)
         self._wake.set()
@@ -346,16 +353,20 @@ class Publisher:
             if before is not None:
                 pipe.zrem(keys.who(before[1]), keys.who_entry(before[0], me))
                 rooms.add(before[1])
-                if before[0] not in hub.members:
+                if hub.holder(before[0]) is None:
                     release.append(keys.nick(before[0]))
             if now is None:
                 del self._shown[member]
+                # An identified member renamed away from its sub held that too (hub.reserved).
+                sub = member.identity.sub if member.identity is not None else None
+                if sub is not None and before is not None and sub != before[0] and hub.holder(sub) is None:
+                    release.append(keys.nick(sub))
             else:
                 self._shown[member] = now
                 added.setdefault(now[1], {})[keys.who_entry(now[0], me)] = expires
                 rooms.add(now[1])
                 claim.append(keys.nick(now[0]))
-        release.extend(keys.nick(nick) for nick in self._orphans if nick not in hub.members)
+        release.extend(keys.nick(nick) for nick in self._orphans if hub.holder(nick) is None)
         self._orphans.clear()
         for chunk in _chunks(release):
             self._release(keys=chunk, args=[me], client=pipe)
@@ -406,6 +417,7 @@ class Publisher:
         if counts:
             pipe.hset(counts_key, mapping=counts)
         nicks = [keys.nick(nick) for nick, _ in self._shown.values()]
+        nicks.extend(keys.nick(sub) for sub in self.hub.reserved)
         for chunk in _chunks(nicks):
             indexes.append(len(pipe))
             self._claim(keys=chunk, args=[me, self.now_ms(), self.ttl * 1000], client=pipe)
