@@ -274,7 +274,8 @@ def test_redis_keeps_each_rooms_log_bounded_and_only_room_logs_expire(
     wait_for(lambda: int(store.hget(keys.meta("r"), "seq") or 0) >= 100, 5, "all published")
     entries = store.xrange(keys.log("r"))
     kept = sum(len(fields[b"d"]) for _, fields in entries)
-    assert len(entries) <= 50 and kept <= 3000 and int(store.hget(keys.meta("r"), "bytes")) == kept
+    # trimmed in batches: back to the bounds once 1/16 over them
+    assert len(entries) <= 50 + 3 and kept <= 3000 * 17 / 16 and int(store.hget(keys.meta("r"), "bytes")) == kept
     assert entries[-1][1][b"d"].startswith(b"[alice] line 99 ")
     assert 0 < store.ttl(keys.meta("r")) <= 3 and 0 < store.ttl(keys.log("r")) <= 3
     for presence in (keys.who("r"), keys.nick("alice"), keys.room_counts(srv_instance(store)), keys.INSTANCES):

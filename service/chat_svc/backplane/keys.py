@@ -196,6 +196,9 @@ def read_reply(reply: list[object]) -> tuple[bytes | None, int, list[tuple[int, 
 # stream to its bounds, publishes it with its id and returns {epoch, offset}.
 # A room without meta (new, expired, evicted, flushed) starts a new epoch and
 # drops whatever log was left, so an old id can never meet a new line.
+# Cheap per line: the stream is trimmed back to its bounds in batches, once it
+# holds 1/16 more lines or bytes than them, and the TTLs are refreshed every
+# 16th line (and by the heartbeat while the room has members).
 PUBLISH = """
 local epoch = redis.call('HGET', KEYS[1], 'epoch')
 if not epoch then
@@ -214,14 +217,30 @@ else
   bytes = redis.call('HINCRBY', KEYS[1], 'bytes', #ARGV[3])
 end
 local maxlen, maxbytes = tonumber(ARGV[6]), tonumber(ARGV[7])
-while len > 1 and (len > maxlen or bytes > maxbytes) do
-  local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1)[1]
-  redis.call('XDEL', KEYS[2], oldest[1])
-  bytes = redis.call('HINCRBY', KEYS[1], 'bytes', -#oldest[2][4])
-  len = len - 1
+local slack = math.max(1, math.floor(maxlen / 16))
+local trim = len > maxlen + slack or bytes > maxbytes + maxbytes / 16
+while trim and len > 1 and (len > maxlen or bytes > maxbytes) do
+  local oldest = redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', math.max(len - maxlen, 0) + slack)
+  local dropped, freed, last = 0, 0, nil
+  for _, entry in ipairs(oldest) do
+    if len - dropped <= 1 or (len - dropped <= maxlen and bytes - freed <= maxbytes) then
+      break
+    end
+    dropped = dropped + 1
+    freed = freed + #entry[2][4]
+    last = entry[1]
+  end
+  if dropped == 0 then
+    break
+  end
+  redis.call('XTRIM', KEYS[2], 'MINID', (tonumber(string.match(last, '^(%d+)')) + 1) .. '-0')
+  bytes = redis.call('HINCRBY', KEYS[1], 'bytes', -freed)
+  len = len - dropped
 end
-redis.call('EXPIRE', KEYS[1], ARGV[8])
-redis.call('EXPIRE', KEYS[2], ARGV[8])
+if seq % 16 == 1 then
+  redis.call('EXPIRE', KEYS[1], ARGV[8])
+  redis.call('EXPIRE', KEYS[2], ARGV[8])
+end
 redis.call('PUBLISH', ARGV[9], ARGV[4] .. ARGV[5] .. ' ' .. epoch .. ':' .. seq .. ' ' .. ARGV[3])
 return {epoch, seq}
 """
