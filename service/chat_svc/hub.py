@@ -233,11 +233,11 @@ class Hub:
         return self._enter(member, room_name, (epoch, offset))
 
     def release(self, member: Member) -> None:
-        """Hand ``member`` nothing more from its room; it may still speak there (the drain)."""
+        """Hand ``member`` nothing more from its room, not even when it leaves; it may still speak there (the drain)."""
         room = member.room
         if room is not None:
             room.remove(member)
-            member.rseq = room.end
+            member.rseq = HOLD
 
     def enable_ids(self, member: Member) -> None:
         """/ids: from the next line on, lines of the room log reach ``member`` with their id."""
