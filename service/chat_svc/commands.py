@@ -105,18 +105,23 @@ def _may_bring_into_being(ctx: Context, member: Member, room: str) -> bool:
     return False
 
 
+def _may_enter(ctx: Context, member: Member, room: str) -> bool:
+    """/join and /resume: a valid name, allowed by the member's JWT, not one new room too many; else says why."""
+    if not protocol.valid_room(room):
+        _reply(ctx, member, protocol.error_line(f"invalid room name: {ROOM_RULE}"))
+        return False
+    if member.identity is not None and not member.identity.allows(room):
+        _reply(ctx, member, protocol.error_line(f"not allowed in {room}"))
+        return False
+    return _may_bring_into_being(ctx, member, room)
+
+
 def join(ctx: Context, member: Member, arg: str) -> str | None:
     assert member.room is not None
-    if not protocol.valid_room(arg):
-        _reply(ctx, member, protocol.error_line(f"invalid room name: {ROOM_RULE}"))
-        return None
-    if member.identity is not None and not member.identity.allows(arg):
-        _reply(ctx, member, protocol.error_line(f"not allowed in {arg}"))
+    if not _may_enter(ctx, member, arg):
         return None
     if member.room.name == arg:
         _reply(ctx, member, protocol.info_line(f"you are already in {arg}"))
-        return None
-    if not _may_bring_into_being(ctx, member, arg):
         return None
     _move(ctx, member, arg)
     return None
@@ -173,13 +178,7 @@ def resume(ctx: Context, member: Member, arg: str) -> str | None:
         _reply(ctx, member, protocol.error_line("usage: /resume ROOM EPOCH:OFFSET"))
         return None
     room, epoch, offset = parsed
-    if not protocol.valid_room(room):
-        _reply(ctx, member, protocol.error_line(f"invalid room name: {ROOM_RULE}"))
-        return None
-    if member.identity is not None and not member.identity.allows(room):
-        _reply(ctx, member, protocol.error_line(f"not allowed in {room}"))
-        return None
-    if not _may_bring_into_being(ctx, member, room):
+    if not _may_enter(ctx, member, room):
         return None
     complete, _ = ctx.hub.resume(member, room, epoch, offset)
     if not complete:
