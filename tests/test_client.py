@@ -32,7 +32,7 @@ from chat_svc.client import encode_line, sanitize
 
 ROOT = Path(__file__).resolve().parent.parent
 CLIENT = [sys.executable, "-m", "chat_svc.client"]
-WELCOME = re.compile(r"\* welcome to chat-svc, you are (\S+) in room (\S+);")
+WELCOME = re.compile(r"\* welcome to chat-svc, you are (\S+) in (?:room )?(\S+);")
 
 
 def client_env(**extra: str) -> dict[str, str]:

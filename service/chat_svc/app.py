@@ -16,6 +16,8 @@ import structlog
 
 from . import __version__, logs, protocol
 from .admission import Admission
+from .budget import OutboundBudget
+from .commands import Listings
 from .config import Config, load
 from .directory import Directory
 from .httpfront import Health, HttpFront, make_app, serve_metrics_port
@@ -44,7 +46,9 @@ class Service:
             history=config.history,
             notice_threshold=config.notice_threshold,
             observe_latency=self.metrics.observe_latencies,
+            notice_rate=config.notice_rate,
         )
+        self.budget = OutboundBudget(config.outbound_budget_bytes)
         # Cluster mode (--redis-url): the hub relays through Redis; see backplane/.
         # Imported only then, so a single instance never loads redis.
         self.backplane: RedisBackplane | None = None
@@ -73,12 +77,19 @@ class Service:
             member_slots=self.member_slots,
             disconnects=self.metrics.by_reason,
             sessions=self.sessions,
+            budget=self.budget,
+            listings=Listings(ttl=0.0 if self.backplane is not None else 1.0),
         )
         self.shutting_down = False
         self.accepting = False
         self.loop_tick = time.monotonic()
         self.metrics.watch(
-            self.hub, self.counters, lambda: self.connection_slots.count, lambda: self._ready()[0], config.max_clients
+            self.hub,
+            self.counters,
+            lambda: self.connection_slots.count,
+            lambda: self._ready()[0],
+            config.max_clients,
+            self.budget,
         )
         self.http = HttpFront(make_app(self.metrics.registry, Health(self._alive, self._ready)))
         self.server = ChatServer(config, self.session_context, self.metrics, self.http)

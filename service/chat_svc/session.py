@@ -26,6 +26,7 @@ from prometheus_client import Counter
 
 from . import commands, protocol
 from .admission import Admission
+from .budget import OutboundBudget
 from .config import Config
 from .directory import Directory
 from .flood import TokenBucket
@@ -93,6 +94,10 @@ class SessionContext:
     disconnects: Mapping[str, Counter]
     # Live sessions, for the idle scan and shutdown.
     sessions: set[Session]
+    # All members' queued output together (--outbound-budget-bytes).
+    budget: OutboundBudget
+    # /rooms and /who answers shared by everyone asking within a moment.
+    listings: commands.Listings
 
     @property
     def token_required(self) -> bool:
@@ -147,7 +152,7 @@ class Session:
         self.reason: str | None = None
         self.member: Member | None = None
         self.framer = LineFramer(limits.max_line_bytes)
-        self.outbox = Outbox(sink, limits.sendq_bytes, self._slow_consumer, self._socket_error)
+        self.outbox = Outbox(sink, limits.sendq_bytes, self._slow_consumer, self._socket_error, ctx.budget)
         self.bucket = TokenBucket(limits.flood_burst, limits.flood_rate) if limits.flood_rate > 0 else None
         self.started = self.last_input = time.monotonic()
         self.raw = raw_socket(sock) if sink.parkable else None
@@ -247,15 +252,17 @@ class Session:
         else:
             self._finish()
 
-    def _slow_consumer(self) -> None:
+    def _slow_consumer(self, reason: str) -> None:
+        """The outbox dropped its queue: over --sendq-bytes, or among the largest past the outbound budget."""
         log.warning(
             "slow_consumer_disconnected",
             conn_id=self.conn_id,
             peer=f"{self.ip}:{self.port}",
             nick=self._nick_or_none(),
+            reason=reason,
             limit=self.outbox.limit,
         )
-        self.kill("slow_consumer")
+        self.kill(reason)
 
     def _socket_error(self) -> None:
         self.kill("error")
@@ -386,15 +393,17 @@ class Session:
         t_read = time.perf_counter()
         lines = framer.feed(data)
         unread = len(data)
+        limit = self.ctx.limits.max_line_bytes
         for raw in lines:
             unread -= len(raw) + 1
+            parsed = protocol.parse(clean(raw, limit))
             if self.bucket is not None:
-                delay = self.bucket.take()
+                delay = self.bucket.take(commands.cost(parsed))
                 if delay:
                     if not self._fakelag(delay, unread):
                         return False
                     t_read = time.perf_counter()
-            if not self._handle(raw, t_read):
+            if parsed is not None and not self._handle(parsed, t_read):
                 return False
         if framer.overflowed:
             self.outbox.push(protocol.error_line("line too long"))
@@ -422,11 +431,8 @@ class Session:
 
     # -- lines ---------------------------------------------------------------
 
-    def _handle(self, raw: bytes, t_read: float) -> bool:
-        """Act on one line; False ends the session."""
-        parsed = protocol.parse(clean(raw))
-        if parsed is None:
-            return True
+    def _handle(self, parsed: protocol.Command | str, t_read: float) -> bool:
+        """Act on one parsed line; False ends the session."""
         member = self.member
         assert member is not None
         ctx = self.ctx

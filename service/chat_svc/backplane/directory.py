@@ -32,7 +32,7 @@ class RedisDirectory:
     def claim_nick(self, member: Member, nick: str) -> str | None:
         """/nick across the cluster: an error text, or None when the nick changed."""
         hub = self.hub
-        if nick == member.nick or nick in hub.members or not self._subscriber.up:
+        if nick == member.nick or hub.member(nick) is not None or not self._subscriber.up:
             return hub.claim_nick(member, nick)
         try:
             taken = self._claim(keys=[keys.nick(nick)], args=[self._instance_id, self._ttl])
@@ -41,7 +41,7 @@ class RedisDirectory:
             return hub.claim_nick(member, nick)
         if taken:
             return f"nick {nick} is taken"
-        if hub.members.get(member.nick) is not member:  # disconnected while we asked
+        if hub.member(member.nick) is not member:  # disconnected while we asked
             self._publisher.orphan(nick)
             return None
         error = hub.claim_nick(member, nick)

@@ -230,7 +230,7 @@ class Publisher:
 
     def _state(self, member: Member) -> tuple[str, str] | None:
         room = member.room
-        if room is None or self.hub.members.get(member.nick) is not member:
+        if room is None or self.hub.member(member.nick) is not member:
             return None
         return member.nick, room.name
 
@@ -249,7 +249,7 @@ class Publisher:
             if before is not None:
                 pipe.zrem(keys.who(before[1]), keys.who_entry(before[0], me))
                 rooms.add(before[1])
-                if before[0] not in hub.members:
+                if hub.member(before[0]) is None:
                     release.append(keys.nick(before[0]))
             if now is None:
                 del self._shown[member]
@@ -258,7 +258,7 @@ class Publisher:
                 added.setdefault(now[1], {})[keys.who_entry(now[0], me)] = expires
                 rooms.add(now[1])
                 claim.append(keys.nick(now[0]))
-        release.extend(keys.nick(nick) for nick in self._orphans if nick not in hub.members)
+        release.extend(keys.nick(nick) for nick in self._orphans if hub.member(nick) is None)
         self._orphans.clear()
         for chunk in _chunks(release):
             self._release(keys=chunk, args=[me], client=pipe)
