@@ -26,6 +26,8 @@ class Measured:
     health: list[float] = field(default_factory=list)
     lost: int = 0
     health_failures: list[str] = field(default_factory=list)
+    # With ``record=True``: every line the bystander received, with its arrival time (monotonic).
+    lines: list[tuple[float, bytes]] = field(default_factory=list)
 
     def p99(self) -> float:
         values = sorted(self.round_trips)
@@ -55,13 +57,17 @@ class Bystander:
         nick: str = "bystander",
         source: str = "127.0.0.1",
         health_port: int | None = None,
-        interval: float = 0.05,
+        # 8 lines a second: under the default --flood-rate (10), so the server never
+        # fakelags the bystander itself (at 0.05 s its p50 became the 50 ms fakelag).
+        interval: float = 0.125,
         timeout: float = 5.0,
+        record: bool = False,
     ) -> None:
         self.host, self.port, self.nick = host, port, nick
         self.health_port = health_port or port
         self.interval = interval
         self.timeout = timeout
+        self.record = record
         self.measured = Measured()
         self._stop = threading.Event()
         self.sock = socket.create_connection((host, port), timeout=timeout, source_address=(source, 0))
@@ -96,6 +102,8 @@ class Bystander:
         while True:
             while b"\n" in self._buffer:
                 line, _, self._buffer = self._buffer.partition(b"\n")
+                if self.record:
+                    self.measured.lines.append((time.monotonic(), line))
                 if needle in line:
                     return line
             remaining = deadline - time.monotonic()
