@@ -18,9 +18,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 import pytest
+from _chat import ServerProcess, scrape
 from _probe import Bystander, Measured
-from conftest import ServerProcess
-from test_observability import scrape
 
 OTHER_IP = "127.0.0.2"
 
