@@ -23,6 +23,8 @@ class Measured:
     """What the bystander saw: round trips of its own /msg, and /healthz answer times (seconds)."""
 
     round_trips: list[float] = field(default_factory=list)
+    # When each round trip started (monotonic), to see which phase of an attack was slow.
+    started: list[float] = field(default_factory=list)
     health: list[float] = field(default_factory=list)
     lost: int = 0
     health_failures: list[str] = field(default_factory=list)
@@ -34,6 +36,11 @@ class Measured:
         if not values:
             return float("inf")
         return values[min(len(values) - 1, int(len(values) * 0.99))]
+
+    def slowest(self, count: int = 5) -> list[tuple[float, float]]:
+        """The ``count`` slowest round trips as (start, seconds), in time order."""
+        pairs = sorted(zip(self.started, self.round_trips, strict=True), key=lambda pair: pair[1])[-count:]
+        return sorted(pairs)
 
     def slowest_health(self) -> float:
         return max(self.health, default=float("inf"))
@@ -131,6 +138,7 @@ class Bystander:
                 self.measured.lost += 1
                 return
             self.measured.round_trips.append(time.monotonic() - started)
+            self.measured.started.append(started)
             self._stop.wait(self.interval)
 
     def _check_health(self) -> None:

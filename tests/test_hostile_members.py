@@ -16,12 +16,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
+from typing import TypeVar
 
 import pytest
 from _chat import ServerProcess, scrape
 from _probe import Bystander, Measured
 
 OTHER_IP = "127.0.0.2"
+T = TypeVar("T")
 
 
 def raise_fd_limit(needed: int) -> None:
@@ -71,14 +74,14 @@ def drain(socks: list[socket.socket], stop: threading.Event) -> threading.Thread
 
 
 @contextmanager
-def peak_rss(srv: ServerProcess) -> Iterator[list[int]]:
-    """Samples the server's RSS (kB) every 0.2 s; yields a list whose max is the peak."""
-    samples = [srv.rss_kb()]
+def sampled(read: Callable[[], T], every: float) -> Iterator[list[T]]:
+    """Calls ``read`` every ``every`` seconds while the block runs; yields the values so far."""
+    samples = [read()]
     stop = threading.Event()
 
     def run() -> None:
-        while not stop.wait(0.2):
-            samples.append(srv.rss_kb())
+        while not stop.wait(every):
+            samples.append(read())
 
     thread = threading.Thread(target=run, daemon=True)
     thread.start()
@@ -87,6 +90,16 @@ def peak_rss(srv: ServerProcess) -> Iterator[list[int]]:
     finally:
         stop.set()
         thread.join()
+
+
+def kernel_send_queues(port: int) -> list[int]:
+    """Bytes in the kernel send queue of every TCP socket on local ``port`` (orphans included)."""
+    queued = []
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].rsplit(":", 1)[1], 16) == port:
+            queued.append(int(fields[4].split(":")[0], 16))
+    return queued
 
 
 def assert_unhurt(measured: Measured) -> None:
@@ -171,7 +184,11 @@ def test_a_thousand_members_that_never_read_stay_within_the_memory_budget(chat_s
     before_kb = srv.rss_kb()
 
     def paced(rounds: int, line: Callable[[int], bytes]) -> None:
-        """One line to every attacker per round, 9 rounds a second: just under the flood rate."""
+        """One line to every attacker per round, 6 rounds a second (the flood rate allows 10).
+
+        What the attack costs in memory does not depend on its pace; its pace sets how much
+        of a core the server spends decoding 8 KB lines (at 9 a second, 9000 lines/s, half a
+        core: a shared 2-core host then starves the server and the bystander with it)."""
         for _ in range(rounds):
             started = time.monotonic()
             for n, sock in enumerate(attackers):
@@ -179,33 +196,51 @@ def test_a_thousand_members_that_never_read_stay_within_the_memory_budget(chat_s
                     sock.sendall(line(n))
                 except OSError:
                     pass
-            time.sleep(max(0.0, 1 / 9 - (time.monotonic() - started)))
+            time.sleep(max(0.0, 1 / 6 - (time.monotonic() - started)))
 
-    with peak_rss(srv) as rss, Bystander(srv.host, srv.port, source=OTHER_IP) as bystander:
+    charged = sampled(lambda: scrape(srv.port), 0.5)
+    bystander = Bystander(srv.host, srv.port, source=OTHER_IP)
+    with sampled(srv.rss_kb, 0.2) as rss, charged as outbound, bystander:
+        phases = [time.monotonic()]
         paced(history, lambda n: f"{text}\n".encode())
+        phases.append(time.monotonic())
         # About 1.45 MB each: the kernel's full send buffer (twice --sndbuf-bytes) and just
         # under --sendq-bytes queued.
         paced(180, lambda n: f"/msg a{n} {text}\n".encode())
+        phases.append(time.monotonic())
         time.sleep(1)
         samples = scrape(srv.port)
         measured = bystander.stop()
+        # Dropped connections are reset, not closed: no full send buffer stays behind in the
+        # kernel (as an orphan socket) for minutes.  The attackers have not closed theirs.
+        left_behind = sum(kernel_send_queues(srv.port))
     for sock in attackers:
         sock.close()
     peak_mb = max(rss) / 1024
+    charged_bytes = [s["chat_outbound_bytes"] for s in outbound]
     shed = samples.get("chat_disconnects_total{reason=outbound_budget}", 0)
     slow = samples.get("chat_disconnects_total{reason=slow_consumer}", 0)
     # The documented bound (docs/operations.md, "Memory"): the process with its members connected,
-    # 16 KB per busy member, every room's history bound and the outbound budget.
+    # 40 KB per busy member, every room's history bound and the outbound budget.
     history_mb = count * history * (8192 + 100) / 2**20
-    bound_mb = before_kb / 1024 + count * 16 / 1024 + history_mb + budget / 2**20
+    bound_mb = before_kb / 1024 + count * 40 / 1024 + history_mb + budget / 2**20
     print(
         f"RSS before {before_kb / 1024:.0f} MB, peak {peak_mb:.0f} MB, bound {bound_mb:.0f} MB; "
-        f"outbound charged {samples['chat_outbound_bytes'] / 2**20:.0f} MiB, held "
-        f"{samples['chat_sendq_bytes'] / 2**20:.0f} MiB; shed {shed:.0f}, slow consumers {slow:.0f}"
+        f"outbound charged at most {max(charged_bytes) / 2**20:.0f} MiB (budget {budget >> 20} MiB), "
+        f"held in queues at most {max(s['chat_sendq_bytes'] for s in outbound) / 2**20:.0f} MiB; "
+        f"shed {shed:.0f}, slow consumers {slow:.0f}; kernel send queues left {left_behind} bytes"
     )
+    print("phases at", [round(at - phases[0], 2) for at in phases], "slowest round trips (start, s):",
+          [(round(at - phases[0], 2), round(rtt, 3)) for at, rtt in measured.slowest()],
+          "server loop ticks later than 0.25 s:", samples["chat_event_loop_tick_lag_seconds_count"]
+          - samples["chat_event_loop_tick_lag_seconds_bucket{le=0.25}"])
     assert_unhurt(measured)
     assert shed > 0
-    assert samples["chat_outbound_bytes"] <= budget
+    assert max(charged_bytes) > budget * 0.8  # the attack did reach the budget
+    # Kernel buffers fill before the budget can see them (a thousand at the same moment here),
+    # so one scrape may catch it past the budget; the next must find it shed back under.
+    assert sum(value > budget * 1.02 for value in charged_bytes) <= 1, charged_bytes
+    assert left_behind < 1 << 20
     assert peak_mb < bound_mb
     assert peak_mb < 512
     assert '"outbound_budget_exceeded"' in srv.log_text()

@@ -23,6 +23,7 @@ a write the kernel takes whole never reaches the budget).
 
 from __future__ import annotations
 
+import heapq
 from typing import TYPE_CHECKING
 
 import gevent
@@ -32,6 +33,11 @@ if TYPE_CHECKING:
     from .outbox import Outbox
 
 log = structlog.get_logger("chat_svc.budget")
+
+# Queues dropped between two looks at I/O while shedding, and the pause (a timer, so the
+# loop polls sockets: sleep(0) would only run queued callbacks).
+SHED_BATCH = 32
+SHED_PAUSE = 0.001
 
 
 class OutboundBudget:
@@ -96,21 +102,26 @@ class OutboundBudget:
             gevent.spawn(self._shed)
 
     def _shed(self) -> None:
-        """Drop the largest queues until the budget is back under 15/16 of its limit."""
+        """Drop the largest queues until the budget is back under 15/16 of its limit.
+
+        Dropping ends a session (logs, a notice to its room, a reset): hundreds at
+        once would stall the loop for everyone else, so it lets the loop serve
+        I/O after every ``SHED_BATCH`` drops, and looks again at what is largest.
+        """
         try:
             used = self.used
             if used <= self.limit:
                 return
             target = self.limit - self.limit // 16
             dropped = 0
-            for outbox in sorted(self.backlogged, key=_queued, reverse=True):
-                if self.used <= target:
-                    break
-                outbox.shed()
-                dropped += 1
-            log.warning(
-                "outbound_budget_exceeded", used=used, limit=self.limit, dropped=dropped, now=self.used
-            )
+            while self.used > target and self.backlogged:
+                for outbox in heapq.nlargest(SHED_BATCH, self.backlogged, key=_queued):
+                    if self.used <= target:
+                        break
+                    outbox.shed()
+                    dropped += 1
+                gevent.sleep(SHED_PAUSE)
+            log.warning("outbound_budget_exceeded", used=used, limit=self.limit, dropped=dropped, now=self.used)
         finally:
             self._shedding = False
 
