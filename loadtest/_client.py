@@ -6,14 +6,16 @@ connect, join and send (and for disconnects and ``!`` error lines, as failures).
 nothing about what the lines mean: every chat line heard goes to its ``Listener``, which
 is where the swarm verifies fan-out.
 
-``open_stream`` is the one place a transport plugs in (``tcp://`` today). Request names
-are the transport, request types are what happened, so Locust's table and the swarm's
-charts keep connects, joins, sends and fan-outs apart, per transport.
+``open_stream`` is the one place a transport plugs in: ``tcp://`` (a socket) or ``ws://``
+(chat-svc's WebSocket endpoint on the same port, ``_websocket``). Request names are the
+transport, request types are what happened, so Locust's table and the swarm's charts keep
+connects, joins, sends and fan-outs apart, per transport.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import socket as _stdsocket
 import time
 from dataclasses import dataclass
@@ -24,9 +26,11 @@ import gevent.event
 from gevent import socket
 from locust.event import EventHook
 
+from loadtest._websocket import WebSocketStream
+
 DEFAULT_HOST = "tcp://127.0.0.1:9009"
 DEFAULT_PORT = 9009
-TRANSPORTS = ("tcp",)
+TRANSPORTS = ("tcp", "ws")
 
 
 class ServerDisconnectError(Exception):
@@ -51,7 +55,7 @@ class Address:
 
 
 def parse_host(host: str | None) -> Address:
-    """``tcp://H:P``, ``H:P`` or ``[::1]:P``; the default port is 9009."""
+    """``tcp://H:P``, ``ws://H:P``, ``H:P`` or ``[::1]:P``; the default port is 9009."""
     h = (host or DEFAULT_HOST).strip()
     transport, sep, rest = h.partition("://")
     if not sep:
@@ -77,9 +81,11 @@ class Stream(Protocol):
 
 
 def open_stream(address: Address, timeout: float) -> Stream:
-    """Connect to ``address``. A WebSocket transport would return a ``Stream`` here too."""
+    """Connect to ``address`` over its transport."""
     if address.transport not in TRANSPORTS:
-        raise ValueError(f"unsupported transport {address.transport!r}; use tcp://HOST:PORT")
+        raise ValueError(f"unsupported transport {address.transport!r}; use tcp://HOST:PORT or ws://HOST:PORT")
+    if address.transport == "ws":
+        return WebSocketStream.connect(address.host, address.port, timeout)
     sock = socket.create_connection((address.host, address.port), timeout=timeout)
     sock.setsockopt(_stdsocket.IPPROTO_TCP, _stdsocket.TCP_NODELAY, 1)
     sock.settimeout(None)
@@ -89,7 +95,7 @@ def open_stream(address: Address, timeout: float) -> Stream:
 class Listener(Protocol):
     """What a client reports besides request events."""
 
-    def joined(self, nick: str, t: float) -> None:
+    def joined(self, nick: str, transport: str, t: float) -> None:
         """The server confirmed the join at ``t``: from now on the member must get every line."""
 
     def left(self, nick: str, t: float) -> None:
@@ -126,8 +132,9 @@ class ChatClient:
         """Seconds until the next connection attempt is due (backoff after failures)."""
         return max(0.0, self._retry_at - time.time())
 
-    def connect(self, host: str | None, nick: str, room: str) -> bool:
-        """Connect to ``host``, take ``nick``, join ``room``; wait until the server confirmed both."""
+    def connect(self, host: str | None, nick: str, room: str, transport: str | None = None) -> bool:
+        """Connect to ``host`` (over ``transport`` when given, else its scheme's), take ``nick``,
+        join ``room``; wait until the server confirmed both."""
         self.nick, self.joined = nick, False
         self._welcome, self._synced = gevent.event.Event(), gevent.event.Event()
         self._handshake_errors = []
@@ -135,6 +142,8 @@ class ChatClient:
         t0 = time.perf_counter()
         try:
             address = parse_host(host)
+            if transport:
+                address = dataclasses.replace(address, transport=transport)
             self.transport = address.transport
             stream = open_stream(address, self.join_timeout)
         except (OSError, ValueError) as e:
@@ -156,7 +165,7 @@ class ChatClient:
             return self._failed("join", t1, JoinError(why), stream)
         self.joined = True
         self._backoff = 0.5
-        self.listener.joined(nick, time.time())
+        self.listener.joined(nick, self.transport, time.time())
         self._fire("join", t1)
         return True
 

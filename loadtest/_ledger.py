@@ -40,6 +40,7 @@ class Member:
     node: str
     join_t: float
     leave_t: float | None = None
+    transport: str = "tcp"
 
 
 @dataclass
@@ -103,6 +104,8 @@ class Ledger:
         self.lost_messages = 0
         self.cross_node_deliveries = 0
         self.unexpected_deliveries = 0
+        # "sender's transport->member's transport" -> [expected, lost]: fan-out across transports
+        self.by_transport: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         self.unjudged_messages = 0
         self.unknown_receipts = 0
         self.window: tuple[float | None, float | None] = (None, None)
@@ -116,8 +119,8 @@ class Ledger:
         """Merge one node's batch (from ``Recorder.take_batch``)."""
         node = batch["node"]
         self.nodes.add(node)
-        for room, nick, t in batch["joins"]:
-            self.members[nick] = Member(room, node, t)
+        for room, nick, t, transport in batch["joins"]:
+            self.members[nick] = Member(room, node, t, transport=transport)
             self.room_members[room].append(nick)
         for nick, t in batch["leaves"]:
             m = self.members.get(nick)
@@ -216,6 +219,11 @@ class Ledger:
         self.delivered_in_time += len(expected) - len(missing)
         self.unexpected_deliveries += len(msg.received) - (len(expected) - len(missing))
         self.cross_node_deliveries += sum(1 for n in expected if n in msg.received and self.members[n].node != msg.node)
+        origin = self.members[sender].transport if sender in self.members else "?"
+        for nick in expected:
+            pair = self.by_transport[f"{origin}->{self.members[nick].transport}"]
+            pair[0] += 1
+            pair[1] += nick not in msg.received
         late = sum(1 for n in missing if n in msg.late)
         cross = sum(1 for n in missing if self.members[n].node != msg.node)
         complete_ms = None
@@ -283,6 +291,9 @@ class Ledger:
             "lost_never": self.lost_deliveries - self.lost_late,
             "lost_cross_node": self.lost_cross_node,
             "cross_node_deliveries": self.cross_node_deliveries,
+            "by_transport": {
+                pair: {"expected": e, "lost": lost} for pair, (e, lost) in sorted(self.by_transport.items())
+            },
             "unexpected_deliveries": self.unexpected_deliveries,
             "unknown_receipts": self.unknown_receipts,
             "loss_ratio": (self.lost_deliveries / expected) if expected else 0.0,

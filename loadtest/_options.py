@@ -41,6 +41,12 @@ class SwarmOptions:
     fanout_sample_every: int = _opt(
         10, "Fire a Locust 'fanout' request for 1 of N deliveries (the verdict counts every one).", int
     )
+    transport: str = _opt(
+        "", "tcp or ws (WebSocket, GET /ws on the same port) for every user; default: the --host scheme.", str
+    )
+    ws_share: float | None = _opt(
+        None, "Share of users on WebSocket, 0 to 1, spread evenly over the rooms; the rest use TCP."
+    )
     join_timeout: float = _opt(10.0, "Seconds to wait for the welcome line and the /join round trip.")
     room_prefix: str = _opt("swarm", "Prefix of the swarm's room names.", str)
     summary_json: str = _opt("", "Also write the verdict as JSON to this file.", str, ui=False)

@@ -122,9 +122,9 @@ class Recorder:
         """How late a timer fired in this process: time it could not spend reading sockets."""
         self._lag.add_us(int(seconds * 1_000_000))
 
-    def joined(self, room: str, nick: str, t: float) -> None:
-        """``nick`` is a member of ``room`` from ``t`` on (server confirmed the join)."""
-        self._joins.append([room, nick, t])
+    def joined(self, room: str, nick: str, t: float, transport: str = "tcp") -> None:
+        """``nick`` is a member of ``room`` from ``t`` on (server confirmed the join), over ``transport``."""
+        self._joins.append([room, nick, t, transport])
 
     def left(self, nick: str, t: float) -> None:
         """``nick`` stops being a member at ``t`` (leaving started or connection lost)."""

@@ -88,9 +88,9 @@ class MemberListener:
         self.swarm = swarm
         self.room = room
 
-    def joined(self, nick: str, t: float) -> None:
+    def joined(self, nick: str, transport: str, t: float) -> None:
         if self.swarm.recorder is not None:
-            self.swarm.recorder.joined(self.room, nick, t)
+            self.swarm.recorder.joined(self.room, nick, t, transport)
 
     def left(self, nick: str, t: float) -> None:
         if self.swarm.recorder is not None:
@@ -129,13 +129,23 @@ class Swarm:
 
     # -- what users call ---------------------------------------------------------
 
-    def enlist(self) -> tuple[str, str]:
-        """(base nick, room) for a new user; rooms interleave the users of every worker."""
+    def enlist(self) -> tuple[str, str, str | None]:
+        """(base nick, room, transport) for a new user; rooms interleave the users of every worker.
+
+        With ``--ws-share`` every room gets its share of WebSocket users (user g is one when
+        floor(g x share) steps up at g), so each line crosses transports both ways; otherwise
+        ``--transport``, or None for the --host scheme's.
+        """
         index = self.next_index
         self.next_index += 1
         global_index = index * max(1, self.workers) + self.worker_index
         nick = f"lt{self.run_id}w{self.worker_index}u{index}"
-        return nick, f"{self.options.room_prefix}{self.run_id}r{global_index // self.options.room_size}"
+        share = self.options.ws_share
+        if share is not None:
+            transport: str | None = "ws" if int((global_index + 1) * share) > int(global_index * share) else "tcp"
+        else:
+            transport = self.options.transport or None
+        return nick, f"{self.options.room_prefix}{self.run_id}r{global_index // self.options.room_size}", transport
 
     def sent(self, room: str, nick: str, seq: int, t_send: float) -> None:
         if self.recorder is not None:

@@ -26,7 +26,7 @@ class ChatUser(User):
     def __init__(self, environment: Environment) -> None:
         super().__init__(environment)
         self.opts = SWARM.options
-        self.base_nick, self.room = SWARM.enlist()
+        self.base_nick, self.room, self.transport = SWARM.enlist()
         self.client = ChatClient(environment.events.request, MemberListener(SWARM, self.room), self.opts.join_timeout)
         self.connects = 0
         self.seq = 0
@@ -55,7 +55,7 @@ class ChatUser(User):
                 self.connects += 1
                 nick = self.base_nick if self.connects == 1 else f"{self.base_nick}r{self.connects - 1}"
                 self.seq, self._next_send = 0, None
-                self.client.connect(self.host, nick, self.room)
+                self.client.connect(self.host, nick, self.room, self.transport)
             return
         if self.opts.msg_rate > 0 and not SWARM.draining:
             self.seq += 1

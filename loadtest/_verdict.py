@@ -125,6 +125,10 @@ def details(totals: dict[str, Any], deadline: float) -> list[tuple[str, str, str
             f" max {_fmt_ms(t['swarm_lag_max_ms'])}",
         )
     )
+    pairs = t.get("by_transport", {})
+    if len(pairs) > 1:
+        each = ", ".join(f"{pair} {n['expected'] - n['lost']}/{n['expected']}" for pair, n in pairs.items())
+        rows.append(("transports", "sender->member", f"{each} in time"))
     if t.get("swarm_starved"):
         rows.append(
             (

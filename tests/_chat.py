@@ -29,13 +29,15 @@ import tempfile
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from _require import require_binary
 from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.samples import Sample
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -98,13 +100,17 @@ def get(
         return error.code, error.read().decode(), dict(error.headers)
 
 
+def metric_samples(text: str) -> list[Sample]:
+    """Every sample line of an exposition (``name`` as written, e.g. with ``_total``/``_bucket``)."""
+    return [sample for family in text_string_to_metric_families(text) for sample in family.samples]
+
+
 def parse_metrics(text: str) -> dict[str, float]:
     """Samples keyed ``name`` or ``name{label=value,...}`` (labels sorted, values unquoted)."""
     samples = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    for sample in metric_samples(text):
+        labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+        samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
     return samples
 
 
@@ -114,6 +120,18 @@ def scrape(port: int, *, context: ssl.SSLContext | None = None) -> dict[str, flo
     assert status == 200, (status, body)
     assert headers["Content-Type"].startswith("text/plain; version=0.0.4"), headers
     return parse_metrics(body)
+
+
+def prometheus_api(port: int, path: str, **params: str) -> Any:
+    """The ``data`` of a Prometheus server's ``/api/v1/<path>`` answer, which must be a success.
+
+    Raises ``OSError`` (urllib's errors) while that server is not up yet, for callers that poll.
+    """
+    url = f"http://127.0.0.1:{port}/api/v1/{path}?{urllib.parse.urlencode(params)}"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        body = json.load(response)
+    assert body["status"] == "success", body
+    return body["data"]
 
 
 def delta(before: dict[str, float], after: dict[str, float], name: str) -> float:
@@ -128,10 +146,15 @@ def tls_client_context(cert: Path | str) -> ssl.SSLContext:
 
 
 def make_cert(directory: Path) -> tuple[Path, Path]:
-    """A self-signed certificate and key (openssl; fails under CI=true when it is missing)."""
+    """A self-signed CA certificate for localhost and 127.0.0.1, and its key.
+
+    The subjectAltName lets a client that checks host names (chat-client without
+    --insecure) trust it as a CA.  openssl; fails under CI=true when it is missing.
+    """
     openssl = require_binary("openssl")
     cert, key = directory / "cert.pem", directory / "key.pem"
-    argv = [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost"]
+    argv = [openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
+            "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1"]
     subprocess.run([*argv, "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True)
     return cert, key
 
@@ -161,18 +184,22 @@ class LineClient:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 raise TimeoutError(f"no line within timeout; partial {self._buffer[:200]!r}")
-            self.sock.settimeout(remaining)
-            try:
-                chunk = self.sock.recv(65536)
-            except TimeoutError:
-                continue
-            except ConnectionResetError as exc:
-                raise EOFError(f"connection reset; partial {self._buffer[:200]!r}") from exc
-            if not chunk:
-                raise EOFError(f"connection closed; partial {self._buffer[:200]!r}")
-            self._buffer += chunk
+            self._fill(remaining)
         line, _, self._buffer = self._buffer.partition(b"\n")
         return line.decode("utf-8", "replace")
+
+    def _fill(self, timeout: float) -> None:
+        """Add what arrives within ``timeout`` to the buffer; EOFError once the server closed."""
+        self.sock.settimeout(timeout)
+        try:
+            chunk = self.sock.recv(65536)
+        except TimeoutError:
+            return
+        except ConnectionResetError as exc:
+            raise EOFError(f"connection reset; partial {self._buffer[:200]!r}") from exc
+        if not chunk:
+            raise EOFError(f"connection closed; partial {self._buffer[:200]!r}")
+        self._buffer += chunk
 
     def expect(self, prefix: str, timeout: float | None = None) -> str:
         """Skip lines until one starts with ``prefix``; return it."""
@@ -182,13 +209,18 @@ class LineClient:
     def expect_re(self, pattern: str, timeout: float | None = None) -> str:
         """Skip lines until one matches the regex ``pattern`` (re.search); return it."""
         __tracebackhide__ = True
-        compiled = re.compile(pattern)
-        return self._read_until(lambda line: compiled.search(line) is not None, pattern, timeout)[-1]
+        return self.read_until_re(pattern, timeout)[-1]
 
     def read_until(self, prefix: str, timeout: float | None = None) -> list[str]:
         """Every line up to and including the first that starts with ``prefix``."""
         __tracebackhide__ = True
         return self._read_until(lambda line: line.startswith(prefix), prefix, timeout)
+
+    def read_until_re(self, pattern: str, timeout: float | None = None) -> list[str]:
+        """Every line up to and including the first that matches the regex ``pattern`` (re.search)."""
+        __tracebackhide__ = True
+        compiled = re.compile(pattern)
+        return self._read_until(lambda line: compiled.search(line) is not None, pattern, timeout)
 
     def _read_until(self, match: Callable[[str], bool], what: str, timeout: float | None) -> list[str]:
         __tracebackhide__ = True
@@ -346,7 +378,11 @@ class ServerProcess:
     ) -> None:
         args = tuple(args)
         self.host = "127.0.0.1"
-        self.port = port or free_port()
+        # Without a port to use, the server binds port 0 and says which one it got
+        # (server_started): a port picked here and bound later can be taken in between
+        # by anything else on the machine that connects or listens.
+        learn_port = port is None and wait and "--log-format" not in args
+        self.port = port or (0 if learn_port else free_port())
         self.metrics_port: int | None = None
         if "--metrics-port" in args:
             self.metrics_port = int(args[args.index("--metrics-port") + 1])
@@ -367,12 +403,29 @@ class ServerProcess:
         self.expected_events: set[str] = set()
         self.killed = False
         self.stop_timed_out = False
+        if learn_port:
+            started = self._started()
+            self.port = int(str(started["address"]).rpartition(":")[2])
+            if self.metrics_port == 0:
+                self.metrics_port = int(str(started["metrics_port"]))
         if wait:
             wait_port(self.host, self.port, proc=self.proc)
 
     @property
     def pid(self) -> int:
         return self.proc.pid
+
+    def _started(self, timeout: float = 15.0) -> dict[str, object]:
+        """The ``server_started`` event: the ports bound (port 0 = the kernel's choice)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for event in self.log_events():
+                if event.get("event") == "server_started":
+                    return event
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}\n{self.log_tail()}")
+            time.sleep(0.02)
+        raise TimeoutError(f"no server_started within {timeout}s\n{self.log_tail()}")
 
     # -- what the test expects of it --------------------------------------
 

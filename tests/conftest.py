@@ -7,11 +7,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
-from _chat import ROOT, LineClient, ServerProcess, free_port
+from _chat import ServerProcess
 from _redis import RedisServer
-
-# Still importable from here for tests/_docker.py and test_config.py until they import _chat.
-__all__ = ["ROOT", "LineClient", "free_port"]
 
 # A shell that starts a job in the background (`.ci/run &`, nohup, some CI
 # runners) makes it ignore SIGINT, and an ignored signal stays ignored in every

@@ -9,15 +9,13 @@ what the user sees is checked on a VT100 screen model (pyte) fed with the client
 from __future__ import annotations
 
 import contextlib
-import datetime
 import fcntl
-import ipaddress
+import functools
 import os
 import re
 import shutil
 import signal
 import socket
-import ssl
 import struct
 import subprocess
 import sys
@@ -26,15 +24,15 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
-from _require import missing, require_module
+from _chat import ROOT, LineClient, free_port, make_cert, wait_for
+from _require import require_module
 from _streams import StreamWatcher
 from chat_svc.client.connection import encode_line
 from chat_svc.client.session import NICK_RETRY_SECONDS, Session
 
-ROOT = Path(__file__).resolve().parent.parent
 CLIENT = [sys.executable, "-m", "chat_svc.client"]
 # The server's wording may change; the client reads it as loosely (see client/session.py).
 WELCOME = re.compile(r"\* welcome\b.*?\byou are (\S+) in (?:room )?([^\s;,]+)")
@@ -99,7 +97,7 @@ class PtyClient:
     SIGINT through the line discipline, exactly as on a real terminal.
     """
 
-    def __init__(self, *args: str, inputrc: Path, columns: int, rows: int) -> None:
+    def __init__(self, *args: str, inputrc: Path, columns: int = 80, rows: int = 200) -> None:
         self.columns, self.rows = columns, rows
         self.master, slave = os.openpty()
         fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
@@ -138,6 +136,9 @@ class PtyClient:
             self.proc.wait(5)
         self.out.wait_eof(5)
         os.close(self.master)
+
+
+AnyClient = TypeVar("AnyClient", PipeClient, PtyClient)
 
 
 class Screen:
@@ -181,13 +182,12 @@ class Screen:
             time.sleep(0.05)
 
 
-@pytest.fixture
-def pipe_client() -> Any:
-    """Factory for pipe-driven clients, all killed at teardown."""
-    made: list[PipeClient] = []
+def killed_at_teardown(start: Callable[..., AnyClient]) -> Iterator[Callable[..., AnyClient]]:
+    """A fixture's body: yields ``start``, then kills every client it started."""
+    made: list[AnyClient] = []
 
-    def make(*args: str) -> PipeClient:
-        client = PipeClient(*args)
+    def make(*args: str, **kwargs: Any) -> AnyClient:
+        client = start(*args, **kwargs)
         made.append(client)
         return client
 
@@ -197,21 +197,18 @@ def pipe_client() -> Any:
 
 
 @pytest.fixture
-def pty_client(tmp_path: Path) -> Any:
+def pipe_client() -> Iterator[Callable[..., PipeClient]]:
+    """Factory for pipe-driven clients, all killed at teardown."""
+    yield from killed_at_teardown(PipeClient)
+
+
+@pytest.fixture
+def pty_client(tmp_path: Path) -> Iterator[Callable[..., PtyClient]]:
     """Factory for pty-driven clients (80 columns unless asked), all killed at teardown."""
-    made: list[PtyClient] = []
     # Keep readline's output predictable: no bracketed-paste mode switches in the stream.
     inputrc = tmp_path / "inputrc"
     inputrc.write_text("set enable-bracketed-paste off\nset bell-style none\n")
-
-    def make(*args: str, columns: int = 80, rows: int = 200) -> PtyClient:
-        client = PtyClient(*args, inputrc=inputrc, columns=columns, rows=rows)
-        made.append(client)
-        return client
-
-    yield make
-    for client in made:
-        client.kill()
+    yield from killed_at_teardown(functools.partial(PtyClient, inputrc=inputrc))
 
 
 @pytest.fixture
@@ -240,32 +237,6 @@ def carol(chat_server: Any, pty_client: Any, screen_of: Any) -> Any:
         return bob, client, screen
 
     return start
-
-
-def closed_port() -> int:
-    """A loopback port with nothing listening on it (bound then released, never listened)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
-
-
-def lines_until(peer: Any, pattern: str, timeout: float = 10.0) -> list[str]:
-    """Every line ``peer`` receives up to and including the first matching ``pattern``."""
-    compiled = re.compile(pattern)
-    deadline = time.monotonic() + timeout
-    lines: list[str] = []
-    while not lines or not compiled.search(lines[-1]):
-        remaining = deadline - time.monotonic()
-        assert remaining > 0, f"{pattern!r} not received; got {lines!r}"
-        lines.append(peer.recv_line(remaining))
-    return lines
 
 
 @contextlib.contextmanager
@@ -416,20 +387,25 @@ def test_session_stops_asking_when_the_user_picks_another_nick() -> None:
 # ---------------------------------------------------------------------------------- pipe mode
 
 
+def talk_both_ways(peer: LineClient, client: PipeClient, there: str, back: str) -> str:
+    """``client`` joins a just-connected ``peer``'s room, says ``there`` and prints ``back``; its nick."""
+    welcome = WELCOME.search(peer.expect("* welcome"))
+    assert welcome, "the welcome names the peer"
+    peer_nick = welcome.group(1)
+    nick = client.nick()
+    peer.expect(f"* {nick} joined lobby")
+    client.send(there)
+    peer.expect(f"[{nick}] {there}")
+    peer.send(back)
+    client.out.wait_for(f"[{peer_nick}] {back}\n")
+    return nick
+
+
 def test_pipe_client_sends_and_receives(chat_server: Any, pipe_client: Any) -> None:
     srv = chat_server()
     peer = srv.connect()
-    peer_nick = WELCOME.search(peer.expect("* welcome")).group(1)
-
     client = pipe_client(srv.host, str(srv.port))
-    nick = client.nick()
-    peer.expect(f"* {nick} joined lobby")
-
-    client.send("hello from the pipe")
-    peer.expect(f"[{nick}] hello from the pipe")
-
-    peer.send("hello back, ünïcödé")
-    client.out.wait_for(f"[{peer_nick}] hello back, ünïcödé\n")
+    nick = talk_both_ways(peer, client, "hello from the pipe", "hello back, ünïcödé")
 
     # End of input: the client sends /quit, prints until the server closes, exits 0.
     client.close_stdin()
@@ -465,7 +441,7 @@ def test_pipe_client_ctrl_c_exits_cleanly(chat_server: Any, pipe_client: Any) ->
 
 
 def test_unable_to_connect_exits_1(pipe_client: Any) -> None:
-    client = pipe_client("127.0.0.1", str(closed_port()))
+    client = pipe_client("127.0.0.1", str(free_port()))  # nothing listens there
     assert client.wait(10) == 1, client.output()
     assert "Unable to connect" in client.err.text
     assert "Traceback" not in client.err.text
@@ -473,7 +449,7 @@ def test_unable_to_connect_exits_1(pipe_client: Any) -> None:
 
 def test_reconnect_still_fails_fast_when_the_first_connect_fails(pipe_client: Any) -> None:
     """--reconnect is for a server that goes away, not for a typo in HOST or PORT."""
-    client = pipe_client("--reconnect", "127.0.0.1", str(closed_port()))
+    client = pipe_client("--reconnect", "127.0.0.1", str(free_port()))
     assert client.wait(10) == 1, client.output()
     assert "Unable to connect to 127.0.0.1:" in client.err.text
     assert "reconnecting" not in client.err.text
@@ -515,7 +491,7 @@ def test_over_long_line_is_refused_locally_and_the_session_goes_on(chat_server: 
     client.err.wait_for(TOO_LONG.format(size=9000, limit=8192))
     client.send("y" * 8192)  # exactly the limit is fine
     client.send("still here")
-    assert lines_until(peer, "still here$") == [f"[{nick}] " + "y" * 8192, f"[{nick}] still here"]
+    assert peer.read_until_re("still here$", timeout=10) == [f"[{nick}] " + "y" * 8192, f"[{nick}] still here"]
     client.close_stdin()
     assert client.wait(10) == 0, client.output()
 
@@ -535,7 +511,7 @@ def test_max_line_bytes_follows_the_server(chat_server: Any, pipe_client: Any) -
     client.send("done")
     client.err.wait_for(TOO_LONG.format(size=101, limit=100))
     client.err.wait_for(TOO_LONG.format(size=3_000_000, limit=100))
-    assert lines_until(peer, "done$")[-2:] == [f"[{nick}] " + "a" * 100, f"[{nick}] done"]
+    assert peer.read_until_re("done$", timeout=10)[-2:] == [f"[{nick}] " + "a" * 100, f"[{nick}] done"]
     client.close_stdin()
     assert client.wait(10) == 0, client.output()
 
@@ -563,7 +539,7 @@ def test_reconnect_after_server_restart(chat_server: Any, pipe_client: Any) -> N
 
     # The new server demands /auth; the room sees the client under the chosen nick, in den,
     # without the user typing anything.
-    wait_until(lambda: "* you joined den" in client.out.text[before_restart:], 10, "/join replay")
+    wait_for(lambda: "* you joined den" in client.out.text[before_restart:], 10, "/join replay")
     assert "is now known as phoenix" in client.out.text[before_restart:]
     peer = srv2.connect()
     peer.send(f"/auth {token}")
@@ -598,7 +574,7 @@ def test_lines_typed_while_disconnected_are_not_sent(chat_server: Any, pipe_clie
         peer = srv2.member("watcher")
     client.err.wait_for(f"Reconnected to {srv.host}:{port}", timeout=20)
     client.send("typed after")
-    received = lines_until(peer, "typed after$")
+    received = peer.read_until_re("typed after$", timeout=10)
     assert "[phoenix] typed after" in received
     assert not [line for line in received if "typed while away" in line], received
 
@@ -606,12 +582,15 @@ def test_lines_typed_while_disconnected_are_not_sent(chat_server: Any, pipe_clie
 def test_reconnect_takes_back_a_nick_taken_meanwhile(chat_server: Any, pipe_client: Any) -> None:
     srv, client = reconnecting(chat_server, pipe_client, "alice")
     port = srv.port
+    welcomes = len(WELCOME.findall(client.out.text))
     with frozen(client):  # someone takes the nick before the client is back
         srv.stop()
         srv2 = chat_server(port=port)
         squatter = srv2.member("alice")
     client.err.wait_for("* could not take back your nick alice: taken\n", timeout=20)
     client.err.wait_for(f"* trying again every {NICK_RETRY_SECONDS:g} s; /nick NAME picks another nick\n")
+    # stdout has its own reader: wait for the new connection's welcome there, not the old one's.
+    wait_for(lambda: len(WELCOME.findall(client.out.text)) > welcomes, 10, "the new connection's welcome")
     new_nick = WELCOME.findall(client.out.text)[-1][0]
     assert new_nick != "alice"
     peer = srv2.member("watcher")
@@ -742,7 +721,7 @@ def test_pty_pasted_over_long_line_is_refused(carol: Any) -> None:
         timeout=30,
     )
     client.type(b"still here\r")
-    received = lines_until(peer, "still here$")
+    received = peer.read_until_re("still here$", timeout=10)
     assert received[-1] == "[carol] still here"
     assert not [line for line in received if line.startswith("[carol] ")][:-1], "nothing else was sent"
     assert client.proc.poll() is None
@@ -805,100 +784,13 @@ def test_pty_server_gone_restores_terminal(chat_server: Any, pty_client: Any, sc
 # ------------------------------------------------------------------------------------------ TLS
 
 
-def make_self_signed(directory: Path) -> tuple[Path, Path]:
-    """A throwaway certificate for localhost / 127.0.0.1 (cryptography, else the openssl CLI)."""
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    try:
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import NameOID
-    except ImportError:
-        openssl = shutil.which("openssl")
-        if openssl is None:
-            missing("neither the cryptography package nor the openssl CLI is installed")
-        assert openssl is not None
-        subprocess.run(
-            [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-             "-nodes", "-days", "2", "-subj", "/CN=localhost",
-             "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-             "-keyout", str(key_path), "-out", str(cert_path)],
-            check=True, capture_output=True, timeout=60,
-        )  # fmt: skip
-        return cert_path, key_path
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
-class TlsPeer:
-    """A minimal raw TLS line client (the fixture's line client speaks plain TCP)."""
-
-    def __init__(self, host: str, port: int, cafile: Path) -> None:
-        ctx = ssl.create_default_context(cafile=str(cafile))
-        raw = socket.create_connection((host, port), timeout=10)
-        self.sock = ctx.wrap_socket(raw, server_hostname="localhost")
-        self.buf = b""
-
-    def send(self, line: str) -> None:
-        self.sock.sendall(line.encode() + b"\n")
-
-    def expect(self, prefix: str, timeout: float = 10.0) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            while b"\n" in self.buf:
-                raw, self.buf = self.buf.split(b"\n", 1)
-                line = raw.decode("utf-8", "replace").rstrip("\r")
-                if line.startswith(prefix):
-                    return line
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, f"no line starting {prefix!r} within {timeout}s"
-            self.sock.settimeout(remaining)
-            chunk = self.sock.recv(65536)
-            assert chunk, f"connection closed before a line starting {prefix!r}"
-            self.buf += chunk
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def test_tls_round_trip(chat_server: Any, pipe_client: Any, tmp_path: Path) -> None:
-    cert, key = make_self_signed(tmp_path)
+    cert, key = make_cert(tmp_path)
     srv = chat_server("--tls-cert", str(cert), "--tls-key", str(key))
-    peer = TlsPeer("127.0.0.1", srv.port, cert)
-    peer_nick = WELCOME.search(peer.expect("* welcome")).group(1)
+    peer = srv.connect(timeout=10)  # over TLS, trusting cert
     try:
         client = pipe_client("--tls", "--insecure", "127.0.0.1", str(srv.port))
-        nick = client.nick()
-        peer.expect(f"* {nick} joined lobby")
-        client.send("over tls")
-        peer.expect(f"[{nick}] over tls")
-        peer.send("and back")
-        client.out.wait_for(f"[{peer_nick}] and back\n")
+        talk_both_ways(peer, client, "over tls", "and back")
         client.close_stdin()
         assert client.wait(10) == 0, client.output()
 

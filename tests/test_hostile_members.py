@@ -22,6 +22,8 @@ from typing import TypeVar
 import pytest
 from _chat import ServerProcess, scrape
 from _probe import Bystander, Measured
+from _ws import WsClient
+from test_robustness import pump
 
 OTHER_IP = "127.0.0.2"
 T = TypeVar("T")
@@ -244,6 +246,33 @@ def test_a_thousand_members_that_never_read_stay_within_the_memory_budget(chat_s
     assert peak_mb < bound_mb
     assert peak_mb < 512
     assert '"outbound_budget_exceeded"' in srv.log_text()
+
+
+def test_the_budget_sheds_websocket_and_tcp_members_alike(chat_server):
+    """A small budget, two members that never read (one over WebSocket), one that reads:
+    the two are dropped by the budget, by transport, and the reader gets every line."""
+    srv = chat_server("--flood-rate", "0", "--outbound-budget-bytes", "1200000")
+    stuck_ws = WsClient(srv.host, srv.port)
+    stuck_ws.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck_ws.send("/nick stuckws")
+    stuck_tcp = srv.connect()
+    stuck_tcp.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    stuck_tcp.send("/nick stucktcp")
+    reader = srv.member("reader")
+    reader.send("/who")
+    reader.expect("* in lobby (3)")
+    talker = srv.member("talker")
+    total, payload = 2000, "p" * 1000
+    got: list[str] = []
+    thread = threading.Thread(target=lambda: got.extend(reader.expect("[talker]", 20) for _ in range(total)))
+    thread.start()
+    pump(talker.sock, "".join(f"{n:05d} {payload}\n" for n in range(total)).encode(), 20_000, 0.01).join(30)
+    thread.join(30)
+    assert got == [f"[talker] {n:05d} {payload}" for n in range(total)]
+    samples = scrape(srv.port)
+    assert samples["chat_disconnects_total{reason=outbound_budget,transport=ws}"] == 1
+    assert samples["chat_disconnects_total{reason=outbound_budget,transport=tcp}"] == 1
+    assert samples["chat_outbound_bytes"] < 1200000
 
 
 # ----------------------------------------------------------------------------- item 8: churn

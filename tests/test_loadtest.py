@@ -12,12 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import importlib.util
 import io
 import json
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -27,16 +25,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _chat import ROOT, free_port
+from _require import require_installed
 
-ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from _require import missing  # noqa: E402
-
-from loadtest._ledger import Ledger  # noqa: E402
-from loadtest._recorder import Recorder, parse_probe, probe_line  # noqa: E402
-from loadtest._verdict import Verdict, evaluate, to_csv  # noqa: E402
+from loadtest._ledger import Ledger
+from loadtest._recorder import Recorder, parse_probe, probe_line
+from loadtest._verdict import Verdict, evaluate, to_csv
 
 LOCUST = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest")]
 
@@ -262,20 +259,6 @@ def test_nothing_verified_fails() -> None:
 # end-to-end helpers
 
 
-def _need(*modules: str) -> None:
-    """Locust runs as a subprocess: check it is installed without importing it here
-    (importing locust would gevent-monkey-patch the whole pytest process)."""
-    for name in modules:
-        if importlib.util.find_spec(name) is None:
-            missing(f"Python module {name} is not installed; pip install -e '.[loadtest]'")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _until(what: str, probe: Callable[[], Any], timeout: float = 30.0) -> Any:
     """Poll ``probe`` until it returns something truthy; fail naming ``what`` after ``timeout``."""
     deadline = time.monotonic() + timeout
@@ -362,7 +345,7 @@ def _result_line(out: str) -> str:
 
 def _run_distributed(tmp_path: Path, port: int, *args: str) -> tuple[int, str, dict]:
     """1 master + 2 worker processes talking over Locust's loopback messaging."""
-    mport = _free_port()
+    mport = free_port()
     summary = tmp_path / "summary.json"
     master = _start_locust(
         tmp_path,
@@ -412,7 +395,7 @@ def _run_distributed(tmp_path: Path, port: int, *args: str) -> tuple[int, str, d
 @pytest.mark.slow
 def test_smoke_against_real_server(chat_server: Any, tmp_path: Path) -> None:
     """CI smoke: ~50 users for ~15 s, exit 0, every expected delivery arrived."""
-    _need("locust")
+    require_installed("locust")
     srv = chat_server("--flood-rate", "0")
     rc, out, s = _run_locust(tmp_path, srv.port, "-u", "50", "-r", "25", "-t", "15s", "--csv", "run")
     t = s["totals"]
@@ -437,7 +420,7 @@ def test_smoke_against_real_server(chat_server: Any, tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_faulty_server_fails_the_run_and_names_the_loss(faulty_server: Any, tmp_path: Path) -> None:
-    _need("locust")
+    require_installed("locust")
     srv = faulty_server("--drop-every", "40", "--dup-every", "97")
     rc, out, s = _run_locust(tmp_path, srv.port, "-u", "20", "-r", "20", "-t", "6s", "--deadline", "2")
     fault = srv.stats()
@@ -458,7 +441,7 @@ def test_faulty_server_fails_the_run_and_names_the_loss(faulty_server: Any, tmp_
 @pytest.mark.slow
 def test_thresholds_decide_the_exit_code_end_to_end(faulty_server: Any, tmp_path: Path) -> None:
     """A loss within --max-loss-ratio passes; an unreachable --min-deliveries-per-s fails, by name."""
-    _need("locust")
+    require_installed("locust")
     srv = faulty_server("--drop-every", "40")
     quick = ["-u", "10", "-r", "10", "-t", "4s", "--deadline", "1", "--max-loss-ratio", "0.1"]
     rc, out, s = _run_locust(tmp_path, srv.port, *quick)
@@ -476,7 +459,7 @@ def test_thresholds_decide_the_exit_code_end_to_end(faulty_server: Any, tmp_path
 @pytest.mark.slow
 def test_server_freeze_counts_late_deliveries_apart_from_lost_ones(chat_server: Any, tmp_path: Path) -> None:
     """SIGSTOP the server past the deadline: every line still arrives, late, and the run fails on it."""
-    _need("locust")
+    require_installed("locust")
     srv = chat_server("--flood-rate", "0")
     users = 6
     run = ["-u", str(users), "-r", str(users), "-t", "10s", "--deadline", "1"]
@@ -503,7 +486,7 @@ def test_server_freeze_counts_late_deliveries_apart_from_lost_ones(chat_server: 
 @pytest.mark.slow
 def test_server_disconnects_fail_the_run_and_users_reconnect(chat_server: Any, tmp_path: Path) -> None:
     """Listen-only users idle past the server's --idle-timeout get dropped by the server."""
-    _need("locust")
+    require_installed("locust")
     srv = chat_server("--idle-timeout", "1")
     rc, out, s = _run_locust(tmp_path, srv.port, "-u", "4", "-r", "4", "-t", "4s", "--msg-rate", "0", "--deadline", "1")
     t = s["totals"]
@@ -516,7 +499,7 @@ def test_server_disconnects_fail_the_run_and_users_reconnect(chat_server: Any, t
 
 @pytest.mark.slow
 def test_distributed_two_workers_clean(chat_server: Any, tmp_path: Path) -> None:
-    _need("locust")
+    require_installed("locust")
     srv = chat_server("--flood-rate", "0")
     rc, out, s = _run_distributed(tmp_path, srv.port, "-u", "30", "-r", "30", "-t", "8s")
     t = s["totals"]
@@ -529,7 +512,7 @@ def test_distributed_two_workers_clean(chat_server: Any, tmp_path: Path) -> None
 
 @pytest.mark.slow
 def test_distributed_two_workers_detect_cross_worker_loss(faulty_server: Any, tmp_path: Path) -> None:
-    _need("locust")
+    require_installed("locust")
     srv = faulty_server("--drop-every", "40")
     rc, out, s = _run_distributed(tmp_path, srv.port, "-u", "20", "-r", "20", "-t", "6s", "--deadline", "2")
     fault = srv.stats()
@@ -551,9 +534,9 @@ def _verdict_rows(base: str) -> list[dict[str, str]]:
 def test_web_ui_form_runs_the_swarm_and_shows_the_verdict(chat_server: Any, tmp_path: Path) -> None:
     """``locust -f loadtest`` with the web UI: swarm options in the form, a run started from it,
     the verdict tab provisional then final (before Locust says stopped), downloads, Ctrl-C."""
-    _need("locust")
+    require_installed("locust")
     srv = chat_server("--flood-rate", "0")
-    web = _free_port()
+    web = free_port()
     proc = _start_locust(
         tmp_path, "--web-host", "127.0.0.1", "--web-port", str(web), "--deadline", "2", "--room-size", "3"
     )

@@ -8,7 +8,7 @@ import socket
 import time
 
 import pytest
-from _chat import delta, free_port, get, scrape, wait_for
+from _chat import delta, get, scrape, wait_for
 
 
 def test_counters_move_by_exactly_the_traffic_sent(chat_server):
@@ -38,8 +38,8 @@ def test_counters_move_by_exactly_the_traffic_sent(chat_server):
     sent = [b"one\n", b"two\n", b"/who\n", b"/msg bob psst\n", b"z" * 9000 + b"\n", b"/quit\n"]
     received = delta(before, after, "chat_bytes_received_total")
     assert received >= sum(map(len, sent[:4])) + len(b"/quit\n") + 8192
-    assert delta(before, after, "chat_disconnects_total{reason=quit}") == 1
-    assert delta(before, after, "chat_disconnects_total{reason=line_too_long}") == 1
+    assert delta(before, after, "chat_disconnects_total{reason=quit,transport=tcp}") == 1
+    assert delta(before, after, "chat_disconnects_total{reason=line_too_long,transport=tcp}") == 1
     assert after["chat_members"] == 1
     assert delta(before, after, "chat_bytes_sent_total") >= 2 * len(b"[alice] one\n[alice] two\n")
 
@@ -61,7 +61,7 @@ def test_a_scrape_is_never_a_chat_member(chat_server):
 
 def test_unknown_paths_and_methods_get_404_and_405(chat_server):
     srv = chat_server()
-    assert get(srv.port, "/")[0] == 404
+    assert get(srv.port, "/nope")[0] == 404
     assert get(srv.port, "/metrics", method="POST")[0] == 405
     assert get(srv.port, "/healthz", method="DELETE")[0] == 405
 
@@ -90,8 +90,9 @@ def test_silent_client_becomes_a_member_after_the_sniff_window(chat_server):
 
 
 def test_metrics_port_serves_the_same_endpoints(chat_server):
-    port = free_port()
-    srv = chat_server("--metrics-port", str(port), "--metrics-host", "127.0.0.1")
+    srv = chat_server("--metrics-port", "0", "--metrics-host", "127.0.0.1")
+    port = srv.metrics_port
+    assert port
     srv.member("alice")
     samples = scrape(port)
     assert samples["chat_members"] == 1
@@ -103,10 +104,11 @@ def test_metrics_port_serves_the_same_endpoints(chat_server):
 
 
 def test_readyz_turns_503_while_draining_and_healthz_stays_up(chat_server):
-    port = free_port()
     srv = chat_server(
-        "--metrics-port", str(port), "--flood-rate", "0", "--sendq-bytes", str(64 << 20), "--shutdown-timeout", "3"
+        "--metrics-port", "0", "--flood-rate", "0", "--sendq-bytes", str(64 << 20), "--shutdown-timeout", "3"
     )
+    port = srv.metrics_port
+    assert port
     stuck = srv.connect()
     stuck.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     stuck.send("/nick stuck")

@@ -60,7 +60,7 @@ def test_member_who_never_reads_is_dropped_while_ten_others_get_every_line_in_or
         thread.join(30)
     expected = [f"[talker] {n:05d} {payload}" for n in range(total)]
     assert [results.get(n) == expected for n in range(10)] == [True] * 10
-    assert scrape(srv.port)["chat_disconnects_total{reason=slow_consumer}"] == 1
+    assert scrape(srv.port)["chat_disconnects_total{reason=slow_consumer,transport=tcp}"] == 1
     assert '"slow_consumer_disconnected"' in srv.log_text()
     readers[0].send("/who")
     assert "stuck" not in readers[0].expect("* in lobby")
@@ -73,7 +73,7 @@ def test_a_reader_too_slow_for_its_send_queue_is_told_why_before_the_close(chat_
     slow = srv.member("slow")
     talker = srv.member("talker")
     talker.send(("z" * 1000 + "\n") * 600)
-    slow_consumers = "chat_disconnects_total{reason=slow_consumer}"
+    slow_consumers = "chat_disconnects_total{reason=slow_consumer,transport=tcp}"
     wait_for(lambda: scrape(srv.port)[slow_consumers] == 1, 5, "the slow reader dropped")
     assert slow.lines_until_closed(5)[-1:] == ["! send queue exceeded"]
 
@@ -107,7 +107,7 @@ def test_a_20000_line_flood_does_not_drown_out_the_room(chat_server):
     flooded = [line for line in bob.lines_for(1.0) if line.startswith("[flooder]")]
     assert len(flooded) <= 40
     assert flooder.lines_until_closed(5)[-1:] == ["! excess flood"]
-    assert scrape(srv.port)["chat_disconnects_total{reason=flood}"] == 1
+    assert scrape(srv.port)["chat_disconnects_total{reason=flood,transport=tcp}"] == 1
 
 
 def test_a_room_backlog_past_8_mib_pauses_its_senders(chat_server):
@@ -152,7 +152,7 @@ def test_a_client_throttled_longer_than_flood_kick_after_is_dropped(chat_server)
     delivered = [line for line in bob.read_until("* alice left") if line.startswith("[alice]")]
     assert delivered == [f"[alice] m{n}" for n in range(len(delivered))]
     assert 2 <= len(delivered) <= 12
-    assert scrape(srv.port)["chat_disconnects_total{reason=flood}"] == 1
+    assert scrape(srv.port)["chat_disconnects_total{reason=flood,transport=tcp}"] == 1
 
 
 def test_shutdown_delivers_what_is_queued_before_closing(chat_server):
@@ -211,7 +211,7 @@ def test_max_clients_refuses_the_next_connection_cleanly(chat_server):
     assert third.closed()
     alice.send("still working")
     assert bob.expect("[alice]") == "[alice] still working"
-    assert scrape(srv.port)["chat_disconnects_total{reason=server_full}"] == 1
+    assert scrape(srv.port)["chat_disconnects_total{reason=server_full,transport=tcp}"] == 1
 
 
 def test_per_ip_cap_and_idle_timeout(chat_server):
@@ -221,7 +221,7 @@ def test_per_ip_cap_and_idle_timeout(chat_server):
     second.send("hi")
     assert second.expect("!").startswith("! server full")
     assert alice.lines_until_closed(3)[-1:] == ["! idle timeout"]
-    assert scrape(srv.port)["chat_disconnects_total{reason=idle_timeout}"] == 1
+    assert scrape(srv.port)["chat_disconnects_total{reason=idle_timeout,transport=tcp}"] == 1
 
 
 def test_token_required_wrong_and_right(chat_server, tmp_path: Path):
@@ -249,7 +249,7 @@ def test_token_required_wrong_and_right(chat_server, tmp_path: Path):
     right.send("authenticated hello")
     assert other.expect("[alice]") == "[alice] authenticated hello"
     assert get(srv.port, "/healthz")[0] == 200
-    assert scrape(srv.port)["chat_disconnects_total{reason=auth_failed}"] == 3
+    assert scrape(srv.port)["chat_disconnects_total{reason=auth_failed,transport=tcp}"] == 3
     assert "open-sesame" not in srv.log_text()
 
 

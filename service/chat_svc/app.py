@@ -25,6 +25,8 @@ from .hub import Hub
 from .metrics import Counters, Metrics
 from .session import Session, SessionContext, SessionLimits
 from .transport import ChatServer
+from .webpage import Page
+from .ws import WebSockets
 
 if TYPE_CHECKING:
     from .backplane import RedisBackplane
@@ -83,19 +85,27 @@ class Service:
         self.shutting_down = False
         self.accepting = False
         self.loop_tick = time.monotonic()
-        self.metrics.watch(
-            self.hub,
-            self.counters,
-            lambda: self.connection_slots.count,
-            lambda: self._ready()[0],
-            config.max_clients,
-            self.budget,
+        self.websockets = WebSockets(
+            config.ws_origins,
+            frame_limit=config.max_line_bytes * 4,
+            ping_interval=config.ws_ping_interval,
+            count_upgrade=lambda outcome: self.metrics.ws_upgrades[outcome].inc(),
         )
-        self.http = HttpFront(make_app(self.metrics.registry, Health(self._alive, self._ready)))
-        self.server = ChatServer(config, self.session_context, self.metrics, self.http)
+        self.metrics.watch(
+            self.hub, self.counters, self._open_connections, lambda: self._ready()[0], config.max_clients, self.budget
+        )
+        page = Page(lambda: int(self.server.server_port), tls=bool(config.tls_cert))
+        self.http = HttpFront(
+            make_app(self.metrics.registry, Health(self._alive, self._ready), page, self.metrics.requests_by_path)
+        )
+        self.server = ChatServer(config, self.session_context, self.metrics, self.http, self.websockets)
         self.metrics_server: Any = None
         self.stopped = gevent.event.Event()
         self.exit_code = 0
+
+    def _open_connections(self) -> dict[str, int]:
+        websockets = self.websockets.open_streams
+        return {"tcp": self.connection_slots.count - websockets, "ws": websockets}
 
     # -- health -----------------------------------------------------------
 
@@ -143,6 +153,7 @@ class Service:
             self.backplane.start()
         self.server.start()
         self.accepting = True
+        self.websockets.start()
         gevent.spawn(self._watch_loop)
         if self.config.idle_timeout:
             gevent.spawn(self._expire_idle)

@@ -1,7 +1,7 @@
 """HTTP on the chat port: telling HTTP from chat, and serving it with pywsgi.
 
-Only port 9009 is published in a container, so Prometheus and the probes
-must reach us on the chat port.  A connection is HTTP when its first line is
+Only port 9009 is published in a container, so Prometheus, the probes and
+browsers (the chat page) must reach us on the chat port.  A connection is HTTP when its first line is
 an HTTP request line; everything after that line (headers, keep-alive, HEAD,
 size limits) is parsed by gevent's pywsgi, not by hand.  The same WSGI
 application serves the optional ``--metrics-port`` listener.
@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
 from gevent import pywsgi
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import CollectorRegistry, Counter, make_wsgi_app
 
 from .gevent_seams import wsgi_handler
+from .webpage import CHAT_LISTENER, LISTENER, Page
 
 _METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE", b"CONNECT")
 _REQUEST_LINE = re.compile(rb"(?:%s) [\x21-\x7e]+ HTTP/\d\.\d\r?" % b"|".join(_METHODS))
@@ -56,17 +57,33 @@ class Health:
 StartResponse = Callable[..., Any]
 
 
-def make_app(registry: CollectorRegistry, health: Health) -> Callable[[dict[str, Any], StartResponse], Iterable[bytes]]:
-    """One WSGI app for /metrics (prometheus_client's own), /healthz and /readyz."""
+def make_app(
+    registry: CollectorRegistry, health: Health, page: Page, requests: Mapping[str, Counter]
+) -> Callable[[dict[str, Any], StartResponse], Iterable[bytes]]:
+    """One WSGI app for the chat page, /metrics (prometheus_client's own), /healthz and /readyz.
+
+    ``requests`` counts every request by path class (``metrics.PATH_CLASSES``).
+    """
     metrics_app = make_wsgi_app(registry)
+
+    def path_class(path: str) -> str:
+        if path == "/metrics":
+            return "metrics"
+        if path in ("/healthz", "/readyz"):
+            return "health"
+        return "page" if page.serves(path) else "other"
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")
         method = environ.get("REQUEST_METHOD", "")
-        if path not in ("/metrics", "/healthz", "/readyz"):
+        kind = path_class(path)
+        requests[kind].inc()
+        if kind == "other":
             return _reply(start_response, "404 Not Found", b"not found\n")
         if method not in ("GET", "HEAD"):
             return _reply(start_response, "405 Method Not Allowed", b"method not allowed\n", [("Allow", "GET, HEAD")])
+        if kind == "page":
+            return page(environ, start_response)
         if path == "/metrics":
             def start_closing(status: str, headers: list[tuple[str, str]], exc_info: Any = None) -> Any:
                 return start_response(status, [*headers, ("Connection", "close")], exc_info)
@@ -119,7 +136,7 @@ class HttpFront:
         self.app = app
         # Never started: only its handler machinery is used for sniffed sockets.
         self._server = pywsgi.WSGIServer(("127.0.0.1", 0), app, log=None, error_log=None)
-        self._server.environ.update(SERVER_NAME="chat-svc", SERVER_PORT="0")
+        self._server.environ.update({"SERVER_NAME": "chat-svc", "SERVER_PORT": "0", LISTENER: CHAT_LISTENER})
 
     def serve(self, sock: Any, address: Any, head: bytes) -> None:
         wsgi_handler(self._server, sock, address, io.BufferedReader(_Replay(head, sock))).handle()

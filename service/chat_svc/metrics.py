@@ -8,7 +8,7 @@ No label ever takes a value per room or per nick, so series stay bounded.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -44,7 +44,18 @@ DISCONNECT_REASONS = (
     "shutdown",
     "auth_failed",
     "server_full",
+    # WebSocket only:
+    "frame_too_big",
+    "protocol_error",
+    "ping_timeout",
 )
+
+TRANSPORTS = ("tcp", "ws")
+
+# HTTP requests by what they ask for; a bounded set, whatever the path.
+PATH_CLASSES = ("page", "ws", "metrics", "health", "other")
+
+WS_UPGRADE_OUTCOMES = ("accepted", "bad_request", "origin", "gone")
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 # The *_created series double the output and no dashboard here uses them.
@@ -85,12 +96,26 @@ class Metrics:
         r = self.registry
         self.accepted = Counter("chat_connections_accepted", "Connections accepted on the chat port.", registry=r)
         self.disconnects = Counter(
-            "chat_disconnects", "Chat members disconnected, by reason.", ["reason"], registry=r
+            "chat_disconnects",
+            "Chat members disconnected, by reason and transport.",
+            ["reason", "transport"],
+            registry=r,
         )
-        self.by_reason = {reason: self.disconnects.labels(reason) for reason in DISCONNECT_REASONS}
+        self.by_reason = {
+            transport: {reason: self.disconnects.labels(reason, transport) for reason in DISCONNECT_REASONS}
+            for transport in TRANSPORTS
+        }
         self.http_requests = Counter(
             "chat_http_connections", "Connections on the chat port served as HTTP.", registry=r
         )
+        requests = Counter(
+            "chat_http_requests", "HTTP requests (both ports), by path class.", ["path"], registry=r
+        )
+        self.requests_by_path = {path: requests.labels(path) for path in PATH_CLASSES}
+        upgrades = Counter(
+            "chat_ws_upgrades", "WebSocket upgrade requests on /ws, by outcome.", ["outcome"], registry=r
+        )
+        self.ws_upgrades = {outcome: upgrades.labels(outcome) for outcome in WS_UPGRADE_OUTCOMES}
         self.fanout_latency = Histogram(
             "chat_fanout_latency_seconds",
             "From reading a line to handing it to every local recipient's queue "
@@ -121,7 +146,7 @@ class Metrics:
         self,
         hub: Population,
         counters: Counters,
-        open_connections: Callable[[], int],
+        open_connections: Callable[[], Mapping[str, int]],
         ready: Callable[[], bool],
         max_clients: int,
         outbound: Outbound,
@@ -156,14 +181,20 @@ class _HubCollector(Collector):
 
     hub: Population
     counters: Counters
-    open_connections: Callable[[], int]
+    # Open chat-port connections by transport.
+    open_connections: Callable[[], Mapping[str, int]]
     ready: Callable[[], bool]
     max_clients: int
     outbound: Outbound
 
     def collect(self) -> Iterator[Metric]:
         hub, stats = self.hub, self.counters
-        yield GaugeMetricFamily("chat_connections", "Open connections on the chat port.", value=self.open_connections())
+        connections = GaugeMetricFamily(
+            "chat_connections", "Open connections on the chat port, by transport.", labels=["transport"]
+        )
+        for transport, count in self.open_connections().items():
+            connections.add_metric([transport], count)
+        yield connections
         sizes = hub.queued_bytes()
         yield GaugeMetricFamily("chat_members", "Chat members (joined connections).", value=len(sizes))
         yield GaugeMetricFamily("chat_max_clients", "Configured --max-clients.", value=self.max_clients)

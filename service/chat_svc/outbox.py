@@ -18,8 +18,11 @@ from typing import Protocol
 from .budget import OutboundBudget
 from .protocol import error_line
 
-SLOW_CONSUMER = error_line("send queue exceeded")
-BUDGET_EXCEEDED = error_line("send queue exceeded: server memory budget reached")
+# What a member is told when its queue is dropped, by reason.
+DROP_NOTICES = {
+    "slow_consumer": error_line("send queue exceeded"),
+    "outbound_budget": error_line("send queue exceeded: server memory budget reached"),
+}
 
 
 class Sink(Protocol):
@@ -93,7 +96,7 @@ class Outbox:
         if self._budget is not None:
             self._budget.hold(data)
         if self.size > self.limit:
-            self._drop("slow_consumer", SLOW_CONSUMER)
+            self._drop("slow_consumer")
         elif not self.kicked:
             self.kicked = True
             self._sink.kick(self)
@@ -114,7 +117,7 @@ class Outbox:
             self._budget.backlog(self, self._sink.kernel_buffer)
             self._budget.hold(rest)
         if self.size > self.limit:
-            self._drop("slow_consumer", SLOW_CONSUMER)
+            self._drop("slow_consumer")
 
     def all_sent(self) -> None:
         """The sink wrote everything it took and stops watching for writability."""
@@ -124,16 +127,18 @@ class Outbox:
     def shed(self) -> None:
         """The outbound budget is exceeded and this queue is among the largest: drop it."""
         if not self.closed:
-            self._drop("outbound_budget", BUDGET_EXCEEDED)
+            self._drop("outbound_budget")
 
-    def _drop(self, reason: str, notice: bytes) -> None:
+    def _drop(self, reason: str) -> None:
         """Drop what is queued, tell the member why (best effort), and give up on it."""
         self._discard()
         self.closed = True
-        try:
-            self._sink.send_nowait(b"\n" + notice if self._torn else notice)
-        except OSError:
-            pass
+        notice = self.overflow_notice(reason, self._torn)
+        if notice:
+            try:
+                self._sink.send_nowait(notice)
+            except OSError:
+                pass
         self.on_overflow(reason)
 
     def _discard(self) -> None:
@@ -145,6 +150,11 @@ class Outbox:
             budget.caught_up(self)
         self._queue.clear()
         self.size = 0
+
+    def overflow_notice(self, reason: str, torn: bool) -> bytes:
+        """What is written when the queue is dropped for ``reason``; after a torn write, end the line first."""
+        notice = DROP_NOTICES[reason]
+        return b"\n" + notice if torn else notice
 
     def close(self) -> None:
         """The member is gone: queue nothing more, and stop the sink writing."""

@@ -1,8 +1,9 @@
 """Sockets: accepting, TCP options, TLS and HTTP sniffing; each chat socket gets its sink and session.
 
-The transport decides what a connection is (HTTP or chat, plain or TLS) and
-builds the matching writer (``sinks``) for it; from then on the session reads
-and the sink writes.
+The transport decides what a connection is (HTTP, WebSocket or chat, plain
+or TLS) and builds the matching writer (``sinks``) for it, and for a
+WebSocket the framing (``ws``); from then on the session reads and the sink
+writes.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from .httpfront import CHAT, HTTP, HttpFront, classify
 from .metrics import Metrics
 from .session import Session, SessionContext
 from .sinks import TcpSink, TlsSink
+from .ws import WebSockets, WsStream
 
 LISTEN_BACKLOG = 4096
 
@@ -69,12 +71,15 @@ def sniff(sock: Any, window: float, limit: float) -> tuple[bytes, str]:
 class ChatServer(StreamServer):
     """The chat port: each accepted socket starts in its own greenlet in ``handle_connection``."""
 
-    def __init__(self, config: Config, ctx: SessionContext, metrics: Metrics, http: HttpFront) -> None:
+    def __init__(
+        self, config: Config, ctx: SessionContext, metrics: Metrics, http: HttpFront, websockets: WebSockets
+    ) -> None:
         super().__init__((config.host, config.port), self.handle_connection, backlog=LISTEN_BACKLOG)
         self.config = config
         self.ctx = ctx
         self.metrics = metrics
         self.http = http
+        self.websockets = websockets
         self.tls: ssl.SSLContext | None = None
         if config.tls_cert and config.tls_key:
             self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -105,6 +110,15 @@ class ChatServer(StreamServer):
                 except (OSError, ValueError):
                     return
             head, kind = sniff(sock, config.http_sniff_ms / 1000.0, config.http_timeout)
+            stream: WsStream | None = None
+            if kind == HTTP and self.websockets.wanted(head):
+                self.metrics.requests_by_path["ws"].inc()
+                sock.settimeout(config.http_timeout)
+                with gevent.Timeout(config.http_timeout * 2, False):
+                    stream = self.websockets.accept(sock, head)
+                if stream is None:
+                    return
+                kind, head = CHAT, b""
             if kind == HTTP:
                 self.metrics.http_requests.inc()
                 sock.settimeout(config.http_timeout)
@@ -113,7 +127,7 @@ class ChatServer(StreamServer):
             elif kind == CHAT:
                 owned = True
                 sink = TlsSink(sock, ctx.counters) if self.tls is not None else TcpSink(sock, ctx.counters)
-                Session(ctx, sock, address, head, sink).run()
+                Session(ctx, sock, address, head, sink, stream).run()
         finally:
             if not owned:
                 ctx.connection_slots.release(ip)
