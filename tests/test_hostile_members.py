@@ -164,7 +164,7 @@ def test_listing_floods_over_5000_rooms_cost_the_others_a_bounded_slice(chat_ser
     print(f"{asked[0]} listing requests sent; flood-delayed lines {samples['chat_flood_delayed_lines_total']:.0f}")
     assert_unhurt(measured)
     assert samples["chat_flood_delayed_lines_total"] > 1000
-    assert samples.get("chat_disconnects_total{reason=flood}", 0) == 0  # within the limits: nobody kicked
+    assert samples.get("chat_disconnects_total{reason=flood,transport=tcp}", 0) == 0  # within the limits: nobody kicked
 
 
 # ----------------------------------------------------------------------------- item 4: memory
@@ -220,8 +220,8 @@ def test_a_thousand_members_that_never_read_stay_within_the_memory_budget(chat_s
         sock.close()
     peak_mb = max(rss) / 1024
     charged_bytes = [s["chat_outbound_bytes"] for s in outbound]
-    shed = samples.get("chat_disconnects_total{reason=outbound_budget}", 0)
-    slow = samples.get("chat_disconnects_total{reason=slow_consumer}", 0)
+    shed = samples.get("chat_disconnects_total{reason=outbound_budget,transport=tcp}", 0)
+    slow = samples.get("chat_disconnects_total{reason=slow_consumer,transport=tcp}", 0)
     # The documented bound (docs/operations.md, "Memory"): the process with its members connected,
     # 40 KB per busy member, every room's history bound and the outbound budget.
     history_mb = count * history * (8192 + 100) / 2**20
