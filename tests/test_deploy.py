@@ -483,7 +483,7 @@ def test_probe_paths_of_the_manifests_answer(chat_server) -> None:
         path = container[probe]["httpGet"]["path"]
         assert srv.get(path)[0] == 200, (probe, path)
     path = find("ServiceMonitor")["spec"]["endpoints"][0]["path"]
-    assert "chat_connections" in srv.scrape() and path == "/metrics"
+    assert "chat_connections{transport=tcp}" in srv.scrape() and path == "/metrics"
 
 
 def test_every_metric_in_rules_and_dashboard_is_exported(chat_server, redis_server: RedisServer) -> None:

@@ -58,11 +58,17 @@ StartResponse = Callable[..., Any]
 
 
 def make_app(
-    registry: CollectorRegistry, health: Health, page: Page, requests: Mapping[str, Counter]
+    registry: CollectorRegistry,
+    health: Health,
+    page: Page,
+    requests: Mapping[str, Counter],
+    api: Callable[..., Iterable[bytes]] | None = None,
 ) -> Callable[[dict[str, Any], StartResponse], Iterable[bytes]]:
-    """One WSGI app for the chat page, /metrics (prometheus_client's own), /healthz and /readyz.
+    """One WSGI app for the chat page, /metrics (prometheus_client's own), /healthz, /readyz and the API.
 
-    ``requests`` counts every request by path class (``metrics.PATH_CLASSES``).
+    ``api``, when given, serves everything under /api/ (it answers its own
+    404s and 405s, in JSON).  ``requests`` counts every request by path class
+    (``metrics.PATH_CLASSES``).
     """
     metrics_app = make_wsgi_app(registry)
 
@@ -71,6 +77,8 @@ def make_app(
             return "metrics"
         if path in ("/healthz", "/readyz"):
             return "health"
+        if api is not None and path.startswith("/api/"):
+            return "api"
         return "page" if page.serves(path) else "other"
 
     def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
@@ -78,6 +86,9 @@ def make_app(
         method = environ.get("REQUEST_METHOD", "")
         kind = path_class(path)
         requests[kind].inc()
+        if kind == "api":
+            assert api is not None
+            return api(environ, start_response)
         if kind == "other":
             return _reply(start_response, "404 Not Found", b"not found\n")
         if method not in ("GET", "HEAD"):

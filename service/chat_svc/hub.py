@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import gevent
 import gevent.event
@@ -30,6 +30,9 @@ from . import protocol
 from .metrics import Counters
 from .notices import NoticeLimiter
 from .outbox import Outbox
+
+if TYPE_CHECKING:
+    from .identity import Identity
 
 log = structlog.get_logger("chat_svc.hub")
 
@@ -45,14 +48,27 @@ ROOM_BACKLOG_LIMIT = 8 * 1024 * 1024
 NOTICE_PERIOD = 1.0
 
 
+class Owner(Protocol):
+    """Whoever serves a member's connection (its session): the hub can end it, not touch its socket."""
+
+    def kill(self, reason: str) -> None:
+        """End the connection for ``reason`` (a disconnect reason label); never blocks."""
+
+
 class Member:
-    """A chat participant as the hub sees it: a nick, a room, a position and an outbox."""
+    """A chat participant as the hub sees it: a nick, a room, a position and an outbox.
 
-    __slots__ = ("nick", "outbox", "room", "rseq")
+    ``owner`` lets the hub end the connection (kick, ban, token expiry);
+    ``identity`` is set once the member proved who it is with a JWT.
+    """
 
-    def __init__(self, nick: str, outbox: Outbox) -> None:
+    __slots__ = ("identity", "nick", "outbox", "owner", "room", "rseq")
+
+    def __init__(self, nick: str, outbox: Outbox, owner: Owner | None = None) -> None:
         self.nick = nick
         self.outbox = outbox
+        self.owner = owner
+        self.identity: Identity | None = None
         self.room: Room | None = None
         self.rseq = 0
 
@@ -130,6 +146,8 @@ class Hub:
         self.history = history
         self.notice_threshold = notice_threshold
         self.members: dict[str, Member] = {}
+        # Identified members renamed away from their ``sub``: the sub stays theirs while they are here.
+        self.reserved: dict[str, Member] = {}
         self.rooms: dict[str, Room] = {}
         self.backplane: Backplane | None = None
         self.generation = 0
@@ -146,6 +164,11 @@ class Hub:
         """The member called ``nick`` here, in any letter case."""
         return self.members.get(protocol.nick_key(nick))
 
+    def holder(self, nick: str) -> Member | None:
+        """Who has ``nick`` here (any case): the member called so, or the identified member whose sub it is."""
+        key = protocol.nick_key(nick)
+        return self.members.get(key) or self.reserved.get(key)
+
     def attach(self, member: Member, room_name: str) -> None:
         """Register a new member under its nick and put it in ``room_name``."""
         self.members[protocol.nick_key(member.nick)] = member
@@ -158,6 +181,9 @@ class Hub:
         if self.members.get(key) is member:
             del self.members[key]
             self.generation += 1
+        identity = member.identity
+        if identity is not None and self.reserved.get(protocol.nick_key(identity.sub)) is member:
+            del self.reserved[protocol.nick_key(identity.sub)]
         room = member.room
         if room is not None:
             self._leave(member, room)
@@ -169,6 +195,10 @@ class Hub:
             self._leave(member, room)
         self._enter(member, room_name)
 
+    def reserve(self, nick: str) -> str | None:
+        """Before a member joins as ``nick``: an error text when it is taken here."""
+        return f"nick {nick} is taken" if self.holder(nick) is not None else None
+
     def claim_nick(self, member: Member, new: str) -> str | None:
         """/nick on this instance: returns an error text, or None when the nick changed.
 
@@ -176,14 +206,20 @@ class Hub:
         """
         if new == member.nick:
             return None
-        holder = self.member(new)
-        if holder is not None and holder is not member:
+        if self.holder(new) not in (None, member):
             return f"nick {new} is taken"
         old = member.nick
         del self.members[protocol.nick_key(old)]
         member.nick = new
         self.members[protocol.nick_key(new)] = member
         self.generation += 1
+        identity = member.identity
+        if identity is not None:
+            sub = protocol.nick_key(identity.sub)
+            if protocol.nick_key(new) == sub:
+                self.reserved.pop(sub, None)
+            else:
+                self.reserved[sub] = member
         room = member.room
         if room is not None:
             line = protocol.renamed_line(old, new)
@@ -307,6 +343,28 @@ class Hub:
         self.counters.deliveries += 1
         return True
 
+    def post(self, room_name: str, data: bytes) -> bool:
+        """A line from outside the room (the operator API) to its members here; False when no such room."""
+        room = self.rooms.get(room_name)
+        if room is None:
+            return False
+        self.broadcast(room, data, None, history=True)
+        return True
+
+    def kick(self, nick: str, notice: bytes) -> bool:
+        """``notice`` to the member holding ``nick``, then its connection ends (kicked); False when not here."""
+        member = self.holder(nick)
+        if member is None:
+            return False
+        self.end(member, notice, "kicked")
+        return True
+
+    def end(self, member: Member, notice: bytes, reason: str) -> None:
+        """``notice`` to ``member``, then its connection ends for ``reason`` (kicked, banned, token expired)."""
+        self.send_to(member, notice)
+        if member.owner is not None:
+            member.owner.kill(reason)
+
     def send_to(self, member: Member, data: bytes) -> None:
         """Direct output to one member, after the room lines it is already owed."""
         room = member.room
@@ -392,3 +450,7 @@ class Hub:
     def who(self, room: str) -> list[str]:
         found = self.rooms.get(room)
         return sorted(member.nick for member in found.members) if found is not None else []
+
+    def room_size(self, room: str) -> int:
+        found = self.rooms.get(room)
+        return len(found.members) if found is not None else 0

@@ -25,7 +25,10 @@ ROOM_RE = re.compile(r"#?[A-Za-z0-9_.\-]{1,32}")
 # lower case: a member with one of these nicks could write a line identical
 # to the server's (``* you joined dev`` as a join notice of nick ``you``).
 RESERVED_NICKS = frozenset(
-    {"history", "server", "you", "welcome", "bye", "in", "ids", "resumed", "rooms", "commands", "admin", "root"}
+    {
+        "history", "server", "you", "welcome", "bye", "in", "ids", "resumed", "rooms", "commands", "authenticated",
+        "admin", "root",
+    }
 )
 
 

@@ -11,7 +11,6 @@ member's Outbox.
 from __future__ import annotations
 
 import fcntl
-import hmac
 import itertools
 import socket
 import struct
@@ -27,6 +26,7 @@ from prometheus_client import Counter
 
 from . import commands, protocol
 from .admission import Admission
+from .bans import BanList
 from .budget import OutboundBudget
 from .config import Config
 from .directory import Directory
@@ -34,6 +34,8 @@ from .flood import TokenBucket
 from .framing import LineFramer
 from .gevent_seams import raw_socket
 from .hub import Hub, Member
+from .identity import MISSING, NICK_TAKEN, Authenticator, ExpiryWatch, Identity
+from .jwtauth import AuthFailed
 from .metrics import Counters
 from .outbox import Outbox, Sink
 from .text import clean
@@ -48,7 +50,22 @@ _ids = itertools.count(1)
 
 # Reasons after which the client is owed what is already queued (a goodbye,
 # an error line) before the socket closes; the rest close at once.
-_GRACEFUL = frozenset({"quit", "line_too_long", "flood", "idle_timeout", "auth_failed", "server_full", "shutdown"})
+_GRACEFUL = frozenset(
+    {
+        "quit",
+        "line_too_long",
+        "flood",
+        "idle_timeout",
+        "auth_failed",
+        "server_full",
+        "shutdown",
+        "kicked",
+        "banned",
+        "token_expired",
+    }
+)
+# Reasons a connection is refused before it becomes a member.
+_REFUSALS = ("auth_failed", "server_full", "banned")
 # SO_LINGER on with a zero timeout: close() resets the connection and frees its buffers.
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -67,7 +84,6 @@ class SessionLimits:
     flood_max_input_bytes: int
     flood_kick_after: float
     auth_timeout: float
-    token: str | None
     log_messages: bool
 
     @classmethod
@@ -80,7 +96,6 @@ class SessionLimits:
             flood_max_input_bytes=config.flood_max_input_bytes,
             flood_kick_after=config.flood_kick_after,
             auth_timeout=config.auth_timeout,
-            token=config.access_token(),
             log_messages=config.log_messages,
         )
 
@@ -100,16 +115,18 @@ class SessionContext:
     member_slots: Admission
     # By transport ("tcp", or the framing's name), then by reason.
     disconnects: Mapping[str, Mapping[str, Counter]]
-    # Live sessions, for the idle scan and shutdown.
+    # Live sessions, for the idle scan, bans and shutdown.
     sessions: set[Session]
+    # /auth: the shared token and JWTs; the watch that ends expired identities.
+    auth: Authenticator
+    expiry: ExpiryWatch
+    # Enforced at connect, /nick and /auth.
+    bans: BanList
     # All members' queued output together (--outbound-budget-bytes).
     budget: OutboundBudget
     # /rooms and /who answers shared by everyone asking within a moment.
     listings: commands.Listings
 
-    @property
-    def token_required(self) -> bool:
-        return self.limits.token is not None
 
 
 class Framing(Protocol):
@@ -228,22 +245,63 @@ class Session:
         ctx = self.ctx
         ctx.sessions.add(self)
         try:
-            if ctx.token_required and not self._authenticate():
-                self.end("auth_failed")
-            elif refusal := ctx.member_slots.acquire(self.ip):
-                self.outbox.push(protocol.error_line(refusal))
-                self.end("server_full")
-            else:
-                self.admitted = True
-                self.member = Member(f"{self.ip}:{self.port}", self.outbox)
-                ctx.hub.attach(self.member, DEFAULT_ROOM)
-                log.info("client_connected", nick=self.member.nick, room=DEFAULT_ROOM)
+            member = self._admit()
+            if member is not None:
+                self.member = member
+                identity = member.identity
+                room = identity.start_room(DEFAULT_ROOM) if identity is not None else DEFAULT_ROOM
+                ctx.hub.attach(member, room)
+                ctx.expiry.watch(member)
+                log.info("client_connected", nick=member.nick, room=room, identified=identity is not None)
                 head, self.head = self.head, b""
                 self._serve(head)
                 return
         except Exception:
             self._failed()
         self._finish()
+
+    def _admit(self) -> Member | None:
+        """Bans, authentication, the member caps and the nick, in that order; None when refused (and told why)."""
+        ctx = self.ctx
+        ban = ctx.bans.for_ip(self.ip)
+        if ban is not None:
+            self._refuse(f"banned: {ban.reason}", "banned")
+            return None
+        identity: Identity | None = None
+        if ctx.auth.required:
+            presented = self._auth_line()
+            if presented is None:
+                return None
+            try:
+                identity = ctx.auth.check(presented)
+            except AuthFailed as failed:
+                log.info("auth_failed", reason=failed.reason)
+                self._refuse("authentication failed", "auth_failed")
+                return None
+        if refusal := ctx.member_slots.acquire(self.ip):
+            self._refuse(refusal, "server_full")
+            return None
+        self.admitted = True
+        nick = f"{self.ip}:{self.port}"
+        if identity is not None:
+            nick = identity.sub
+            ban = ctx.bans.for_nick(nick)
+            if ban is not None:
+                self._refuse(f"banned: {ban.reason}", "banned")
+                return None
+            taken = ctx.directory.reserve(nick)
+            if taken is not None:
+                ctx.auth.count(NICK_TAKEN)
+                log.info("auth_failed", reason=NICK_TAKEN)
+                self._refuse(taken, "auth_failed")
+                return None
+        member = Member(nick, self.outbox, self)
+        member.identity = identity
+        return member
+
+    def _refuse(self, error: str, reason: str) -> None:
+        self.outbox.push(protocol.error_line(error))
+        self.end(reason)
 
     def _bind_log_context(self) -> None:
         structlog.contextvars.bind_contextvars(conn_id=self.conn_id, peer=f"{self.ip}:{self.port}")
@@ -388,7 +446,7 @@ class Session:
                 duration_s=round(time.monotonic() - self.started, 3),
                 bytes_in=self.bytes_in,
             )
-        elif reason in ("auth_failed", "server_full"):
+        elif reason in _REFUSALS:
             disconnects[reason].inc()
             log.info("client_refused", conn_id=self.conn_id, peer=f"{self.ip}:{self.port}", reason=reason)
         self.sock.close()
@@ -448,12 +506,10 @@ class Session:
         self.last_input = time.monotonic()
         return data
 
-    def _authenticate(self) -> bool:
-        """The first line must be ``/auth TOKEN``, within --auth-timeout."""
-        limits = self.ctx.limits
-        token = limits.token
-        assert token is not None
-        deadline = time.monotonic() + limits.auth_timeout
+    def _auth_line(self) -> str | None:
+        """What the first line presents (``/auth X``: X), within --auth-timeout; None when refused already."""
+        ctx = self.ctx
+        deadline = time.monotonic() + ctx.limits.auth_timeout
         lines = self.framer.feed(self.head)
         self.head = b""
         while not lines:
@@ -462,18 +518,19 @@ class Session:
                 self.end("auth_failed")
             data = self._recv(remaining, "auth_failed") if self.reason is None else None
             if data is None:
+                ctx.auth.count(MISSING)
                 self.outbox.push(protocol.error_line("authentication required: send /auth TOKEN first"))
-                return False
+                return None
             lines = self.framer.feed(data)
         first, rest = lines[0], lines[1:]
-        parsed = protocol.parse(clean(first))
-        given = parsed.arg if isinstance(parsed, protocol.Command) and parsed.name == "auth" else ""
-        if not hmac.compare_digest(given.encode(), token.encode()):
-            self.outbox.push(protocol.error_line("authentication failed"))
-            log.info("auth_failed")
-            return False
         self.head = b"".join(line + b"\n" for line in rest)
-        return True
+        parsed = protocol.parse(clean(first))
+        if isinstance(parsed, protocol.Command) and parsed.name == "auth" and parsed.arg:
+            return parsed.arg
+        ctx.auth.count(MISSING)
+        log.info("auth_failed", reason=MISSING)
+        self._refuse("authentication failed", "auth_failed")
+        return None
 
     def _process(self, data: bytes) -> bool:
         """Frame and act on one chunk of input; False ends the session."""
