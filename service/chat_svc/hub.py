@@ -128,8 +128,9 @@ class Backplane(Protocol):
 class Hub:
     """All rooms of this process, the nick registry and the fan-out sweeper; the local ``Directory``.
 
-    ``members`` is keyed by ``protocol.nick_key`` (nicks are unique regardless
-    of case); ``member()`` looks one up by any spelling.  ``generation``
+    ``members`` and ``reserved`` are keyed by ``protocol.nick_key`` (nicks are
+    unique regardless of case); ``member()`` and ``holder()`` look one up by any
+    spelling.  ``generation``
     changes whenever membership does, so answers built from it (``/who``,
     ``/rooms``) can be reused until it moves.
     """

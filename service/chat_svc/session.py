@@ -128,7 +128,6 @@ class SessionContext:
     listings: commands.Listings
 
 
-
 class Framing(Protocol):
     """A transport that carries lines inside frames (WebSocket), as a session sees it.
 
