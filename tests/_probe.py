@@ -23,15 +23,24 @@ class Measured:
     """What the bystander saw: round trips of its own /msg, and /healthz answer times (seconds)."""
 
     round_trips: list[float] = field(default_factory=list)
+    # When each round trip started (monotonic), to see which phase of an attack was slow.
+    started: list[float] = field(default_factory=list)
     health: list[float] = field(default_factory=list)
     lost: int = 0
     health_failures: list[str] = field(default_factory=list)
+    # With ``record=True``: every line the bystander received, with its arrival time (monotonic).
+    lines: list[tuple[float, bytes]] = field(default_factory=list)
 
     def p99(self) -> float:
         values = sorted(self.round_trips)
         if not values:
             return float("inf")
         return values[min(len(values) - 1, int(len(values) * 0.99))]
+
+    def slowest(self, count: int = 5) -> list[tuple[float, float]]:
+        """The ``count`` slowest round trips as (start, seconds), in time order."""
+        pairs = sorted(zip(self.started, self.round_trips, strict=True), key=lambda pair: pair[1])[-count:]
+        return sorted(pairs)
 
     def slowest_health(self) -> float:
         return max(self.health, default=float("inf"))
@@ -55,13 +64,17 @@ class Bystander:
         nick: str = "bystander",
         source: str = "127.0.0.1",
         health_port: int | None = None,
-        interval: float = 0.05,
+        # 8 lines a second: under the default --flood-rate (10), so the server never
+        # fakelags the bystander itself (at 0.05 s its p50 became the 50 ms fakelag).
+        interval: float = 0.125,
         timeout: float = 5.0,
+        record: bool = False,
     ) -> None:
         self.host, self.port, self.nick = host, port, nick
         self.health_port = health_port or port
         self.interval = interval
         self.timeout = timeout
+        self.record = record
         self.measured = Measured()
         self._stop = threading.Event()
         self.sock = socket.create_connection((host, port), timeout=timeout, source_address=(source, 0))
@@ -96,6 +109,8 @@ class Bystander:
         while True:
             while b"\n" in self._buffer:
                 line, _, self._buffer = self._buffer.partition(b"\n")
+                if self.record:
+                    self.measured.lines.append((time.monotonic(), line))
                 if needle in line:
                     return line
             remaining = deadline - time.monotonic()
@@ -123,6 +138,7 @@ class Bystander:
                 self.measured.lost += 1
                 return
             self.measured.round_trips.append(time.monotonic() - started)
+            self.measured.started.append(started)
             self._stop.wait(self.interval)
 
     def _check_health(self) -> None:

@@ -18,6 +18,8 @@ from . import __version__, logs, protocol
 from .admission import Admission
 from .api import Api, ApiKeys
 from .bans import Ban, BanList, BanStore
+from .budget import OutboundBudget
+from .commands import Listings
 from .config import Config, load
 from .directory import Directory
 from .httpfront import Health, HttpFront, make_app, serve_metrics_port
@@ -62,7 +64,9 @@ class Service:
                 config.resume_keep,
                 local=not config.redis_url,
             ),
+            notice_rate=config.notice_rate,
         )
+        self.budget = OutboundBudget(config.outbound_budget_bytes)
         # Cluster mode (--redis-url): the hub relays through Redis; see backplane/.
         # Imported only then, so a single instance never loads redis.
         self.backplane: RedisBackplane | None = None
@@ -112,6 +116,8 @@ class Service:
             auth=self.auth,
             expiry=ExpiryWatch(self._token_expired),
             bans=self.bans,
+            budget=self.budget,
+            listings=Listings(ttl=0.0 if self.backplane is not None else 1.0),
         )
         self.shutting_down = False
         self.accepting = False
@@ -128,6 +134,7 @@ class Service:
             self._open_connections,
             lambda: self._ready()[0],
             config.max_clients,
+            self.budget,
             self.hub.logs,
         )
         # The operator API (--api-keys-file) is served where /metrics is: on the chat
@@ -195,7 +202,7 @@ class Service:
                 self.hub.end(member, notice, "banned")
 
     def _token_expired(self, member: Member) -> None:
-        if self.hub.members.get(member.nick) is member:
+        if self.hub.member(member.nick) is member:
             self.log.info("token_expired", nick=member.nick)
             self.hub.end(member, protocol.error_line("token expired"), "token_expired")
 

@@ -38,6 +38,7 @@ DISCONNECT_REASONS = (
     "eof",
     "error",
     "slow_consumer",
+    "outbound_budget",
     "flood",
     "line_too_long",
     "idle_timeout",
@@ -90,6 +91,7 @@ class Counters:
     resumes_incomplete: int = 0
     resume_lines: int = 0
     rooms_refused: int = 0
+    notices_held_back: int = 0
 
 
 class Metrics:
@@ -173,9 +175,10 @@ class Metrics:
         open_connections: Callable[[], Mapping[str, int]],
         ready: Callable[[], bool],
         max_clients: int,
+        outbound: Outbound,
         retention: Retention,
     ) -> None:
-        self.registry.register(_HubCollector(hub, counters, open_connections, ready, max_clients))
+        self.registry.register(_HubCollector(hub, counters, open_connections, ready, max_clients, outbound))
         self.registry.register(_RetentionCollector(retention, counters))
 
 
@@ -187,6 +190,17 @@ class Population(Protocol):
 
     def room_counts(self) -> list[tuple[str, int]]:
         """Each room with members, and how many."""
+
+
+class Outbound(Protocol):
+    """The outbound budget as the collector sees it (``OutboundBudget`` implements it)."""
+
+    held: int
+    limit: int
+
+    @property
+    def used(self) -> int:
+        """Held bytes plus the kernel buffers of backlogged members: what the budget charges."""
 
 
 class Retention(Protocol):
@@ -265,6 +279,7 @@ class _HubCollector(Collector):
     open_connections: Callable[[], Mapping[str, int]]
     ready: Callable[[], bool]
     max_clients: int
+    outbound: Outbound
 
     def collect(self) -> Iterator[Metric]:
         hub, stats = self.hub, self.counters
@@ -289,9 +304,28 @@ class _HubCollector(Collector):
         yield CounterMetricFamily(
             "chat_flood_delayed_lines", "Lines delayed by flood control (fakelag).", value=stats.flood_delayed
         )
-        yield GaugeMetricFamily("chat_sendq_bytes", "Bytes queued for all members.", value=sum(sizes))
+        yield CounterMetricFamily(
+            "chat_notices_held_back",
+            "Join/leave/rename notices over --notice-rate, summed up in a line instead of shown.",
+            value=stats.notices_held_back,
+        )
+        outbound = self.outbound
+        yield GaugeMetricFamily(
+            "chat_sendq_bytes",
+            "Bytes held in members' outbound queues, each buffer once however many members share it.",
+            value=outbound.held,
+        )
         yield GaugeMetricFamily(
             "chat_sendq_max_bytes", "Largest outbound queue of any member.", value=max(sizes, default=0)
+        )
+        yield GaugeMetricFamily(
+            "chat_outbound_bytes",
+            "What the outbound budget charges: chat_sendq_bytes plus the full kernel send buffer of every "
+            "member with a queue.",
+            value=outbound.used,
+        )
+        yield GaugeMetricFamily(
+            "chat_outbound_budget_bytes", "Configured --outbound-budget-bytes.", value=outbound.limit
         )
         counts = sorted(count for _, count in hub.room_counts())
         yield GaugeMetricFamily("chat_rooms", "Rooms with members on this instance.", value=len(counts))

@@ -16,7 +16,9 @@ in one slot)::
                      TTL, so the only ones a volatile-* eviction policy can take.
     {<room>}:who     sorted set "<nick> <instance>" scored by expiry time (Redis clock).
     inst:<id>        pub/sub inbox of one instance: /msg to its members.
-    nick:<nick>      "<expiry ms> <instance>": the instance owning a nick until then.
+    nick:<nick>      "<expiry ms> <instance>": the instance owning a nick until then; the
+                     key in lower case (nicks are unique whatever their case; members and
+                     {room}:who entries keep the case shown).
     rooms:<id>       hash room -> member count of one instance.
     instances        sorted set of instances scored by expiry time.
     bans             hash ban id -> ban (JSON with its expiry, Redis clock); expired ones are
@@ -45,6 +47,8 @@ members sent it (nobody hears their own lines).
 from __future__ import annotations
 
 import hashlib
+
+from ..protocol import nick_key
 
 PREFIX = "chat:"
 INSTANCES = PREFIX + "instances"
@@ -89,7 +93,7 @@ def inbox(instance_id: str) -> str:
 
 
 def nick(name: str) -> str:
-    return key("nick", name)
+    return key("nick", nick_key(name))
 
 
 def room_counts(instance_id: str) -> str:
