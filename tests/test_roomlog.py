@@ -206,3 +206,18 @@ def test_merge_of_a_new_epoch_keeps_older_lines_as_history_only(local: bool) -> 
     assert [entry[2] for entry in log.history(5)] == [b"[a] during outage\n", b"[b] one\n"]
     assert log.since(b"NEW", 0) == [(b"NEW", 1, b"[b] one\n", True)]
     assert not log.local
+
+
+def test_a_dropped_line_is_let_go_at_once_not_at_the_next_compaction() -> None:
+    """The budget counts what is retained: a dropped line must not stay referenced behind the log's head."""
+    import sys
+
+    store = RoomLogs(max_lines=3)
+    log = store.open("r")
+    line = b"[a] the one to watch " + bytes(1000)
+    log.append(line, True)
+    held = sys.getrefcount(line)
+    for other in lines(3):
+        log.append(other, True)
+    assert len(log) == 3 and line not in [entry[2] for entry in log.entries()]
+    assert sys.getrefcount(line) == held - 1  # the log's reference is gone

@@ -40,6 +40,8 @@ _EPOCH_ALPHABET = string.ascii_letters + string.digits
 # (epoch, offset, line, is_chat): one retained line.  The epoch travels with
 # the entry because a mirror may hold lines of an older epoch (for history).
 Entry = tuple[bytes, int, bytes, bool]
+# What a dropped line's slot holds until the list is compacted.
+_GONE: Entry = (b"", 0, b"", False)
 
 
 def new_epoch() -> bytes:
@@ -186,7 +188,10 @@ class RoomLog:
         count = min(count, len(entries) - head)
         if count <= 0:
             return
-        freed = sum(len(entry[2]) for entry in entries[head : head + count]) + ENTRY_OVERHEAD * count
+        freed = ENTRY_OVERHEAD * count
+        for index in range(head, head + count):
+            freed += len(entries[index][2])
+            entries[index] = _GONE  # the line's memory goes now, the slot at the next compaction
         head += count
         self.bytes -= freed
         self.store.bytes -= freed
