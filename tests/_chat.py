@@ -405,6 +405,7 @@ class ServerProcess:
         self.expected_exit = 0
         self.expected_events: set[str] = set()
         self.killed = False
+        self.draining = False  # the test sent SIGTERM or SIGINT itself
         self.stop_timed_out = False
         if learn_port:
             started = self._started()
@@ -513,6 +514,8 @@ class ServerProcess:
     def signal(self, signum: int = signal.SIGTERM) -> None:
         if signum == signal.SIGKILL:
             self.killed = True
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self.draining = True
         self.proc.send_signal(signum)
 
     def kill(self) -> None:
@@ -524,6 +527,11 @@ class ServerProcess:
         """SIGTERM and wait (SIGKILL after 10 s); the exit status."""
         for client in self.clients:
             client.close()
+        if self.draining:  # the test signalled it: let its drain end (another signal would cut it short, status 1)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:
