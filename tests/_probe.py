@@ -46,7 +46,13 @@ class Measured:
 
 
 class Bystander:
-    """Joins as ``nick`` from ``source`` (e.g. 127.0.0.2, "another IP") and measures until stopped."""
+    """Joins as ``nick`` from ``source`` (e.g. 127.0.0.2, "another IP") and measures until stopped.
+
+    The health checks come from ``source`` too, to ``health_port`` (the chat port
+    unless given), so per-address limits hit by an attack from elsewhere do not
+    apply to them either.  ``token`` is sent as ``/auth`` first when the server
+    wants one.
+    """
 
     def __init__(
         self,
@@ -57,8 +63,10 @@ class Bystander:
         health_port: int | None = None,
         interval: float = 0.05,
         timeout: float = 5.0,
+        token: str | None = None,
     ) -> None:
         self.host, self.port, self.nick = host, port, nick
+        self.source = source
         self.health_port = health_port or port
         self.interval = interval
         self.timeout = timeout
@@ -67,6 +75,8 @@ class Bystander:
         self.sock = socket.create_connection((host, port), timeout=timeout, source_address=(source, 0))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._buffer = b""
+        if token is not None:
+            self.sock.sendall(f"/auth {token}\n".encode())
         self._expect_line(b"* welcome")
         self.sock.sendall(f"/nick {nick}\n".encode())
         self._expect_line(b"is now known as " + nick.encode())
@@ -129,7 +139,9 @@ class Bystander:
         while not self._stop.is_set():
             started = time.monotonic()
             try:
-                conn = http.client.HTTPConnection(self.host, self.health_port, timeout=self.timeout)
+                conn = http.client.HTTPConnection(
+                    self.host, self.health_port, timeout=self.timeout, source_address=(self.source, 0)
+                )
                 conn.request("GET", "/healthz")
                 status = conn.getresponse().status
                 conn.close()

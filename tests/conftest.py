@@ -139,13 +139,22 @@ class LineClient:
 
 
 class ServerProcess:
-    """A chat-svc process started with the given flags on a free port."""
+    """A chat-svc process started with the given flags on a free port.
 
-    def __init__(self, args: tuple[str, ...], env: dict[str, str] | None = None, port: int | None = None) -> None:
+    ``prefix`` runs it under another command, e.g. ``("prlimit", "--nofile=700")``.
+    """
+
+    def __init__(
+        self,
+        args: tuple[str, ...],
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+        prefix: tuple[str, ...] = (),
+    ) -> None:
         self.host = "127.0.0.1"
         self.port = port or free_port()
         self.metrics_port: int | None = None
-        argv = [sys.executable, "-m", "chat_svc", "--host", self.host, "--port", str(self.port), *args]
+        argv = [*prefix, sys.executable, "-m", "chat_svc", "--host", self.host, "--port", str(self.port), *args]
         if "--metrics-port" in args:
             self.metrics_port = int(args[args.index("--metrics-port") + 1])
         if "--log-format" not in args:
@@ -212,8 +221,10 @@ def chat_server() -> Iterator[Callable[..., ServerProcess]]:
     """Factory: ``chat_server("--history", "5")`` starts a real server; all stop at teardown."""
     started: list[ServerProcess] = []
 
-    def start(*args: str, env: dict[str, str] | None = None, port: int | None = None) -> ServerProcess:
-        server = ServerProcess(tuple(args), env=env, port=port)
+    def start(
+        *args: str, env: dict[str, str] | None = None, port: int | None = None, prefix: tuple[str, ...] = ()
+    ) -> ServerProcess:
+        server = ServerProcess(tuple(args), env=env, port=port, prefix=prefix)
         started.append(server)
         return server
 

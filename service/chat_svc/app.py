@@ -15,13 +15,15 @@ import gevent.event
 import structlog
 
 from . import __version__, logs, protocol
-from .admission import Admission
+from .admission import FD_RESERVE, Admission, FdBudget, WaitingRoom
 from .config import Config, load
 from .directory import Directory
-from .httpfront import Health, HttpFront, make_app, serve_metrics_port
+from .httpfront import Health, HttpFront, default_routes, serve_metrics_port
 from .hub import Hub
+from .logs import Coalesced
 from .metrics import Counters, Metrics
 from .session import Session, SessionContext, SessionLimits
+from .throttle import AddressBuckets, Networks
 from .transport import ChatServer
 
 if TYPE_CHECKING:
@@ -29,14 +31,17 @@ if TYPE_CHECKING:
 
 LOOP_TICK = 1.0
 LOOP_STALL = 10.0
+# Refusals, failed /auth and accept pauses are logged at most once per key per interval.
+LOG_INTERVAL = 10.0
 
 
 class Service:
     """The running server: builds the parts, runs the background loops, answers the probes, shuts down."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, fd_limit: int | None = None) -> None:
         self.config = config
         self.log = structlog.get_logger("chat_svc")
+        self.budget = FdBudget.plan(fd_limit or resource.getrlimit(resource.RLIMIT_NOFILE)[0], config.max_clients)
         self.metrics = Metrics()
         self.counters = Counters()
         self.hub = Hub(
@@ -62,15 +67,28 @@ class Service:
             self.metrics.registry.register(self.backplane.collector())
             directory = self.backplane.directory
         self.sessions: set[Session] = set()
-        self.connection_slots = Admission()
-        self.member_slots = Admission(config.max_clients, config.max_per_ip)
+        self.connection_slots = Admission(per_ip_limit=config.max_per_ip)
+        self.member_slots = Admission(self.budget.members)
+        self.waiting = WaitingRoom(config.max_pending, lambda: self.budget.sockets - self.member_slots.count)
+        self.coalesced = [
+            Coalesced(self.log, "client_refused", LOG_INTERVAL),
+            Coalesced(self.log, "auth_failed", LOG_INTERVAL),
+            Coalesced(self.log, "accept_paused", LOG_INTERVAL),
+        ]
+        refusals, auth_log, self.accept_log = self.coalesced
         self.session_context = SessionContext(
             hub=self.hub,
             directory=directory,
             limits=SessionLimits.from_config(config),
             counters=self.counters,
             connection_slots=self.connection_slots,
+            waiting=self.waiting,
             member_slots=self.member_slots,
+            auth_failures=AddressBuckets(
+                config.auth_failure_burst, config.auth_failure_rate, Networks(config.throttle_exempt)
+            ),
+            refusals=refusals,
+            auth_log=auth_log,
             disconnects=self.metrics.by_reason,
             sessions=self.sessions,
         )
@@ -78,10 +96,18 @@ class Service:
         self.accepting = False
         self.loop_tick = time.monotonic()
         self.metrics.watch(
-            self.hub, self.counters, lambda: self.connection_slots.count, lambda: self._ready()[0], config.max_clients
+            self.hub,
+            self.counters,
+            lambda: self.connection_slots.count,
+            lambda: self.waiting.count,
+            lambda: self._ready()[0],
+            self.budget.members,
         )
-        self.http = HttpFront(make_app(self.metrics.registry, Health(self._alive, self._ready)))
+        # With --metrics-port the operators' routes (metrics, probes, API) leave the chat port.
+        self.routes = default_routes(self.metrics.registry, Health(self._alive, self._ready))
+        self.http = HttpFront(self.routes.app(internal=config.metrics_port is None))
         self.server = ChatServer(config, self.session_context, self.metrics, self.http)
+        self.server.on_pause = self._accept_paused
         self.metrics_server: Any = None
         self.stopped = gevent.event.Event()
         self.exit_code = 0
@@ -116,6 +142,22 @@ class Service:
                 session.outbox.push(notice)
                 session.kill("idle_timeout")
 
+    def _accept_paused(self, error: str, delay: float) -> None:
+        self.metrics.accept_paused.labels(error).inc()
+        self.accept_log.note(error, "pauses", error=error, max_delay_s=self.server.max_delay)
+
+    def _housekeeping(self) -> None:
+        """Flush the coalesced logs every second; forget refilled throttle buckets every ten."""
+        ticks = 0
+        while True:
+            gevent.sleep(1.0)
+            for coalesced in self.coalesced:
+                coalesced.flush()
+            ticks += 1
+            if ticks % 10 == 0:
+                self.server.housekeep()
+                self.session_context.auth_failures.prune()
+
     def _watch_loop(self) -> None:
         while True:
             before = time.monotonic()
@@ -133,11 +175,25 @@ class Service:
         self.server.start()
         self.accepting = True
         gevent.spawn(self._watch_loop)
+        gevent.spawn(self._housekeeping)
         if self.config.idle_timeout:
             gevent.spawn(self._expire_idle)
         config = self.config
         if config.metrics_port is not None:
-            self.metrics_server = serve_metrics_port(config.metrics_host, config.metrics_port, self.http.app)
+            self.metrics_server = serve_metrics_port(
+                config.metrics_host, config.metrics_port, self.routes.app(internal=True), config.http_timeout
+            )
+            self.metrics_server.on_pause = self._accept_paused
+        budget = self.budget
+        self.log.info(
+            "fd_budget",
+            fd_limit=budget.fd_limit,
+            reserve=FD_RESERVE,
+            chat_sockets=budget.sockets,
+            max_clients=budget.members,
+            max_clients_configured=config.max_clients,
+            max_pending=config.max_pending,
+        )
         self.log.info(
             "server_started",
             version=__version__,
@@ -197,13 +253,12 @@ def run(argv: Sequence[str] | None = None) -> int:
     config = load(argv)
     logs.configure(config.log_format, config.log_level)
     fd_limit = _raise_fd_limit()
-    svc = Service(config)
+    svc = Service(config, fd_limit)
     try:
         svc.start()
     except OSError as exc:
         svc.log.error("listen_failed", error=str(exc), port=config.port)
         return 1
-    svc.log.info("fd_limit", limit=fd_limit)
     signals_seen: list[int] = []
 
     def on_signal(signum: int) -> None:

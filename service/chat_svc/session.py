@@ -13,6 +13,7 @@ from __future__ import annotations
 import fcntl
 import hmac
 import itertools
+import math
 import struct
 import termios
 import time
@@ -25,16 +26,19 @@ import structlog
 from prometheus_client import Counter
 
 from . import commands, protocol
-from .admission import Admission
+from .admission import Admission, Arrival, WaitingRoom
 from .config import Config
 from .directory import Directory
 from .flood import TokenBucket
 from .framing import LineFramer
 from .gevent_seams import raw_socket
+from .httpfront import is_request_line
 from .hub import Hub, Member
+from .logs import Coalesced
 from .metrics import Counters
 from .outbox import Outbox, Sink
 from .text import clean
+from .throttle import AddressBuckets
 
 DEFAULT_ROOM = "lobby"
 RECV_BYTES = 65536
@@ -42,7 +46,12 @@ _ids = itertools.count(1)
 
 # Reasons after which the client is owed what is already queued (a goodbye,
 # an error line) before the socket closes; the rest close at once.
-_GRACEFUL = frozenset({"quit", "line_too_long", "flood", "idle_timeout", "auth_failed", "server_full", "shutdown"})
+_GRACEFUL = frozenset(
+    {"quit", "line_too_long", "flood", "idle_timeout", "auth_failed", "auth_throttled", "server_full", "shutdown",
+     "http_request"}
+)
+# Reasons a connection never became a member; counted, and logged coalesced.
+_REFUSED = frozenset({"auth_failed", "auth_throttled", "server_full"})
 
 
 log = structlog.get_logger("chat_svc.session")
@@ -85,11 +94,18 @@ class SessionContext:
     directory: Directory
     limits: SessionLimits
     counters: Counters
-    # Every open chat-port socket: taken by the transport at accept, given
-    # back by whoever closes the socket (the session, once it owns it).
+    # Every open chat-port socket (--max-per-ip): taken by the transport at
+    # accept, given back by whoever closes the socket (the session, once it owns it).
     connection_slots: Admission
-    # Chat members (--max-clients, --max-per-ip): taken before joining.
+    # Sockets not admitted yet (--max-pending): left on joining or closing.
+    waiting: WaitingRoom
+    # Chat members (--max-clients as the descriptor budget lowers it): taken before joining.
     member_slots: Admission
+    # Failed /auth per client address (--auth-failure-burst, --auth-failure-rate).
+    auth_failures: AddressBuckets
+    # Refusals and failed /auth, logged at most once per address per interval.
+    refusals: Coalesced
+    auth_log: Coalesced
     disconnects: Mapping[str, Counter]
     # Live sessions, for the idle scan and shutdown.
     sessions: set[Session]
@@ -116,12 +132,14 @@ class Session:
     __slots__ = (
         "_flood_episode",
         "admitted",
+        "arrival",
         "bucket",
         "busy",
         "bytes_in",
         "conn_id",
         "ctx",
         "finished",
+        "first_line",
         "framer",
         "head",
         "ip",
@@ -137,11 +155,12 @@ class Session:
         "watcher",
     )
 
-    def __init__(self, ctx: SessionContext, sock: Any, address: tuple[str, int], head: bytes, sink: Sink) -> None:
+    def __init__(self, ctx: SessionContext, sock: Any, arrival: Arrival, head: bytes, sink: Sink) -> None:
         self.ctx = ctx
         limits = ctx.limits
         self.sock = sock
-        self.ip, self.port = address[0], address[1]
+        self.arrival = arrival
+        self.ip, self.port = arrival.address
         self.head = head
         self.conn_id = next(_ids)
         self.reason: str | None = None
@@ -157,6 +176,7 @@ class Session:
         self.bytes_in = len(head)
         ctx.counters.bytes_in += len(head)
         self.admitted = False
+        self.first_line = True
         self.last_room: str | None = None
         self._flood_episode: float | None = None
 
@@ -175,6 +195,7 @@ class Session:
                 self.end("server_full")
             else:
                 self.admitted = True
+                self.arrival.admitted()
                 self.member = Member(f"{self.ip}:{self.port}", self.outbox)
                 ctx.hub.attach(self.member, DEFAULT_ROOM)
                 log.info("client_connected", nick=self.member.nick, room=DEFAULT_ROOM)
@@ -302,11 +323,12 @@ class Session:
                 duration_s=round(time.monotonic() - self.started, 3),
                 bytes_in=self.bytes_in,
             )
-        elif reason in ("auth_failed", "server_full"):
+        elif reason in _REFUSED:
             ctx.disconnects[reason].inc()
-            log.info("client_refused", conn_id=self.conn_id, peer=f"{self.ip}:{self.port}", reason=reason)
+            if reason == "server_full":
+                ctx.refusals.note((self.ip, reason), ip=self.ip, reason=reason)
         self.sock.close()
-        ctx.connection_slots.release(self.ip)
+        self.arrival.release()
 
     def _wait_until_sent(self, timeout: float) -> None:
         """Give queued lines (a goodbye, an error) up to ``timeout`` to reach the client."""
@@ -354,12 +376,17 @@ class Session:
         return data
 
     def _authenticate(self) -> bool:
-        """The first line must be ``/auth TOKEN``, within --auth-timeout."""
-        limits = self.ctx.limits
-        token = limits.token
+        """The first line that is not blank must be ``/auth TOKEN``, within --auth-timeout.
+
+        An address that has used up its failures (--auth-failure-burst, then
+        --auth-failure-rate) is refused without its token being looked at, so
+        guessing goes no faster than the rate whatever the attacker does.
+        """
+        ctx = self.ctx
+        token = ctx.limits.token
         assert token is not None
-        deadline = time.monotonic() + limits.auth_timeout
-        lines = self.framer.feed(self.head)
+        deadline = min(time.monotonic() + ctx.limits.auth_timeout, self.arrival.deadline)
+        lines = self._nonblank(self.framer.feed(self.head))
         self.head = b""
         while not lines:
             remaining = deadline - time.monotonic()
@@ -369,16 +396,34 @@ class Session:
             if data is None:
                 self.outbox.push(protocol.error_line("authentication required: send /auth TOKEN first"))
                 return False
-            lines = self.framer.feed(data)
+            lines = self._nonblank(self.framer.feed(data))
         first, rest = lines[0], lines[1:]
+        wait = ctx.auth_failures.wait(self.ip)
+        if wait:
+            retry = math.ceil(wait)
+            self.outbox.push(
+                protocol.error_line(f"authentication failed: too many failures from your address, retry in {retry} s")
+            )
+            ctx.auth_log.note(self.ip, "throttled", ip=self.ip)
+            self.end("auth_throttled")
+            return False
         parsed = protocol.parse(clean(first))
         given = parsed.arg if isinstance(parsed, protocol.Command) and parsed.name == "auth" else ""
         if not hmac.compare_digest(given.encode(), token.encode()):
+            ctx.auth_failures.take(self.ip)
             self.outbox.push(protocol.error_line("authentication failed"))
-            log.info("auth_failed")
+            ctx.auth_log.note(self.ip, "failures", ip=self.ip)
             return False
         self.head = b"".join(line + b"\n" for line in rest)
+        self.first_line = False
         return True
+
+    @staticmethod
+    def _nonblank(lines: list[bytes]) -> list[bytes]:
+        """Lines before ``/auth`` with the blank ones skipped (a client's stray CRLF is not a wrong token)."""
+        while lines and not lines[0].strip():
+            lines = lines[1:]
+        return lines
 
     def _process(self, data: bytes) -> bool:
         """Frame and act on one chunk of input; False ends the session."""
@@ -424,6 +469,14 @@ class Session:
 
     def _handle(self, raw: bytes, t_read: float) -> bool:
         """Act on one line; False ends the session."""
+        if self.first_line and raw.strip():
+            self.first_line = False
+            if is_request_line(raw):
+                # An HTTP request that missed the sniff window (--http-sniff-ms): its
+                # headers may carry credentials, so it is never relayed as chat.
+                self.outbox.push(protocol.error_line("HTTP request refused: send it as soon as you connect"))
+                self.end("http_request")
+                return False
         parsed = protocol.parse(clean(raw))
         if parsed is None:
             return True

@@ -1,0 +1,111 @@
+"""Bounded attacks for the hardening tests: many sockets from one address, and what each was told.
+
+Plain blocking sockets opened from the test process; every attack has a
+fixed count and a time limit, and ``Crowd.close`` ends it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import selectors
+import socket
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+
+def connect(host: str, port: int, source: str = "127.0.0.1", timeout: float = 5.0) -> socket.socket:
+    sock = socket.create_connection((host, port), timeout=timeout, source_address=(source, 0))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    return sock
+
+
+class Crowd:
+    """``count`` connections from ``source``, each sending ``first`` (nothing if empty) when it connects."""
+
+    def __init__(self, host: str, port: int, count: int, source: str = "127.0.0.1", first: bytes = b"") -> None:
+        self.socks: list[socket.socket] = []
+        self.failed = 0
+        for _ in range(count):
+            try:
+                sock = connect(host, port, source)
+                if first:
+                    sock.sendall(first)
+            except OSError:
+                self.failed += 1
+                continue
+            self.socks.append(sock)
+
+    def outcomes(self, seconds: float) -> Counter[str]:
+        """Read for ``seconds``; each socket's first line's start (``* welcome``, ``! server full``...), or what it did."""
+        selector = selectors.DefaultSelector()
+        seen: dict[int, bytes] = {}
+        ended: set[int] = set()
+        for index, sock in enumerate(self.socks):
+            sock.setblocking(False)
+            selector.register(sock, selectors.EVENT_READ, index)
+        deadline = time.monotonic() + seconds
+        while len(ended) < len(self.socks) and time.monotonic() < deadline:
+            for key, _ in selector.select(0.1):
+                index = key.data
+                try:
+                    chunk = key.fileobj.recv(65536)  # type: ignore[union-attr]
+                except BlockingIOError:
+                    continue
+                except OSError:
+                    chunk = b""
+                if chunk:
+                    seen[index] = seen.get(index, b"") + chunk
+                    continue
+                ended.add(index)
+                selector.unregister(key.fileobj)
+        selector.close()
+        counted: Counter[str] = Counter()
+        for index in range(len(self.socks)):
+            first = seen.get(index, b"").split(b"\n", 1)[0].decode(errors="replace")
+            label = first.split(":", 1)[0].split(",", 1)[0] if first else "(nothing)"
+            counted[label + (" +closed" if index in ended else "")] += 1
+        return counted
+
+    def trickle(self, data: bytes, every: float, until: threading.Event) -> threading.Thread:
+        """Send ``data`` on every socket, one byte per socket every ``every`` seconds, until ``until`` is set."""
+
+        def run() -> None:
+            offset = 0
+            while not until.is_set() and offset < len(data):
+                for sock in self.socks:
+                    try:
+                        sock.send(data[offset : offset + 1])
+                    except OSError:
+                        pass
+                offset += 1
+                until.wait(every)
+
+        thread = threading.Thread(target=run, daemon=True)
+        thread.start()
+        return thread
+
+    def close(self) -> None:
+        for sock in self.socks:
+            sock.close()
+        self.socks.clear()
+
+
+def log_events(path: Path) -> list[dict[str, object]]:
+    """The server's JSON log; a line that is not JSON (a traceback on stdout or stderr) fails the test."""
+    events = []
+    for line in path.read_text(errors="replace").splitlines():
+        if line.strip():
+            try:
+                events.append(json.loads(line))
+            except ValueError:
+                raise AssertionError(f"not a JSON log line: {line[:300]!r}") from None
+    return events
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time a process has used so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
