@@ -6,6 +6,7 @@ fixed count and a time limit, and ``Crowd.close`` ends it.
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import selectors
@@ -14,6 +15,8 @@ import threading
 import time
 from collections import Counter
 from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
 
 
 def connect(host: str, port: int, source: str = "127.0.0.1", timeout: float = 5.0) -> socket.socket:
@@ -39,7 +42,11 @@ class Crowd:
             self.socks.append(sock)
 
     def outcomes(self, seconds: float) -> Counter[str]:
-        """Read for ``seconds``; each socket's first line's start (``* welcome``, ``! server full``...), or what it did."""
+        """Each socket's first line's start (``* welcome``, ``! server full``...), and ``+closed`` if it was closed.
+
+        Reads until every socket was closed or has a line that is not a refusal (a
+        refusal is followed by a close), or for ``seconds`` at most.
+        """
         selector = selectors.DefaultSelector()
         seen: dict[int, bytes] = {}
         ended: set[int] = set()
@@ -47,7 +54,9 @@ class Crowd:
             sock.setblocking(False)
             selector.register(sock, selectors.EVENT_READ, index)
         deadline = time.monotonic() + seconds
-        while len(ended) < len(self.socks) and time.monotonic() < deadline:
+        while len(ended | {i for i, data in seen.items() if b"\n" in data and data[:1] != b"!"}) < len(self.socks):
+            if time.monotonic() >= deadline:
+                break
             for key, _ in selector.select(0.1):
                 index = key.data
                 try:
@@ -109,3 +118,19 @@ def cpu_seconds(pid: int) -> float:
     """User plus system CPU time a process has used so far."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def scrape_from(port: int, source: str) -> dict[str, float]:
+    """``test_observability.scrape`` from another address than the attack's (whose connects are throttled)."""
+    connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5, source_address=(source, 0))
+    connection.request("GET", "/metrics")
+    response = connection.getresponse()
+    body = response.read().decode()
+    connection.close()
+    assert response.status == 200, body
+    samples = {}
+    for family in text_string_to_metric_families(body):
+        for sample in family.samples:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
+            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
+    return samples

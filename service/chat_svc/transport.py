@@ -119,11 +119,13 @@ class ChatServer(PausingServer):
         """
 
     def do_read(self) -> Any:
-        """Accept, and seat the connection in the waiting room at once, before its greenlet runs.
+        """Accept; refuse at once or seat the connection in the waiting room, before any greenlet runs.
 
         gevent accepts up to ``max_accept`` connections per wake-up and starts
         their greenlets later; counting them only then would leave that many
-        descriptors outside the budget.
+        descriptors outside the budget.  A refusal here (connect rate,
+        --max-per-ip) costs no greenlet at all, which is what keeps connection
+        churn cheap.
         """
         accepted = super().do_read()
         if accepted is None:
@@ -132,6 +134,10 @@ class ChatServer(PausingServer):
         ctx = self.ctx
         self.metrics.accepted.inc()
         arrival = Arrival(address, sock, ctx.waiting, ctx.connection_slots, self.config.admission_timeout)
+        if arrival.ip not in self.balancers and not self._admit_address(arrival, address):
+            sock.close()
+            arrival.release()
+            return None
         crowded = ctx.waiting.enter(arrival)
         if crowded is not None:
             self.refuse(crowded, "pending_full", BUSY)
@@ -158,11 +164,8 @@ class ChatServer(PausingServer):
                 address = read_header(arrival.sock, arrival.deadline) or address
             except ProxyHeaderError as exc:
                 return self.refuse(arrival, "proxy_header", detail=str(exc))
-        if not self.connects.try_take(address[0]):
-            return self.refuse(arrival, "connect_rate", TOO_FAST, address)
-        refusal = arrival.claim(address)
-        if refusal is not None:
-            return self.refuse(arrival, "max_per_ip", refusal)
+            if not self._admit_address(arrival, address):
+                return False
         tune(arrival.sock, config.sndbuf_bytes)
         budget = gevent.Timeout(arrival.remaining())
         try:
@@ -178,6 +181,15 @@ class ChatServer(PausingServer):
         sock, ctx = arrival.sock, self.ctx
         sink = TlsSink(sock, ctx.counters) if self.tls is not None else TcpSink(sock, ctx.counters)
         Session(ctx, sock, arrival, head, sink).run()
+        return True
+
+    def _admit_address(self, arrival: Arrival, address: tuple[str, int]) -> bool:
+        """The door's per-address checks, connect bucket then --max-per-ip; False once refused."""
+        if not self.connects.try_take(address[0]):
+            return self.refuse(arrival, "connect_rate", TOO_FAST, address)
+        refusal = arrival.claim(address)
+        if refusal is not None:
+            return self.refuse(arrival, "max_per_ip", refusal)
         return True
 
     def _chat_head(self, arrival: Arrival) -> bytes | None:
