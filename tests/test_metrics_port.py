@@ -8,6 +8,9 @@ rendering per 100 ms, and a member and the probes notice nothing.
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -31,6 +34,12 @@ def test_metrics_port_takes_metrics_probes_and_api_off_the_chat_port(chat_server
     assert get(port, "/api/v1/rooms")[0] == 404  # no API yet; when there is one, it lives here
     alice.send("chat still works")
     assert bob.expect("[alice]") == "[alice] chat still works"
+    # the image's HEALTHCHECK follows CHAT_METRICS_PORT
+    env = {**os.environ, "CHAT_PORT": str(srv.port), "CHAT_METRICS_PORT": str(port)}
+    probe = [sys.executable, "-m", "chat_svc", "healthcheck"]
+    assert subprocess.run(probe, env=env, capture_output=True, timeout=10).returncode == 0
+    del env["CHAT_METRICS_PORT"]
+    assert subprocess.run(probe, env=env, capture_output=True, timeout=10).returncode == 1
 
 
 def test_thirty_scrapers_on_the_chat_port_share_renderings_and_cost_members_nothing(chat_server):

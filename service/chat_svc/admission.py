@@ -27,10 +27,10 @@ FULL_FOR_ADDRESS = "server full: too many connections from your address"
 
 # Descriptors the process needs besides chat-port sockets: 3 standard streams,
 # 2 listeners, the event loop's own (epoll, eventfd, signalfd, resolver
-# pipes), up to 33 Redis connections (32 pooled queries and one writer, plus
-# the subscriber), up to METRICS_PORT_CONNECTIONS on --metrics-port, and
-# slack for transient ones (/proc reads by the process collector, TLS context
-# files).
+# pipes), up to 33 Redis connections (a pool of 32 the queries and the
+# subscriber share, one writer), up to 32 on --metrics-port
+# (httpfront.METRICS_PORT_CONNECTIONS), and slack for transient ones (/proc
+# reads by the process collector, TLS context files).
 FD_RESERVE = 100
 # Descriptors kept for connections that are not members yet when members fill
 # the rest, so that a full server can still accept, say '! server full' and
