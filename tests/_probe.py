@@ -4,18 +4,23 @@ Hardening tests run an attack against a real server while a ``Bystander`` keeps
 talking to itself (``/msg`` to its own nick, a round trip through the whole
 input, command, hub and output path) and polls ``/healthz``.  The test then
 asserts on the bystander's round-trip p99 and the slowest health answer.
-Plain threads and blocking sockets, so the probe does not share an event loop
-(or a GIL-heavy greenlet hub) with the attack it measures.
+The bystander runs in a process of its own (this file run as a script), with
+plain threads and blocking sockets: the attack's threads in the test process
+would otherwise hold the GIL while it waits to read, and their cost would be
+measured as the server's.
 """
 
 from __future__ import annotations
 
 import http.client
+import json
 import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 
 @dataclass
@@ -51,8 +56,58 @@ class Bystander:
     The health checks come from ``source`` too, to ``health_port`` (the chat port
     unless given), so per-address limits hit by an attack from elsewhere do not
     apply to them either.  ``token`` is sent as ``/auth`` first when the server
-    wants one.
+    wants one.  It has joined when the constructor returns, and measures from
+    then until ``stop`` (or the end of its ``with`` block).
     """
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        nick: str = "bystander",
+        source: str = "127.0.0.1",
+        health_port: int | None = None,
+        interval: float = 0.05,
+        timeout: float = 5.0,
+        token: str | None = None,
+    ) -> None:
+        settings = {
+            "host": host, "port": port, "nick": nick, "source": source, "health_port": health_port,
+            "interval": interval, "timeout": timeout, "token": token,
+        }  # fmt: skip
+        self.measured: Measured | None = None
+        self._proc = subprocess.Popen(
+            [sys.executable, __file__, json.dumps(settings)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        assert self._proc.stdout is not None
+        joined = self._proc.stdout.readline().strip()
+        if joined != "joined":
+            self._proc.kill()
+            raise RuntimeError(f"the bystander could not join: {joined} {self._proc.stdout.read()[-2000:]}")
+
+    def __enter__(self) -> Bystander:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> Measured:
+        if self.measured is None:
+            assert self._proc.stdin is not None and self._proc.stdout is not None
+            self._proc.stdin.write("stop\n")
+            self._proc.stdin.close()
+            output = self._proc.stdout.read()
+            self._proc.wait(30)
+            self.measured = Measured(**json.loads(output.strip().splitlines()[-1]))
+        return self.measured
+
+
+class _Probe:
+    """The bystander itself, in its own process: a member talking to itself, and a health prober."""
 
     def __init__(
         self,
@@ -85,13 +140,9 @@ class Bystander:
             threading.Thread(target=self._check_health, daemon=True),
         ]
 
-    def __enter__(self) -> Bystander:
+    def start(self) -> None:
         for thread in self._threads:
             thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
 
     def stop(self) -> Measured:
         self._stop.set()
@@ -151,3 +202,20 @@ class Bystander:
                 self.measured.health_failures.append(repr(exc))
             self.measured.health.append(time.monotonic() - started)
             self._stop.wait(0.2)
+
+
+def _main() -> None:
+    """Run as a script by ``Bystander``: join, say so, measure until told to stop, print the figures."""
+    try:
+        probe = _Probe(**json.loads(sys.argv[1]))
+    except (OSError, EOFError) as exc:
+        print(f"failed: {exc!r}", flush=True)
+        sys.exit(1)
+    print("joined", flush=True)
+    probe.start()
+    sys.stdin.readline()
+    print(json.dumps(asdict(probe.stop())), flush=True)
+
+
+if __name__ == "__main__":
+    _main()

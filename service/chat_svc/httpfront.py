@@ -121,7 +121,8 @@ class Exposition:
     ``max_age`` of the last rendering waits for the next, which everyone who
     waited shares.  The request is reduced to what chooses the format
     (OpenMetrics or text, gzip or not) first, so odd headers cannot multiply
-    the renderings.
+    the renderings; query parameters (prometheus_client's ``name[]``
+    filter) are ignored for the same reason.
     """
 
     def __init__(self, registry: CollectorRegistry, max_age: float = 0.1) -> None:

@@ -227,7 +227,13 @@ class ChatServer(PausingServer):
         address: tuple[str, int] | None = None,
         detail: str = "",
     ) -> bool:
-        """Count and log a refusal and tell a plain-TCP client ``text``; the caller closes. Always False (not owned)."""
+        """Count and log a refusal and tell a plain-TCP client ``text``; the caller closes. Always False (not owned).
+
+        A connection the waiting room dropped was counted then; whatever it
+        was waiting for fails afterwards, and is not counted again.
+        """
+        if arrival.dropped:
+            return False
         ip = (address or arrival.address)[0]
         self.metrics.refused[reason].inc()
         context = {"detail": detail} if detail else {}
