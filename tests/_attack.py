@@ -14,9 +14,10 @@ import socket
 import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
 
-from prometheus_client.parser import text_string_to_metric_families
+from test_observability import samples_of
 
 
 def connect(host: str, port: int, source: str = "127.0.0.1", timeout: float = 5.0) -> socket.socket:
@@ -128,9 +129,37 @@ def scrape_from(port: int, source: str) -> dict[str, float]:
     body = response.read().decode()
     connection.close()
     assert response.status == 200, body
-    samples = {}
-    for family in text_string_to_metric_families(body):
-        for sample in family.samples:
-            labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
-            samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
-    return samples
+    return samples_of(body)
+
+
+def hammer(attack: Callable[[], None], seconds: float, threads: int = 4, per_second: float | None = None) -> int:
+    """Run ``attack`` over and over from ``threads`` threads for ``seconds``, at most ``per_second`` runs a second.
+
+    The pace matters on a two-core loopback: an unpaced attacker in the test
+    takes the cores from the server, and the server's latency then measures
+    the attacker's CPU, not the server's defences.  Returns how many runs finished.
+    """
+    stop = threading.Event()
+    done = [0] * threads
+    gap = threads / per_second if per_second else 0.0
+
+    def run(index: int) -> None:
+        due = time.monotonic()
+        while not stop.is_set():
+            if gap:
+                due += gap
+                stop.wait(max(0.0, due - time.monotonic()))
+            try:
+                attack()
+            except OSError:
+                continue
+            done[index] += 1
+
+    workers = [threading.Thread(target=run, args=(index,), daemon=True) for index in range(threads)]
+    for worker in workers:
+        worker.start()
+    stop.wait(seconds)
+    stop.set()
+    for worker in workers:
+        worker.join(10)
+    return sum(done)

@@ -21,6 +21,7 @@ import sys
 import threading
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 
 @dataclass
@@ -50,6 +51,21 @@ class Measured:
         )
 
 
+@dataclass
+class Settings:
+    """Who the bystander is and how it measures; ``health_port`` None means the chat port."""
+
+    host: str
+    port: int
+    nick: str = "bystander"
+    source: str = "127.0.0.1"
+    health_port: int | None = None
+    # Under the default --flood-rate (10 lines/s): faster, the bystander would measure its own fakelag.
+    interval: float = 0.15
+    timeout: float = 5.0
+    token: str | None = None
+
+
 class Bystander:
     """Joins as ``nick`` from ``source`` (e.g. 127.0.0.2, "another IP") and measures until stopped.
 
@@ -60,24 +76,11 @@ class Bystander:
     then until ``stop`` (or the end of its ``with`` block).
     """
 
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        nick: str = "bystander",
-        source: str = "127.0.0.1",
-        health_port: int | None = None,
-        interval: float = 0.05,
-        timeout: float = 5.0,
-        token: str | None = None,
-    ) -> None:
-        settings = {
-            "host": host, "port": port, "nick": nick, "source": source, "health_port": health_port,
-            "interval": interval, "timeout": timeout, "token": token,
-        }  # fmt: skip
+    def __init__(self, host: str, port: int, **options: Any) -> None:
+        settings = Settings(host, port, **options)
         self.measured: Measured | None = None
         self._proc = subprocess.Popen(
-            [sys.executable, __file__, json.dumps(settings)],
+            [sys.executable, __file__, json.dumps(asdict(settings))],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
@@ -109,29 +112,20 @@ class Bystander:
 class _Probe:
     """The bystander itself, in its own process: a member talking to itself, and a health prober."""
 
-    def __init__(
-        self,
-        host: str,
-        port: int,
-        nick: str = "bystander",
-        source: str = "127.0.0.1",
-        health_port: int | None = None,
-        interval: float = 0.05,
-        timeout: float = 5.0,
-        token: str | None = None,
-    ) -> None:
+    def __init__(self, settings: Settings) -> None:
+        host, port, nick, timeout = settings.host, settings.port, settings.nick, settings.timeout
         self.host, self.port, self.nick = host, port, nick
-        self.source = source
-        self.health_port = health_port or port
-        self.interval = interval
+        self.source = settings.source
+        self.health_port = settings.health_port or port
+        self.interval = settings.interval
         self.timeout = timeout
         self.measured = Measured()
         self._stop = threading.Event()
-        self.sock = socket.create_connection((host, port), timeout=timeout, source_address=(source, 0))
+        self.sock = socket.create_connection((host, port), timeout=timeout, source_address=(self.source, 0))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self._buffer = b""
-        if token is not None:
-            self.sock.sendall(f"/auth {token}\n".encode())
+        if settings.token is not None:
+            self.sock.sendall(f"/auth {settings.token}\n".encode())
         self._expect_line(b"* welcome")
         self.sock.sendall(f"/nick {nick}\n".encode())
         self._expect_line(b"is now known as " + nick.encode())
@@ -207,7 +201,7 @@ class _Probe:
 def _main() -> None:
     """Run as a script by ``Bystander``: join, say so, measure until told to stop, print the figures."""
     try:
-        probe = _Probe(**json.loads(sys.argv[1]))
+        probe = _Probe(Settings(**json.loads(sys.argv[1])))
     except (OSError, EOFError) as exc:
         print(f"failed: {exc!r}", flush=True)
         sys.exit(1)

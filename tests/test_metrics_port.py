@@ -11,11 +11,10 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import threading
 import time
 import urllib.request
 
-from _attack import Crowd
+from _attack import Crowd, hammer
 from _probe import Bystander
 from conftest import free_port
 from test_observability import get, scrape
@@ -45,23 +44,15 @@ def test_metrics_port_takes_metrics_probes_and_api_off_the_chat_port(chat_server
 def test_thirty_scrapers_on_the_chat_port_share_renderings_and_cost_members_nothing(chat_server):
     srv = chat_server("--flood-rate", "0")
     members = Crowd(srv.host, srv.port, 1000, first=b"/nick\n")
-    stop = threading.Event()
     bodies: list[bytes] = []
 
-    def scraper() -> None:
-        while not stop.is_set():
-            with urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/metrics", timeout=5) as response:
-                bodies.append(response.read())
+    def scrape_once() -> None:
+        with urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/metrics", timeout=5) as response:
+            bodies.append(response.read())
 
     with Bystander(srv.host, srv.port, source="127.0.0.2") as bystander:
-        threads = [threading.Thread(target=scraper, daemon=True) for _ in range(30)]
         started = time.monotonic()
-        for thread in threads:
-            thread.start()
-        time.sleep(5)
-        stop.set()
-        for thread in threads:
-            thread.join(10)
+        hammer(scrape_once, 5, threads=30)
         elapsed = time.monotonic() - started
     measured = bystander.stop()
     members.close()

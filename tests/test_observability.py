@@ -26,8 +26,13 @@ def scrape(port: int) -> dict[str, float]:
     status, body, headers = get(port, "/metrics")
     assert status == 200
     assert headers["Content-Type"].startswith("text/plain; version=0.0.4")
+    return samples_of(body)
+
+
+def samples_of(exposition: str) -> dict[str, float]:
+    """``name{label=value,...}`` -> value for every sample of a text exposition."""
     samples = {}
-    for family in text_string_to_metric_families(body):
+    for family in text_string_to_metric_families(exposition):
         for sample in family.samples:
             labels = ",".join(f"{k}={v}" for k, v in sorted(sample.labels.items()))
             samples[f"{sample.name}{{{labels}}}" if labels else sample.name] = sample.value
