@@ -29,13 +29,21 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def wait_port(host: str, port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+# The address the readiness check connects from: the server counts every connection per
+# address from accept, and the check's must not take a place (or a connect token) from
+# the tests' clients on 127.0.0.1 while the server has not noticed it closed yet.
+PROBE_SOURCE = "127.0.0.99"
+
+
+def wait_port(
+    host: str, port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None, source: str | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         try:
-            with socket.create_connection((host, port), timeout=0.5):
+            with socket.create_connection((host, port), timeout=0.5, source_address=(source, 0) if source else None):
                 return
         except OSError:
             time.sleep(0.05)
@@ -164,7 +172,7 @@ class ServerProcess:
         full_env = {**os.environ, **(env or {})}
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=full_env)
         self.clients: list[LineClient] = []
-        wait_port(self.host, self.port, proc=self.proc)
+        wait_port(self.host, self.port, proc=self.proc, source=PROBE_SOURCE)
 
     @property
     def pid(self) -> int:

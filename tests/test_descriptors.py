@@ -14,7 +14,7 @@ from __future__ import annotations
 import subprocess
 import time
 
-from _attack import Crowd, connect, cpu_seconds, log_events
+from _attack import Crowd, connect, cpu_seconds, hammer, log_events
 from _probe import Bystander
 from _require import require_binary
 from test_observability import scrape
@@ -23,13 +23,20 @@ from test_observability import scrape
 def test_800_connections_under_a_700_descriptor_limit_are_refused_in_words_and_probes_stay_up(chat_server):
     prlimit = require_binary("prlimit")
     srv = chat_server("--flood-rate", "0", prefix=(prlimit, "--nofile=700:700"))
+
+    def one_more() -> None:  # knocking on a full server, for the bystander to measure through
+        with connect(srv.host, srv.port) as sock:
+            sock.sendall(b"/nick\n")
+            sock.recv(100)
+
     with Bystander(srv.host, srv.port, source="127.0.0.2") as bystander:
         crowd = Crowd(srv.host, srv.port, 800, first=b"/nick\n")
         outcomes = crowd.outcomes(8)
+        refused = hammer(one_more, 4, per_second=500)
         samples = scrape(srv.port)
     measured = bystander.stop()
     crowd.close()
-    print(outcomes, measured.summary())
+    print(outcomes, f"then {refused} more refused;", measured.summary())
     budget = next(e for e in log_events(srv.log_path) if e["event"] == "fd_budget")
     assert (budget["fd_limit"], budget["max_clients"], budget["chat_sockets"]) == (700, 450, 600)
     assert crowd.failed == 0

@@ -87,7 +87,6 @@ def test_admission_budget_ends_a_tls_handshake_that_never_finishes(chat_server, 
 
 def test_max_per_ip_counts_connections_from_accept(chat_server):
     srv = chat_server("--max-per-ip", "3", "--http-sniff-ms", "3000")
-    time.sleep(0.3)  # the fixture's check that the port listens has held a place until its greenlet ran
     silent = [connect(srv.host, srv.port) for _ in range(3)]  # not members yet: still being sniffed
     fourth = connect(srv.host, srv.port)
     fourth.settimeout(3)

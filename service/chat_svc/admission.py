@@ -95,15 +95,21 @@ class Admission:
         self.closed = reason
 
 
+# A connection that has waited this long (twice the default sniff window) is stuck,
+# not merely queued behind a burst: only such a one is dropped to make room.
+STUCK_AFTER = 0.5
+
+
 class WaitingRoom:
     """Connections accepted but not admitted yet, at most ``limit`` and at most ``room()`` at once.
 
-    A full room neither refuses the newcomer nor stops accepting: it drops the
-    oldest waiting connection of the address holding the most of them.  One
-    address trickling headers into every place then loses its own oldest first,
-    a newcomer from anywhere else always gets in, and a single busy address
-    (a benchmark, a NAT'd office) may still use every place while nobody else
-    needs one.
+    When the room is full, a newcomer takes the place of the oldest stuck
+    connection (waiting over ``STUCK_AFTER`` seconds) of the address holding
+    the most places: one address trickling headers into every place loses its
+    own first, and a newcomer from anywhere else gets in at once.  While no one
+    is stuck the room is simply ``full``: the listener stops accepting until a
+    place frees, and the burst waits in the kernel's backlog, where it costs
+    nothing (a benchmark or a NAT'd office connecting all at once).
     """
 
     __slots__ = ("_by_ip", "count", "limit", "room")
@@ -115,16 +121,29 @@ class WaitingRoom:
         # Each address's waiting arrivals, oldest first (dicts keep insertion order).
         self._by_ip: dict[str, dict[Arrival, None]] = {}
 
+    def full(self) -> bool:
+        """No place, and no one stuck to give one up: do not accept now."""
+        return self._crowded() and self._stuck() is None
+
     def enter(self, arrival: Arrival) -> Arrival | None:
-        """Seat ``arrival``; when that overfills the room, unseat and return the one to drop."""
+        """Seat ``arrival``; when the room is full, unseat and return the stuck one it replaces."""
+        victim = self._stuck() if self._crowded() else None
+        if victim is not None:
+            self.leave(victim)
         self._by_ip.setdefault(arrival.ip, {})[arrival] = None
         self.count += 1
-        if self.count <= min(self.limit, self.room()):
-            return None
-        heaviest = max(self._by_ip.values(), key=lambda seated: (len(seated), -next(iter(seated)).since))
-        victim = next(iter(heaviest))
-        self.leave(victim)
         return victim
+
+    def _crowded(self) -> bool:
+        return self.count >= min(self.limit, self.room())
+
+    def _stuck(self) -> Arrival | None:
+        """The oldest stuck arrival of the address holding the most places, if any is stuck."""
+        cutoff = time.monotonic() - STUCK_AFTER
+        oldest = (next(iter(seated)) for seated in self._by_ip.values())
+        stuck = [arrival for arrival in oldest if arrival.since <= cutoff]
+        # The address holding the most places first; between equals, the longest waiting.
+        return max(stuck, key=lambda arrival: (len(self._by_ip[arrival.ip]), -arrival.since), default=None)
 
     def move(self, arrival: Arrival, ip: str) -> None:
         """Seat ``arrival`` under another address (the real client's, from a PROXY header)."""

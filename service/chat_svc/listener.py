@@ -49,11 +49,15 @@ class PausingServer(StreamServer):
         delay = self._backoff
         self._backoff = min(self.max_delay, delay * 2)
         self.stop_accepting()
+        self.try_again_in(delay)
+        if self.on_pause is not None:
+            self.on_pause(error, delay)
+
+    def try_again_in(self, delay: float) -> None:
+        """Start accepting again after ``delay`` seconds (once, however often asked meanwhile)."""
         if self._resume is None:
             self._resume = self.loop.timer(delay)
             self._resume.start(self._start_again)
-        if self.on_pause is not None:
-            self.on_pause(error, delay)
 
     def _start_again(self) -> None:
         timer, self._resume = self._resume, None

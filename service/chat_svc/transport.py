@@ -38,6 +38,7 @@ from .sinks import TcpSink, TlsSink
 from .throttle import AddressBuckets, Networks
 
 LISTEN_BACKLOG = 4096
+WAITING_FULL_RETRY = 0.01
 PROXY = "proxy"  # what sniff calls a PROXY header from a client not allowed to send one
 
 TOO_FAST = "connecting too fast: try again later"
@@ -117,6 +118,17 @@ class ChatServer(PausingServer):
         A chat session parks on an io watcher and its accept greenlet ends, so
         whoever owns the socket closes it: ``handle_connection`` or the session.
         """
+
+    def full(self) -> bool:
+        """gevent asks before each accept: while the waiting room is full, leave arrivals in the backlog.
+
+        gevent then stops accepting; look again every 10 ms (a place frees as
+        soon as one of the waiting is admitted, answered or dropped).
+        """
+        if self.ctx.waiting.full():
+            self.try_again_in(WAITING_FULL_RETRY)
+            return True
+        return False
 
     def do_read(self) -> Any:
         """Accept; refuse at once or seat the connection in the waiting room, before any greenlet runs.
@@ -239,8 +251,14 @@ class ChatServer(PausingServer):
         context = {"detail": detail} if detail else {}
         self.ctx.refusals.note((ip, reason), ip=ip, reason=reason, **context)
         if text is not None and self.tls is None:
+            raw = raw_socket(arrival.sock)
             try:
-                raw_socket(arrival.sock).send(f"! {text}\n".encode())
+                raw.send(f"! {text}\n".encode())
+                # Closing with the client's first lines unread would reset the
+                # connection, and the reset can discard the refusal on its way.
+                for _ in range(16):
+                    if not raw.recv(4096):
+                        break
             except OSError:
                 pass
         return False
