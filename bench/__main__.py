@@ -21,8 +21,8 @@ from bench.measure import GEN_CPU_LIMIT, NOISE_LIMIT, P99_LIMIT_MS, Bench
 from bench.report import SCHEMA, Params, Results, check_targets, describe, render
 from bench.servers import default_ours_cmd, export_snapshot, find_ngircd, kinds
 
-SCENARIOS = ("fanout", "search", "idle", "redis", "profile", "crosscheck")
-SERVERS = ("chat-svc", "seed", "c-epoll", "ngircd")
+SCENARIOS = ("fanout", "search", "idle", "idle-ws", "redis", "profile", "crosscheck")
+SERVERS = ("chat-svc", "chat-svc-ws", "seed", "c-epoll", "ngircd")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -172,6 +172,8 @@ def run_scenarios(ctx: Bench, results: Results, args: argparse.Namespace, mode: 
             )
     if "idle" in wanted:
         results.idle = scenarios.idle(ctx, args.idle_members, 1 if mode == "quick" else 3)
+    if "idle-ws" in wanted:
+        results.idle_ws = scenarios.idle(ctx, args.idle_members, 1 if mode == "quick" else 3, kind="chat-svc-ws")
     if "redis" in wanted:
         results.redis = scenarios.redis(ctx, args.members, [300, 1000], repeat)
     if "crosscheck" in wanted:

@@ -28,6 +28,14 @@
  * every connection has joined or failed (connect or join within
  * --connect-timeout: `join_failed`).
  *
+ * --protocol ws (chat-svc's WebSocket endpoint, GET /ws): each connection sends
+ * the upgrade request and counts as ready on "HTTP/1.1 101"; every line above
+ * goes out as one masked text frame (RFC 6455 5.3). Server frames (unmasked) are
+ * taken apart in place as they arrive: text payloads feed the same line splitter,
+ * a ping is answered with a pong, a close frame closes the connection. Server
+ * messages hold whole lines, so `ws_frames` / reads shows how many lines the
+ * server coalesced into each message.
+ *
  * Loss = expected - delivered, where expected sums, for every composed message,
  * the connections that had passed the barrier and were still open, minus the
  * sender. Per (receiver, sender) the last seq is kept: lower = out_of_order,
@@ -70,6 +78,12 @@ typedef struct {
     uint32_t carry_len;
     char *out;
     uint32_t out_len, out_off, out_cap;
+    /* --protocol ws: the server frame being read */
+    uint64_t ws_left;        /* payload bytes still to come */
+    uint8_t ws_op, ws_hlen;  /* its opcode; header bytes collected so far */
+    uint8_t ws_hdr[14];
+    uint8_t ws_ctl_len;      /* a ping's payload, echoed in the pong */
+    uint8_t ws_ctl[125];
 } conn_t;
 
 typedef struct {
@@ -86,7 +100,7 @@ static double o_rate = 10, o_duration = 5, o_warmup = 1, o_drain = 5, o_connect_
 static double o_connect_timeout = 10, o_sync_timeout = 15;
 static int o_pids[MAX_PIDS], o_npids = 0;
 static const char *o_label = "";
-static int o_verbose = 0, o_irc = 0;
+static int o_verbose = 0, o_irc = 0, o_ws = 0;
 #define IRC_CHANNEL "#load"
 #define IRC_PREFIX "PRIVMSG " IRC_CHANNEL " :"
 
@@ -111,6 +125,7 @@ static int syncer = -1, syncer_reached = 0, sync_ok = 0, sync_rounds = 0;
 static uint64_t expected, delivered, malformed, merged_lines, ignored_lines, overlong;
 static uint64_t self_echo, unexpected, duplicates, out_of_order, send_skipped;
 static uint64_t send_backlog_events, max_outbuf, unwritten_at_end;
+static uint64_t ws_frames, ws_pings, ws_closes;
 static uint64_t n_reads_window, bytes_read_window, load_lines_window;
 static int counting; /* inside the send+drain window */
 static int64_t t_last_delivery = -1, send_lag_max = 0;
@@ -237,7 +252,7 @@ static void ep_mod(conn_t *c, int idx, uint32_t evs) {
 static void conn_close(int idx, int by_server) {
     conn_t *c = &conns[idx];
     if (c->state == C_CLOSED || c->state == C_IDLE) return;
-    if (c->state == C_OPEN && o_irc && !c->joined) {
+    if (c->state == C_OPEN && (o_irc || o_ws) && !c->joined) {
         n_open--;
         n_join_failed++;
     } else if (c->state == C_OPEN) {
@@ -322,13 +337,87 @@ static void conn_flush(int idx) {
 /* ---------- irc ---------- */
 /* the chat text framed for the protocol: raw "<text>\n", irc "PRIVMSG #load :<text>\r\n";
    text is padded with 'x' to `size` bytes including the raw newline */
+/* --protocol ws: the line in buf becomes one masked text frame (header and key in front) */
+static int ws_mask(char *buf, size_t cap, int len) {
+    static const uint8_t key[4] = {0x37, 0xfa, 0x21, 0x3d};
+    uint8_t head[8];
+    int h = 0;
+    head[h++] = 0x81; /* FIN, text */
+    if (len < 126) head[h++] = (uint8_t)(0x80 | len);
+    else { head[h++] = 0x80 | 126; head[h++] = (uint8_t)(len >> 8); head[h++] = (uint8_t)len; }
+    memcpy(head + h, key, 4);
+    h += 4;
+    if ((size_t)(len + h) > cap) return 0;
+    memmove(buf + h, buf, (size_t)len);
+    memcpy(buf, head, (size_t)h);
+    for (int i = 0; i < len; i++) buf[h + i] ^= (char)key[i & 3];
+    return len + h;
+}
+
 static int frame(char *buf, size_t cap, const char *text, int size) {
     int len = snprintf(buf, cap, "%s%s", o_irc ? IRC_PREFIX : "", text);
     int want = (o_irc ? (int)strlen(IRC_PREFIX) : 0) + size - 1;
-    while (len < want && len < (int)cap - 3) buf[len++] = 'x';
+    while (len < want && len < (int)cap - 17) buf[len++] = 'x';
     if (o_irc) buf[len++] = '\r';
     buf[len++] = '\n';
-    return len;
+    return o_ws ? ws_mask(buf, cap, len) : len;
+}
+
+static void ws_upgrade(int idx) {
+    char l[256];
+    int n = snprintf(l, sizeof l,
+                     "GET /ws HTTP/1.1\r\nHost: %s:%d\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                     "Sec-WebSocket-Key: Y2hhdGxvYWQgYmVuY2ggIQ==\r\nSec-WebSocket-Version: 13\r\n\r\n",
+                     o_host, o_ports[conns[idx].port_idx]);
+    conn_write(idx, l, (uint32_t)n);
+}
+
+/* Takes the server's frames in [src, end) apart: text payloads are copied down to dst (dst <= src),
+   pings answered, a close frame noted. Returns the end of the payload bytes written. */
+static char *ws_deframe(int idx, const char *src, const char *end, char *dst, int *closed) {
+    conn_t *c = &conns[idx];
+    while (src < end) {
+        if (c->ws_left) {
+            size_t k = (size_t)(end - src) < c->ws_left ? (size_t)(end - src) : (size_t)c->ws_left;
+            if (c->ws_op <= 1) { memmove(dst, src, k); dst += k; }
+            else if (c->ws_op == 9 && c->ws_ctl_len + k <= sizeof c->ws_ctl) {
+                memcpy(c->ws_ctl + c->ws_ctl_len, src, k);
+                c->ws_ctl_len += (uint8_t)k;
+            }
+            src += k;
+            c->ws_left -= k;
+        } else {
+            c->ws_hdr[c->ws_hlen++] = (uint8_t)*src++;
+            if (c->ws_hlen < 2) continue;
+            int code = c->ws_hdr[1] & 0x7f, need = 2 + (code == 126 ? 2 : code == 127 ? 8 : 0);
+            need += (c->ws_hdr[1] & 0x80) ? 4 : 0; /* a server must not mask; skip a key if one is there */
+            if (c->ws_hlen < need) continue;
+            uint64_t len = (uint64_t)code;
+            if (code == 126) len = (uint64_t)c->ws_hdr[2] << 8 | c->ws_hdr[3];
+            else if (code == 127) { len = 0; for (int i = 2; i < 10; i++) len = len << 8 | c->ws_hdr[i]; }
+            c->ws_op = c->ws_hdr[0] & 0x0f;
+            c->ws_left = len;
+            c->ws_hlen = 0;
+            c->ws_ctl_len = 0;
+            if (c->ws_op <= 1) ws_frames++;
+        }
+        if (!c->ws_left && !c->ws_hlen) { /* a whole frame is in */
+            if (c->ws_op == 9) {
+                char pong[160];
+                memcpy(pong, c->ws_ctl, c->ws_ctl_len);
+                int n = ws_mask(pong, sizeof pong, c->ws_ctl_len);
+                pong[0] = (char)0x8a; /* FIN, pong */
+                ws_pings++;
+                conn_write(idx, pong, (uint32_t)n);
+                c->ws_op = 0xff;
+            } else if (c->ws_op == 8) {
+                ws_closes++;
+                *closed = 1;
+                return dst;
+            }
+        }
+    }
+    return dst;
 }
 
 static void irc_nick(int idx) {
@@ -482,10 +571,29 @@ static void conn_read(int idx) {
         int64_t t = now_ns();
         if (counting) { n_reads_window++; bytes_read_window += (uint64_t)n; }
         const char *p = rb, *end = rb + cl + n, *nl;
+        int closed = 0;
+        if (o_ws && !c->joined) { /* the handshake's answer, then frames */
+            const char *hend = memmem(rb, (size_t)(end - rb), "\r\n\r\n", 4);
+            if (!hend) {
+                if ((size_t)(end - rb) > CARRY_MAX) { conn_close(idx, 1); return; }
+                if (!c->carry) c->carry = malloc(CARRY_MAX);
+                memmove(c->carry, rb, (size_t)(end - rb));
+                c->carry_len = (uint32_t)(end - rb);
+                if (n < RB_SIZE) return;
+                continue;
+            }
+            if (memcmp(rb, "HTTP/1.1 101", 12)) { conn_close(idx, 1); return; }
+            c->joined = 1;
+            n_ready++;
+            end = ws_deframe(idx, hend + 4, end, rb, &closed);
+        } else if (o_ws) {
+            end = ws_deframe(idx, rb + cl, end, rb + cl, &closed);
+        }
         while ((nl = memchr(p, '\n', (size_t)(end - p))) != NULL) {
             on_line(idx, p, nl, t);
             p = nl + 1;
         }
+        if (closed) { conn_close(idx, 1); return; }
         size_t left = (size_t)(end - p);
         if (left > CARRY_MAX) { overlong++; left = 0; }
         if (left) {
@@ -527,7 +635,7 @@ static void usage(void) {
             "usage: chatload --port P[,P...] [--host H] [--clients N] [--senders S] [--rate R]\n"
             "  [--duration T] [--warmup W] [--drain D] [--size B] [--connect-rate C]\n"
             "  [--connect-timeout S] [--sync-timeout S] [--idle | --observe] [--server-pid P[,P...]]\n"
-            "  [--protocol raw|irc] [--rst] [--label L] [--verbose]\n");
+            "  [--protocol raw|irc|ws] [--rst] [--label L] [--verbose]\n");
     exit(2);
 }
 
@@ -569,6 +677,7 @@ int main(int argc, char **argv) {
         case 'v': o_verbose = 1; break;
         case 'X':
             if (!strcmp(optarg, "irc")) o_irc = 1;
+            else if (!strcmp(optarg, "ws")) o_ws = 1;
             else if (strcmp(optarg, "raw")) usage();
             break;
         default: usage();
@@ -638,7 +747,7 @@ int main(int argc, char **argv) {
             while (next_conn < o_clients && t >= t_begin + (int64_t)next_conn * ns_per_conn) conn_start(next_conn++);
             if (t >= t_next_timeout_scan) {
                 for (int i = 0; i < next_conn; i++)
-                    if ((conns[i].state == C_CONNECTING || (o_irc && conns[i].state == C_OPEN && !conns[i].joined)) &&
+                    if ((conns[i].state == C_CONNECTING || ((o_irc || o_ws) && conns[i].state == C_OPEN && !conns[i].joined)) &&
                         t - conns[i].t_start > (int64_t)(o_connect_timeout * 1e9))
                         conn_close(i, 0);
                 t_next_timeout_scan = t + 100000000;
@@ -771,6 +880,7 @@ int main(int argc, char **argv) {
                 n_connected++;
                 ep_mod(c, idx, EPOLLIN | EPOLLET);
                 if (o_irc) irc_nick(idx); /* after ep_mod: a short write re-arms EPOLLOUT */
+                else if (o_ws) ws_upgrade(idx);
                 else n_ready++;
                 if (!(e & EPOLLIN)) continue;
             }
@@ -811,8 +921,10 @@ int main(int argc, char **argv) {
     printf("{\"tool\":\"chatload\",\"label\":\"%s\",\"mode\":\"%s\",", o_label, o_observe ? "observe" : o_idle ? "idle" : "fanout");
     printf("\"clients\":%d,\"senders\":%d,\"rate\":%.3f,\"duration\":%.3f,\"size\":%d,\"ports\":%d,",
            o_clients, S, o_rate, o_duration, o_size, o_nports);
-    printf("\"protocol\":\"%s\",\"join_failed\":%" PRIu64 ",\"irc_errors\":%" PRIu64 ",", o_irc ? "irc" : "raw",
-           n_join_failed, irc_errors);
+    printf("\"protocol\":\"%s\",\"join_failed\":%" PRIu64 ",\"irc_errors\":%" PRIu64 ",",
+           o_irc ? "irc" : o_ws ? "ws" : "raw", n_join_failed, irc_errors);
+    printf("\"ws_frames\":%" PRIu64 ",\"ws_pings\":%" PRIu64 ",\"ws_closes\":%" PRIu64 ",", ws_frames, ws_pings,
+           ws_closes);
     printf("\"connected\":%" PRIu64 ",\"connect_failed\":%" PRIu64 ",\"ramp_s\":%.3f,\"open_at_end\":%" PRIu64 ",",
            n_connected, n_connect_failed, t_ramp_end > 0 ? (double)(t_ramp_end - t_begin) / 1e9 : -1.0, n_open);
     printf("\"sync_ok\":%s,\"sync_s\":%.3f,\"sync_rounds\":%d,\"joined\":%" PRIu64 ",", sync_ok ? "true" : "false",

@@ -90,7 +90,7 @@ class Run(Figures):
     label: str
     server: str
     tool: str  # chatload | external
-    protocol: str  # raw | irc
+    protocol: str  # raw | irc | ws
     members: int
     rate: float
     attempt: int

@@ -20,6 +20,7 @@ from bench.scenarios import Crosscheck, Fanout, Idle, Profile, Redis, Search, Sm
 
 SCHEMA = 2
 LIMIT = "c-epoll"  # the machine's limit the others are compared with
+WS_COST_LIMIT = 1.25  # WebSocket members may cost this much server CPU per delivery, against TCP ones
 
 
 @dataclass
@@ -55,6 +56,7 @@ class Results:
     fanout: Fanout | None = None
     search: dict[str, Search] | None = None
     idle: Idle | None = None
+    idle_ws: Idle | None = None
     redis: Redis | None = None
     crosscheck: Crosscheck | None = None
     profile: Profile | None = None
@@ -185,8 +187,9 @@ def render(res: Results) -> str:
         out += ["", *_fanout(res.fanout, res.params.repeat)]
     if res.search:
         out += ["", *_search(res.search)]
-    if res.idle:
-        out += ["", _idle(res.idle)]
+    for idle in (res.idle, res.idle_ws):
+        if idle:
+            out += ["", _idle(idle)]
     if res.redis:
         out += ["", *_redis(res.redis)]
     if res.crosscheck:
@@ -265,14 +268,14 @@ def _search(srch: dict[str, Search]) -> list[str]:
 
 def _idle(idle: Idle) -> str:
     return (
-        f"Idle: {idle.members:,} members connected, one broadcast: reached "
+        f"Idle ({idle.server}): {idle.members:,} members connected, one broadcast: reached "
         f"{idle.probe_delivered_min:,}/{idle.probe_expected or 0:,} "
         f"(last after {fmt_ms(idle.probe_last_ms)} ms); "
         f"server RSS {fmt_f(idle.server_rss_mb, 0)} MB "
         f"(before connects {fmt_f(idle.server_rss_mb_before, 0)} MB): "
         f"{fmt_f(idle.rss_kb_per_member, 2)} KB per member added "
         f"({fmt_f(idle.rss_kb_total_per_member, 2)} KB total/member); "
-        f"generator CPU {fmt_f(idle.gen_cpu, 2)}. Seed: {idle.seed}"
+        f"generator CPU {fmt_f(idle.gen_cpu, 2)}." + (f" Seed: {idle.seed}" if idle.server == "chat-svc" else "")
     )
 
 
@@ -350,13 +353,29 @@ def check_targets(res: Results) -> list[Target]:
     fan_target("300", 20.0, "300 msg/s: p99 <= 20 ms")
     fan_target("2000", P99_LIMIT_MS, "2000 msg/s (~2M deliveries/s): 0 loss, p99 <= 50 ms (required)")
     fan_target("3000", P99_LIMIT_MS, "3000 msg/s (~3M deliveries/s): 0 loss, p99 <= 50 ms (goal)")
-    idle = res.idle
-    if idle:
+    ws = res.fanout.points.get("chat-svc-ws", {}) if res.fanout else {}
+    tcp, web = fan.get("2000"), ws.get("2000")
+    if tcp and web:
+        cost = ratio(web.server_us_per_delivery, tcp.server_us_per_delivery)
+        ok = web.passes(P99_LIMIT_MS) and cost is not None and cost <= WS_COST_LIMIT
+        out.append(
+            Target(
+                f"WebSocket at 2000 msg/s: 0 loss, p99 <= 50 ms, server µs/delivery <= {WS_COST_LIMIT:g}x TCP's "
+                "in the same run (issue 13)",
+                "PASS" if ok else "FAIL",
+                f"p99 {fmt_ms(web.p99_ms)} ms, loss {fmt_loss(web)}, {fmt_f(web.server_us_per_delivery)} vs "
+                f"{fmt_f(tcp.server_us_per_delivery)} µs/delivery ({fmt_x(cost)} of TCP's), gen CPU "
+                f"{fmt_f(web.gen_cpu, 2)}",
+            )
+        )
+    for idle in (res.idle, res.idle_ws):
+        if not idle:
+            continue
         ok = bool(idle.probe_expected) and idle.probe_delivered_min == idle.probe_expected
         ok = ok and (idle.rss_kb_per_member or 99) <= 8
         out.append(
             Target(
-                f"{idle.members:,} members, every one reached, <= 8 KB RSS per member",
+                f"{idle.members:,} {idle.server} members, every one reached, <= 8 KB RSS per member",
                 "PASS" if ok else "FAIL",
                 f"{idle.probe_delivered_min:,}/{idle.probe_expected or 0:,} reached, "
                 f"{fmt_f(idle.rss_kb_per_member, 2)} KB/member added "

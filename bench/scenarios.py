@@ -158,6 +158,7 @@ def search(bench: Bench, kind: str, members: int, max_probes: int, confirm: int)
 
 @dataclass
 class Idle:
+    server: str
     members: int
     runs: int
     probe_delivered_min: int
@@ -172,16 +173,17 @@ class Idle:
     seed: str = "not measured: select() cannot watch descriptors >= 1024 (FD_SETSIZE)"
 
 
-def idle(bench: Bench, members: int, repeat: int) -> Idle:
-    log(f"== idle: {members} members connected at once, one broadcast must reach every one")
+def idle(bench: Bench, members: int, repeat: int, kind: str = "chat-svc") -> Idle:
+    log(f"== idle: {members} {kind} members connected at once, one broadcast must reach every one")
     runs = [
-        measure(bench, "chat-svc", members, 0, f"idle-{members}-{i}", idle=True,
+        measure(bench, kind, members, 0, f"idle-{kind}-{members}-{i}", idle=True,
                 extra=["--max-clients", str(members + 1000)])
         for i in range(repeat)
     ]  # fmt: skip
     clean = [r for r in runs if not r.noisy] or runs
     probes = [r.idle for r in clean if r.idle]
     return Idle(
+        server=kind,
         members=members,
         runs=len(runs),
         probe_delivered_min=min((r.idle.probe_delivered or 0) if r.idle else 0 for r in runs),
@@ -379,7 +381,13 @@ def analyse_profile(text: str) -> tuple[int, list[tuple[str, float]], list[tuple
 # ----------------------------------------------------------------------------- smoke
 
 # (members, msg/s): a few seconds each, enough for every member to get every line
-SMOKE_POINTS = {"chat-svc": (50, 100), "seed": (30, 30), "c-epoll": (50, 100), "ngircd": (30, 30)}
+SMOKE_POINTS = {
+    "chat-svc": (50, 100),
+    "chat-svc-ws": (50, 100),
+    "seed": (30, 30),
+    "c-epoll": (50, 100),
+    "ngircd": (30, 30),
+}
 
 
 @dataclass
@@ -410,13 +418,16 @@ def smoke(bench: Bench, servers: Sequence[str], required: Sequence[str]) -> Smok
                     result.problems.append(f"{kind}: {key} = {getattr(run, key)}")
             if run.p99_ms is None or run.p99_ms > 2000:
                 result.problems.append(f"{kind}: p99 {run.p99_ms} ms (loose bound 2000 ms)")
-    if "chat-svc" in servers:
-        run = measure(bench, "chat-svc", 200, 0, "smoke-idle", idle=True)
-        result.runs["idle"] = run
+    for kind in ("chat-svc", "chat-svc-ws"):
+        if kind not in servers:
+            continue
+        name = "idle" if kind == "chat-svc" else f"idle-{kind}"
+        run = measure(bench, kind, 200, 0, f"smoke-{name}", idle=True)
+        result.runs[name] = run
         probe = run.idle
         if probe is None or not probe.probe_expected or probe.probe_delivered != probe.probe_expected:
             got = (probe.probe_delivered, probe.probe_expected) if probe else (None, None)
-            result.problems.append(f"idle: probe reached {got[0]} of {got[1]}")
+            result.problems.append(f"{name}: probe reached {got[0]} of {got[1]}")
     result.problems += [f"{kind}: {why}" for kind, why in result.skipped.items() if kind in required]
     result.problems += bench.server_problems
     return result

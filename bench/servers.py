@@ -271,6 +271,8 @@ def kinds(ours_cmd: Sequence[str], workdir: Path, broadcaster: Path | None, ngir
 
     return {
         "chat-svc": Kind("chat-svc", ours, connect_rate=2000, http_ready=True),
+        # the same server, every member on WebSocket (GET /ws) instead of raw TCP
+        "chat-svc-ws": Kind("chat-svc-ws", ours, connect_rate=2000, protocol="ws", http_ready=True),
         # the seed accepts one connection per select() round and announces each to everybody;
         # with its listen(10) backlog a gentle ramp avoids SYN retries. It has no SIGTERM handler.
         "seed": Kind("seed", seed, connect_rate=200, exit_codes=(-signal.SIGTERM,), search=(40, 2, 2000)),

@@ -1,7 +1,9 @@
 """Locustfile for chat-svc: ``locust -f loadtest --host tcp://127.0.0.1:9009``.
 
-Only re-exports ``ChatUser``; the user, its options and the fan-out judge live in
-``loadtest/_swarm.py`` (a ``_`` name, so Locust does not load it as a second locustfile).
+Only re-exports ``ChatUser``. Everything else lives in ``_`` modules, which Locust does
+not load as locustfiles: ``_user`` (the User), ``_client`` (the line protocol, firing
+request events), ``_options`` (flags and web form), ``_swarm`` (the run across Locust's
+processes), ``_recorder``/``_ledger``/``_verdict`` (verification) and ``_webui``.
 """
 
 import sys
@@ -13,6 +15,6 @@ _ROOT = str(Path(__file__).resolve().parent.parent)
 if _ROOT not in sys.path:
     sys.path.insert(0, _ROOT)
 
-from loadtest._swarm import ChatUser  # noqa: E402
+from loadtest._user import ChatUser  # noqa: E402
 
 __all__ = ["ChatUser"]

@@ -17,7 +17,7 @@ from collections import Counter
 from collections.abc import Callable
 from pathlib import Path
 
-from test_observability import samples_of
+from _chat import parse_metrics
 
 
 def connect(host: str, port: int, source: str = "127.0.0.1", timeout: float = 5.0) -> socket.socket:
@@ -129,7 +129,7 @@ def scrape_from(port: int, source: str) -> dict[str, float]:
     body = response.read().decode()
     connection.close()
     assert response.status == 200, body
-    return samples_of(body)
+    return parse_metrics(body)
 
 
 def hammer(attack: Callable[[], None], seconds: float, threads: int = 4, per_second: float | None = None) -> int:

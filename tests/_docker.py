@@ -11,15 +11,11 @@ import os
 import re
 import subprocess
 import time
-import urllib.error
-import urllib.request
-from pathlib import Path
 
 import pytest
+from _chat import ROOT, LineClient
 from _require import DOCKER, require_docker, require_image
-from conftest import LineClient, free_port  # noqa: F401  (free_port is re-exported)
 
-ROOT = Path(__file__).resolve().parent.parent
 # Offline base from deploy/offline/build-base-image.sh; override to test another base.
 BASE_IMAGE = os.environ.get("CHAT_TEST_BASE_IMAGE", "local/python-base:bookworm")
 IMAGE_TAG = os.environ.get("CHAT_TEST_IMAGE", "chat-svc:ci-test")
@@ -162,24 +158,3 @@ def wait_chat_ready(port: int, timeout: float = 30.0, what: str = "container") -
             last = exc
             time.sleep(0.25)
     raise AssertionError(f"{what} on 127.0.0.1:{port} never sent the welcome line: {last}")
-
-
-def http_get(port: int, path: str, timeout: float = 5.0) -> tuple[int, str, str]:
-    """(status, content-type, body) of GET http://127.0.0.1:port/path."""
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=timeout) as resp:
-            return resp.status, resp.headers.get("Content-Type", ""), resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.headers.get("Content-Type", ""), exc.read().decode()
-
-
-def sample(metrics_text: str, name: str, labels: str = "") -> float:
-    """Value of one sample in a Prometheus text exposition, e.g. sample(t, "chat_rooms")."""
-    wanted = f"{name}{{{labels}}}" if labels else name
-    for line in metrics_text.splitlines():
-        if line.startswith("#"):
-            continue
-        key, _, value = line.rpartition(" ")
-        if key == wanted:
-            return float(value)
-    raise AssertionError(f"sample {wanted} not in /metrics")

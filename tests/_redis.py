@@ -12,8 +12,8 @@ import socket
 import subprocess
 import time
 
+from _chat import free_port
 from _require import require_binary
-from conftest import free_port
 
 
 class RedisServer:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import importlib.util
 import os
 import shutil
 import subprocess
@@ -36,6 +37,14 @@ def require_module(name: str) -> ModuleType:
     except ImportError as exc:
         missing(f"Python module {name} is not installed ({exc}); pip install -e '.[dev]'")
         raise
+
+
+def require_installed(*names: str) -> None:
+    """Check that modules of the loadtest extra are installed, without importing them here:
+    Locust runs as a subprocess, and importing it would gevent-monkey-patch all of pytest."""
+    for name in names:
+        if importlib.util.find_spec(name) is None:
+            missing(f"Python module {name} is not installed; pip install -e '.[loadtest]'")
 
 
 # Debian's 20.10 client.  A newer /usr/local/bin/docker without buildx breaks BuildKit builds.

@@ -9,19 +9,16 @@ bare sleeps standing in for a condition.
 from __future__ import annotations
 
 import re
-import signal
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Callable
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
 import redis as redis_client
+from _chat import LineClient, ServerProcess, free_port, wait_for
 from _redis import RedisServer
 from chat_svc.backplane import RedisBackplane, publisher
-from conftest import LineClient, ServerProcess, free_port
 
 pytestmark = pytest.mark.redis
 
@@ -32,32 +29,12 @@ Start = Callable[..., ServerProcess]
 
 
 def readyz(srv: ServerProcess) -> tuple[int, str]:
-    try:
-        with urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/readyz", timeout=3) as resp:
-            return resp.status, resp.read().decode()
-    except urllib.error.HTTPError as exc:
-        return exc.code, exc.read().decode()
+    status, body, _ = srv.get("/readyz")
+    return status, body
 
 
 def metrics(srv: ServerProcess) -> dict[str, float]:
-    with urllib.request.urlopen(f"http://127.0.0.1:{srv.port}/metrics", timeout=5) as resp:
-        text = resp.read().decode()
-    samples = {}
-    for line in text.splitlines():
-        if line and not line.startswith("#"):
-            name, _, value = line.rpartition(" ")
-            samples[name] = float(value)
-    return samples
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, what: str) -> float:
-    """Poll ``condition`` until true; returns the seconds it took."""
-    start = time.monotonic()
-    while not condition():
-        if time.monotonic() - start > timeout:
-            raise AssertionError(f"not within {timeout}s: {what}")
-        time.sleep(0.05)
-    return time.monotonic() - start
+    return srv.scrape()
 
 
 def wait_ready(srv: ServerProcess, timeout: float = 10.0) -> None:
@@ -270,8 +247,27 @@ def test_redis_outage_keeps_local_rooms_working_and_fanout_resumes(
         assert srv.proc.poll() is None
         samples = metrics(srv)
         assert samples["chat_backplane_reconnects_total"] >= 1
-    assert metrics(a)['chat_backplane_publish_errors_total{reason="down"}'] >= 1
+    assert metrics(a)["chat_backplane_publish_errors_total{reason=down}"] >= 1
     wait_for(lambda: who(bob, "r") == ["alice", "amy", "bob", "late"], 5, "presence rewritten")
+
+
+def test_nick_taken_on_two_instances_during_an_outage_is_logged_as_a_conflict(
+    redis_server: RedisServer, chat_server: Start
+) -> None:
+    a, b = cluster(chat_server, redis_server, 2)
+    on_a, on_b = joined(a, "x", "r"), joined(b, "y", "r")
+    redis_server.kill()
+    for srv in (a, b):
+        wait_for(lambda srv=srv: metrics(srv)["chat_backplane_up"] == 0, 5, f"backplane down on :{srv.port}")
+    assert claim(on_a, "x", "twin") and claim(on_b, "y", "twin")  # nobody to ask: granted locally
+    redis_server.start()
+    for srv in (a, b):
+        wait_for(lambda srv=srv: metrics(srv)["chat_backplane_up"] == 1, 15, f"backplane back on :{srv.port}")
+    # Both rewrite their claims; the second finds the nick held by the first and says so.
+    wait_for(lambda: any(e["event"] == "nick_conflict" for srv in (a, b) for e in srv.log_events()), 10,
+             "a nick_conflict warning")
+    conflicts = [e for srv in (a, b) for e in srv.log_events() if e["event"] == "nick_conflict"]
+    assert [e["nicks"] for e in conflicts] == [["twin"]]
 
 
 def test_instance_starts_degraded_without_redis_and_connects_later(chat_server: Start) -> None:
@@ -301,10 +297,9 @@ def test_sigkilled_instance_vanishes_from_who_within_the_ttl(redis_server: Redis
     bob = joined(b, "bob", "r")
     joined(c, "carol", "r")
     wait_for(lambda: who(bob, "r") == ["alice", "bob", "carol"], 5, "carol listed")
-    c.signal(signal.SIGKILL)
-    c.proc.wait(5)
-    took = wait_for(lambda: who(bob, "r") == ["alice", "bob"], ttl + 3, "carol expired")
-    assert took <= ttl + 1.0, f"carol vanished after {took:.1f}s, TTL {ttl}s"
+    c.kill()
+    # Bounded, not timed: how soon after the TTL is the benchmark's business, that it happens is ours.
+    wait_for(lambda: who(bob, "r") == ["alice", "bob"], ttl + 8, "carol expired")
     assert rooms(bob)["r"] == 2
     wait_for(lambda: claim(bob, "bob", "carol"), 2, "the dead instance's nick expired with it")
 

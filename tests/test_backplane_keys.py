@@ -6,8 +6,8 @@ import subprocess
 import sys
 
 import pytest
+from _chat import ROOT
 from chat_svc.backplane import keys
-from conftest import ROOT
 
 
 def test_every_key_and_channel_is_under_the_service_prefix() -> None:

@@ -1,11 +1,12 @@
 """The benchmark's smoke mode: a few seconds per server, correctness only (no performance bounds).
 
 ``python -m bench --smoke`` builds bench/chatload.c and bench/broadcaster.c with gcc, starts
-chat-svc, the seed's server, the C broadcaster and (when installed) ngircd on free loopback
-ports, and checks that every member receives every line (0 loss; no torn, duplicated or
-reordered lines except from the seed, whose chunk relay tears lines by design), that an idle
-room's broadcast reaches every member, and that every server exited cleanly after SIGTERM with
-no failure in its log. The performance targets are checked by the full run, not here.
+chat-svc (driven over TCP and over WebSocket), the seed's server, the C broadcaster and (when
+installed) ngircd on free loopback ports, and checks that every member receives every line
+(0 loss; no torn, duplicated or reordered lines except from the seed, whose chunk relay tears
+lines by design), that an idle room's broadcast reaches every member, and that every server
+exited cleanly after SIGTERM with no failure in its log. The performance targets are checked
+by the full run, not here.
 """
 
 from __future__ import annotations
@@ -17,13 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _chat import ROOT
 from _require import missing, require_binary
 
-ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from bench.servers import find_ngircd  # noqa: E402
+from bench.servers import find_ngircd
 
 SmokeRun = tuple[subprocess.CompletedProcess[str], dict[str, Any]]
 
@@ -67,6 +68,18 @@ def test_bench_smoke_drives_ngircd_over_irc(smoke: SmokeRun) -> None:
     assert run["protocol"] == "irc" and run["join_failed"] == 0 and run["sync_ok"]
     assert run["delivered"] == run["expected"] > 0 and run["lost"] == 0
     assert run["malformed"] == 0 and run["duplicates"] == 0 and run["out_of_order"] == 0
+
+
+@pytest.mark.slow
+def test_bench_smoke_drives_chat_svc_over_websocket(smoke: SmokeRun) -> None:
+    _, results = smoke
+    runs = results["smoke"]["runs"]
+    run = runs["chat-svc-ws"]
+    assert run["protocol"] == "ws" and run["join_failed"] == 0 and run["sync_ok"]
+    assert run["delivered"] == run["expected"] > 0 and run["lost"] == 0
+    assert run["malformed"] == 0 and run["duplicates"] == 0 and run["out_of_order"] == 0
+    idle = runs["idle-chat-svc-ws"]["idle"]
+    assert idle["probe_expected"] and idle["probe_delivered"] == idle["probe_expected"]
 
 
 @pytest.mark.slow

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import time
-
 
 def test_line_reaches_every_other_member_and_is_not_echoed(chat_server):
     srv = chat_server()
@@ -70,6 +68,7 @@ def test_join_moves_between_rooms_created_on_demand(chat_server):
     bob.send("/rooms")
     assert bob.expect("* rooms") == "* rooms: dev (2), lobby (1)"
 
+
 def test_rooms_and_who_list_members(chat_server):
     srv = chat_server()
     alice, bob = srv.member("alice"), srv.member("bob")
@@ -78,6 +77,23 @@ def test_rooms_and_who_list_members(chat_server):
     assert alice.expect("* rooms") == "* rooms: dev (1), lobby (2)"
     bob.send("/who")
     assert bob.expect("* in ") == "* in lobby (2): alice, bob"
+
+
+def test_join_leave_and_rename_notices_stop_above_the_notice_threshold(chat_server):
+    srv = chat_server("--notice-threshold", "2")
+    alice = srv.member("alice")
+    bob = srv.member("bob")
+    assert alice.read_until("* ")[-1].endswith(" joined lobby")  # 2 members: at the threshold
+    assert alice.expect("* ").endswith(" is now known as bob")
+    carol, dave = srv.member("carol"), srv.member("dave")  # 3 and 4: above it
+    dave.send("/quit")  # 4 -> 3 members
+    dave.expect("* bye")
+    carol.send("/quit")  # 3 -> 2: a room of 3 was still above the threshold
+    carol.expect("* bye")
+    bob.send("sync")
+    assert alice.read_until("[bob] sync") == ["[bob] sync"]
+    bob.send("/quit")  # 2 -> 1
+    assert alice.expect("* ") == "* bob left lobby"
 
 
 def test_me_action_and_usage(chat_server):
@@ -128,7 +144,8 @@ def test_joiner_gets_recent_history_marked_as_history(chat_server):
     for n in range(5):
         alice.send(f"line {n}")
     alice.send("/me is done")
-    time.sleep(0.3)
+    alice.send("/who")  # answered in order, so every line before it is in the history
+    alice.expect("* in lobby")
     bob = srv.connect()
     bob.expect("* welcome")
     history = [bob.recv_line() for _ in range(3)]

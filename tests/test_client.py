@@ -2,37 +2,41 @@
 
 The client is always run as a subprocess (the way users run it) and talks to a real chat-svc
 process from the ``chat_server`` fixture; the other end of each conversation is a raw socket
-client, so every assertion is about bytes that really crossed the loopback interface.
+client, so every assertion is about bytes that really crossed the loopback interface.  On a pty,
+what the user sees is checked on a VT100 screen model (pyte) fed with the client's output.
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime
 import fcntl
-import ipaddress
+import functools
 import os
 import re
 import shutil
 import signal
 import socket
-import ssl
 import struct
 import subprocess
 import sys
 import termios
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
+from _chat import ROOT, LineClient, free_port, make_cert, wait_for
+from _require import require_module
 from _streams import StreamWatcher
-from chat_svc.client import encode_line, sanitize
+from chat_svc.client.connection import encode_line
+from chat_svc.client.session import NICK_RETRY_SECONDS, Session
 
-ROOT = Path(__file__).resolve().parent.parent
 CLIENT = [sys.executable, "-m", "chat_svc.client"]
-WELCOME = re.compile(r"\* welcome to chat-svc, you are (\S+) in room (\S+);")
+# The server's wording may change; the client reads it as loosely (see client/session.py).
+WELCOME = re.compile(r"\* welcome\b.*?\byou are (\S+) in (?:room )?([^\s;,]+)")
+TOO_LONG = "(line not sent: {size} bytes is over the {limit}-byte line limit)"
 
 
 def client_env(**extra: str) -> dict[str, str]:
@@ -58,9 +62,9 @@ class PipeClient:
         self.out = StreamWatcher(self.proc.stdout.fileno())
         self.err = StreamWatcher(self.proc.stderr.fileno())
 
-    def send(self, line: str) -> None:
+    def send(self, line: str | bytes) -> None:
         assert self.proc.stdin is not None
-        self.proc.stdin.write(line.encode() + b"\n")
+        self.proc.stdin.write((line.encode() if isinstance(line, str) else line) + b"\n")
         self.proc.stdin.flush()
 
     def close_stdin(self) -> None:
@@ -93,12 +97,12 @@ class PtyClient:
     SIGINT through the line discipline, exactly as on a real terminal.
     """
 
-    def __init__(self, *args: str, inputrc: Path) -> None:
+    def __init__(self, *args: str, inputrc: Path, columns: int = 80, rows: int = 200) -> None:
+        self.columns, self.rows = columns, rows
         self.master, slave = os.openpty()
-        # Wide enough that nothing wraps: the assertions look at exact redraw sequences.
-        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 50, 300, 0, 0))
+        fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
         self.initial_attrs = termios.tcgetattr(slave)
-        env = client_env(TERM="xterm", INPUTRC=str(inputrc), COLUMNS="300", LINES="50")
+        env = client_env(TERM="xterm", INPUTRC=str(inputrc), COLUMNS=str(columns), LINES=str(rows))
         self.proc = subprocess.Popen(
             [*CLIENT, *args],
             stdin=slave,
@@ -115,7 +119,9 @@ class PtyClient:
         return f"output:\n{self.out.text!r}"
 
     def type(self, data: bytes) -> None:
-        os.write(self.master, data)
+        view = memoryview(data)
+        while view:  # a pty takes a long paste in pieces
+            view = view[os.write(self.master, view) :]
 
     def wait(self, timeout: float = 10.0) -> int:
         return self.proc.wait(timeout)
@@ -132,13 +138,56 @@ class PtyClient:
         os.close(self.master)
 
 
-@pytest.fixture
-def pipe_client() -> Any:
-    """Factory for pipe-driven clients, all killed at teardown."""
-    made: list[PipeClient] = []
+AnyClient = TypeVar("AnyClient", PipeClient, PtyClient)
 
-    def make(*args: str) -> PipeClient:
-        client = PipeClient(*args)
+
+class Screen:
+    """What a person would see on the client's terminal: its output replayed on pyte."""
+
+    def __init__(self, pyte: Any, client: PtyClient) -> None:
+        self._pyte = pyte
+        self._client = client
+
+    def _render(self) -> Any:
+        screen = self._pyte.Screen(self._client.columns, self._client.rows)
+        self._pyte.Stream(screen).feed(self._client.out.text)
+        return screen
+
+    def rows(self) -> list[str]:
+        """Screen rows down to the last non-blank one, without trailing blanks."""
+        rows = [row.rstrip() for row in self._render().display]
+        while rows and not rows[-1]:
+            rows.pop()
+        return rows
+
+    def cursor(self) -> tuple[int, int]:
+        """(column, row) of the cursor."""
+        screen = self._render()
+        return screen.cursor.x, screen.cursor.y
+
+    def wait(self, check: Callable[[list[str], tuple[int, int]], bool], what: str, timeout: float = 10.0) -> list[str]:
+        """Wait until ``check(rows, cursor)`` holds; returns the rows."""
+        deadline = time.monotonic() + timeout
+        while True:
+            screen = self._render()
+            rows = [row.rstrip() for row in screen.display]
+            while rows and not rows[-1]:
+                rows.pop()
+            cursor = (screen.cursor.x, screen.cursor.y)
+            if check(rows, cursor):
+                return rows
+            if time.monotonic() > deadline:
+                shown = "\n".join(rows)
+                raise AssertionError(f"screen never showed {what}; cursor at {cursor}, screen:\n{shown}")
+            time.sleep(0.05)
+
+
+def killed_at_teardown(start: Callable[..., AnyClient]) -> Iterator[Callable[..., AnyClient]]:
+    """A fixture's body: yields ``start``, then kills every client it started."""
+    made: list[AnyClient] = []
+
+    def make(*args: str, **kwargs: Any) -> AnyClient:
+        client = start(*args, **kwargs)
         made.append(client)
         return client
 
@@ -148,42 +197,59 @@ def pipe_client() -> Any:
 
 
 @pytest.fixture
-def pty_client(tmp_path: Path) -> Any:
-    """Factory for pty-driven clients, all killed at teardown."""
-    made: list[PtyClient] = []
+def pipe_client() -> Iterator[Callable[..., PipeClient]]:
+    """Factory for pipe-driven clients, all killed at teardown."""
+    yield from killed_at_teardown(PipeClient)
+
+
+@pytest.fixture
+def pty_client(tmp_path: Path) -> Iterator[Callable[..., PtyClient]]:
+    """Factory for pty-driven clients (80 columns unless asked), all killed at teardown."""
     # Keep readline's output predictable: no bracketed-paste mode switches in the stream.
     inputrc = tmp_path / "inputrc"
     inputrc.write_text("set enable-bracketed-paste off\nset bell-style none\n")
-
-    def make(*args: str) -> PtyClient:
-        client = PtyClient(*args, inputrc=inputrc)
-        made.append(client)
-        return client
-
-    yield make
-    for client in made:
-        client.kill()
+    yield from killed_at_teardown(functools.partial(PtyClient, inputrc=inputrc))
 
 
-def closed_port() -> int:
-    """A loopback port with nothing listening on it (bound then released, never listened)."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+@pytest.fixture
+def screen_of() -> Callable[[PtyClient], Screen]:
+    """``screen_of(client)``: the client's terminal as a person sees it (needs pyte)."""
+    pyte = require_module("pyte")
+    return lambda client: Screen(pyte, client)
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not predicate():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.05)
+@pytest.fixture
+def carol(chat_server: Any, pty_client: Any, screen_of: Any) -> Any:
+    """``carol(*server_args, columns=, rows=)``: a server, ``bob`` on it (a raw socket) and a
+    chat-client at its prompt on a pty, renamed to ``carol``; returns (bob, client, screen)."""
+
+    def start(*server_args: str, **size: int) -> tuple[Any, PtyClient, Screen]:
+        srv = chat_server(*server_args)
+        bob = srv.member("bob")
+        client = pty_client(srv.host, str(srv.port), **size)
+        screen = screen_of(client)
+        nick = client.out.wait_for(WELCOME).group(1)
+        screen.wait(lambda rows, _: rows[-1] == f"[{nick}@lobby]", "the prompt with nick and room")
+        bob.expect(f"* {nick} joined lobby")
+        client.type(b"/nick carol\r")
+        screen.wait(lambda rows, _: rows[-1] == "[carol@lobby]", "the prompt after /nick")
+        bob.expect(f"* {nick} is now known as carol")
+        return bob, client, screen
+
+    return start
+
+
+@contextlib.contextmanager
+def frozen(client: PipeClient) -> Iterator[None]:
+    """Stop the client process (SIGSTOP) for the block: it cannot reconnect meanwhile."""
+    client.proc.send_signal(signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        client.proc.send_signal(signal.SIGCONT)
 
 
 # --------------------------------------------------------------------------------- unit level
-
-
-def test_sanitize_strips_controls_but_keeps_tab_and_text() -> None:
-    assert sanitize("a\x1b[2Jb\x07c\x9b31m\td\x7fé✓") == "a[2Jbc31m\tdé✓"
 
 
 def test_encode_line_terminates_and_passes_undecodable_bytes_through() -> None:
@@ -205,7 +271,7 @@ def test_console_script_is_installed() -> None:
         script = Path(script_path)
     result = subprocess.run([str(script), "--help"], capture_output=True, text=True, timeout=30)
     assert result.returncode == 0
-    assert "--reconnect" in result.stdout and "--tls" in result.stdout
+    assert "--reconnect" in result.stdout and "--tls" in result.stdout and "--max-line-bytes" in result.stdout
 
 
 def test_insecure_needs_tls() -> None:
@@ -221,23 +287,125 @@ def test_insecure_needs_tls() -> None:
     assert "--tls" in result.stderr
 
 
+def welcomed(session: Session, nick: str = "10.0.0.1:5", room: str = "lobby") -> Session:
+    line = f"* welcome to chat-svc, you are {nick} in room {room}; type /help for commands"
+    assert session.received(line).shown == line
+    return session
+
+
+def test_session_reads_nick_and_room_from_the_server() -> None:
+    session = Session()
+    assert session.prompt() == "[Me] "
+    welcomed(session)
+    assert session.prompt() == "[10.0.0.1:5@lobby] "
+    session.typed("/nick alice")
+    session.received("* 10.0.0.1:5 is now known as alice")
+    session.received("* bob is now known as carol")  # somebody else
+    session.typed("/join #den")
+    session.received("* you joined #den")
+    assert session.prompt() == "[alice@#den] "
+    # Without a /join of ours, "* you joined ..." is somebody called "you" doing /me.
+    session.received("* you joined elsewhere")
+    assert session.prompt() == "[alice@#den] "
+    # A later welcome (a /me by somebody called "welcome") changes nothing.
+    session.received("* welcome to chat-svc, you are mallory in room pit; type /help")
+    assert session.prompt() == "[alice@#den] "
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "* welcome to chat-svc, you are 10.0.0.1:5 in room lobby; type /help for commands",
+        "* welcome, you are 10.0.0.1:5 in lobby; /help lists commands",
+        "* welcome to chat-svc, you are 10.0.0.1:5 in lobby, type /help",
+        "* welcome to chat-svc: you are 10.0.0.1:5 in room lobby",
+    ],
+)
+def test_session_reads_the_welcome_loosely(line: str) -> None:
+    session = Session()
+    session.received(line)
+    assert (session.nick, session.room) == ("10.0.0.1:5", "lobby")
+
+
+def test_session_replays_only_what_the_server_confirmed() -> None:
+    session = Session()
+    assert session.connected() == []  # a first connection restores nothing
+    welcomed(session)
+    session.typed("/auth s3cret")
+    session.typed("/nick alice")
+    session.received("* 10.0.0.1:5 is now known as alice")
+    session.typed("/nick bob")
+    session.received("! nick bob is taken")  # refused: not worth repeating
+    session.typed("/join den")
+    session.received("* you joined den")
+    session.typed("/join bad room!")
+    session.received("! invalid room name")
+    assert session.connected() == ["/auth s3cret", "/nick alice", "/join den"]
+
+
+def test_session_takes_back_a_taken_nick() -> None:
+    now = [100.0]
+    session = welcomed(Session(clock=lambda: now[0]))
+    session.typed("/nick alice")
+    session.received("* 10.0.0.1:5 is now known as alice")
+    assert session.connected() == ["/nick alice"]
+    welcomed(session, "10.0.0.1:6")
+    refused = session.received("! nick alice is taken")
+    assert refused.shown is None  # answered in plain words instead
+    assert refused.notes == [
+        "* could not take back your nick alice: taken",
+        f"* trying again every {NICK_RETRY_SECONDS:g} s; /nick NAME picks another nick",
+    ]
+    assert session.due() == []
+    assert session.next_due() == NICK_RETRY_SECONDS
+    now[0] += NICK_RETRY_SECONDS
+    assert session.due() == ["/nick alice"]
+    assert session.received("! nick alice is taken") == (None, [])  # said once only
+    now[0] += NICK_RETRY_SECONDS
+    assert session.due() == ["/nick alice"]
+    back = session.received("* 10.0.0.1:6 is now known as alice")
+    assert back.notes == ["* took back your nick alice"]
+    assert session.prompt() == "[alice@lobby] "
+    assert session.next_due() is None
+
+
+def test_session_stops_asking_when_the_user_picks_another_nick() -> None:
+    now = [0.0]
+    session = welcomed(Session(clock=lambda: now[0]))
+    session.typed("/nick alice")
+    session.received("* 10.0.0.1:5 is now known as alice")
+    session.connected()
+    welcomed(session, "10.0.0.1:6")
+    session.received("! nick alice is taken")
+    session.typed("/nick alice2")
+    now[0] += NICK_RETRY_SECONDS
+    assert session.due() == []
+    # The user's own failures are theirs to see.
+    assert session.received("! nick alice2 is taken").shown == "! nick alice2 is taken"
+
+
 # ---------------------------------------------------------------------------------- pipe mode
+
+
+def talk_both_ways(peer: LineClient, client: PipeClient, there: str, back: str) -> str:
+    """``client`` joins a just-connected ``peer``'s room, says ``there`` and prints ``back``; its nick."""
+    welcome = WELCOME.search(peer.expect("* welcome"))
+    assert welcome, "the welcome names the peer"
+    peer_nick = welcome.group(1)
+    nick = client.nick()
+    peer.expect(f"* {nick} joined lobby")
+    client.send(there)
+    peer.expect(f"[{nick}] {there}")
+    peer.send(back)
+    client.out.wait_for(f"[{peer_nick}] {back}\n")
+    return nick
 
 
 def test_pipe_client_sends_and_receives(chat_server: Any, pipe_client: Any) -> None:
     srv = chat_server()
     peer = srv.connect()
-    peer_nick = WELCOME.search(peer.expect("* welcome")).group(1)
-
     client = pipe_client(srv.host, str(srv.port))
-    nick = client.nick()
-    peer.expect(f"* {nick} joined lobby")
-
-    client.send("hello from the pipe")
-    peer.expect(f"[{nick}] hello from the pipe")
-
-    peer.send("hello back, ünïcödé")
-    client.out.wait_for(f"[{peer_nick}] hello back, ünïcödé\n")
+    nick = talk_both_ways(peer, client, "hello from the pipe", "hello back, ünïcödé")
 
     # End of input: the client sends /quit, prints until the server closes, exits 0.
     client.close_stdin()
@@ -273,10 +441,18 @@ def test_pipe_client_ctrl_c_exits_cleanly(chat_server: Any, pipe_client: Any) ->
 
 
 def test_unable_to_connect_exits_1(pipe_client: Any) -> None:
-    client = pipe_client("127.0.0.1", str(closed_port()))
+    client = pipe_client("127.0.0.1", str(free_port()))  # nothing listens there
     assert client.wait(10) == 1, client.output()
     assert "Unable to connect" in client.err.text
     assert "Traceback" not in client.err.text
+
+
+def test_reconnect_still_fails_fast_when_the_first_connect_fails(pipe_client: Any) -> None:
+    """--reconnect is for a server that goes away, not for a typo in HOST or PORT."""
+    client = pipe_client("--reconnect", "127.0.0.1", str(free_port()))
+    assert client.wait(10) == 1, client.output()
+    assert "Unable to connect to 127.0.0.1:" in client.err.text
+    assert "reconnecting" not in client.err.text
 
 
 def test_disconnected_when_server_stops(chat_server: Any, pipe_client: Any) -> None:
@@ -305,7 +481,43 @@ def test_incoming_control_characters_are_stripped(pipe_client: Any) -> None:
     assert not re.search("[\x00-\x08\x0b-\x1f\x7f-\x9f]", client.out.text)
 
 
+def test_over_long_line_is_refused_locally_and_the_session_goes_on(chat_server: Any, pipe_client: Any) -> None:
+    srv = chat_server()
+    peer = srv.member("watcher")
+    client = pipe_client(srv.host, str(srv.port))
+    nick = client.nick()
+    peer.expect(f"* {nick} joined lobby")
+    client.send("x" * 9000)  # the server's default limit is 8192: it would disconnect us
+    client.err.wait_for(TOO_LONG.format(size=9000, limit=8192))
+    client.send("y" * 8192)  # exactly the limit is fine
+    client.send("still here")
+    assert peer.read_until_re("still here$", timeout=10) == [f"[{nick}] " + "y" * 8192, f"[{nick}] still here"]
+    client.close_stdin()
+    assert client.wait(10) == 0, client.output()
+
+
+def test_max_line_bytes_follows_the_server(chat_server: Any, pipe_client: Any) -> None:
+    """With the server's limit lowered, --max-line-bytes keeps the client on the right side of it.
+
+    An endless line on stdin is skipped without being stored, and still reported with its size.
+    """
+    srv = chat_server("--max-line-bytes", "100")
+    peer = srv.member("watcher")
+    client = pipe_client("--max-line-bytes", "100", srv.host, str(srv.port))
+    nick = client.nick()
+    client.send("a" * 101)
+    client.send("b" * 3_000_000)
+    client.send("a" * 100 + "\r")
+    client.send("done")
+    client.err.wait_for(TOO_LONG.format(size=101, limit=100))
+    client.err.wait_for(TOO_LONG.format(size=3_000_000, limit=100))
+    assert peer.read_until_re("done$", timeout=10)[-2:] == [f"[{nick}] " + "a" * 100, f"[{nick}] done"]
+    client.close_stdin()
+    assert client.wait(10) == 0, client.output()
+
+
 def test_reconnect_after_server_restart(chat_server: Any, pipe_client: Any) -> None:
+    """After a restart the client sends /auth, /nick and /join again: the user is back in place."""
     token = "s3cret-token"
     srv = chat_server("--token", token)
     port = srv.port
@@ -314,6 +526,8 @@ def test_reconnect_after_server_restart(chat_server: Any, pipe_client: Any) -> N
     client.nick()
     client.send("/nick phoenix")
     client.out.wait_for("is now known as phoenix")
+    client.send("/join den")
+    client.out.wait_for("* you joined den")
     before_restart = len(client.out.text)
     srv.stop()
     client.err.wait_for("Disconnected from chat server")
@@ -323,43 +537,94 @@ def test_reconnect_after_server_restart(chat_server: Any, pipe_client: Any) -> N
     client.err.wait_for(f"Reconnected to {srv.host}:{port}", timeout=20)
     assert client.proc.poll() is None, client.output()
 
-    # The client replays /auth (the new server demands it) and /nick, so the room sees it
-    # under the name the user chose, without the user typing anything.
-    wait_until(lambda: "is now known as phoenix" in client.out.text[before_restart:], 10, "nick replay")
+    # The new server demands /auth; the room sees the client under the chosen nick, in den,
+    # without the user typing anything.
+    wait_for(lambda: "* you joined den" in client.out.text[before_restart:], 10, "/join replay")
+    assert "is now known as phoenix" in client.out.text[before_restart:]
     peer = srv2.connect()
     peer.send(f"/auth {token}")
-    peer.expect("* welcome")
+    peer.join("watcher", "den")
+    peer.send("/who")
+    assert peer.expect("* in den").endswith(": phoenix, watcher")
     client.send("back again")
     peer.expect("[phoenix] back again")
     client.close_stdin()
     assert client.wait(10) == 0, client.output()
 
 
+def reconnecting(chat_server: Any, pipe_client: Any, nick: str) -> tuple[Any, PipeClient]:
+    """A server, and a ``--reconnect`` pipe client on it renamed to ``nick``."""
+    srv = chat_server()
+    client = pipe_client("--reconnect", srv.host, str(srv.port))
+    client.nick()
+    client.send(f"/nick {nick}")
+    client.out.wait_for(f"is now known as {nick}")
+    return srv, client
+
+
+def test_lines_typed_while_disconnected_are_not_sent(chat_server: Any, pipe_client: Any) -> None:
+    srv, client = reconnecting(chat_server, pipe_client, "phoenix")
+    port = srv.port
+    srv.stop()
+    client.err.wait_for("Disconnected from chat server; reconnecting...")
+    client.send("typed while away")
+    client.err.wait_for("(not connected: line not sent)")
+    with frozen(client):  # the watcher is in the room before the client can come back
+        srv2 = chat_server(port=port)
+        peer = srv2.member("watcher")
+    client.err.wait_for(f"Reconnected to {srv.host}:{port}", timeout=20)
+    client.send("typed after")
+    received = peer.read_until_re("typed after$", timeout=10)
+    assert "[phoenix] typed after" in received
+    assert not [line for line in received if "typed while away" in line], received
+
+
+def test_reconnect_takes_back_a_nick_taken_meanwhile(chat_server: Any, pipe_client: Any) -> None:
+    srv, client = reconnecting(chat_server, pipe_client, "alice")
+    port = srv.port
+    welcomes = len(WELCOME.findall(client.out.text))
+    with frozen(client):  # someone takes the nick before the client is back
+        srv.stop()
+        srv2 = chat_server(port=port)
+        squatter = srv2.member("alice")
+    client.err.wait_for("* could not take back your nick alice: taken\n", timeout=20)
+    client.err.wait_for(f"* trying again every {NICK_RETRY_SECONDS:g} s; /nick NAME picks another nick\n")
+    # stdout has its own reader: wait for the new connection's welcome there, not the old one's.
+    wait_for(lambda: len(WELCOME.findall(client.out.text)) > welcomes, 10, "the new connection's welcome")
+    new_nick = WELCOME.findall(client.out.text)[-1][0]
+    assert new_nick != "alice"
+    peer = srv2.member("watcher")
+    client.send("who am i")
+    peer.expect(f"[{new_nick}] who am i")
+
+    squatter.close()
+    client.err.wait_for("* took back your nick alice\n", timeout=NICK_RETRY_SECONDS + 10)
+    peer.expect(f"* {new_nick} is now known as alice")
+    client.send("me again")
+    peer.expect("[alice] me again")
+    assert "! nick alice is taken" not in client.out.text, "the refusal of an automatic /nick is explained instead"
+
+
 # ----------------------------------------------------------------------------------- pty mode
 
 
-def test_pty_prompt_and_no_garbling(chat_server: Any, pty_client: Any) -> None:
-    srv = chat_server()
-    peer = srv.connect()
-    peer_nick = WELCOME.search(peer.expect("* welcome")).group(1)
-    client = pty_client(srv.host, str(srv.port))
-    nick = client.out.wait_for(WELCOME).group(1)
-    client.out.wait_for("[Me] ")
-    peer.expect(f"* {nick} joined lobby")
-    time.sleep(0.3)  # let readline settle at the prompt
+def test_pty_prompt_and_no_garbling(carol: Any) -> None:
+    peer, client, screen = carol()
 
     client.type(b"half a thou")
-    client.out.wait_for("[Me] half a thou")
+    screen.wait(lambda rows, _: rows[-1] == "[carol@lobby] half a thou", "the typed text")
     peer.send("interrupting!")
-    # The half-typed line is erased, the incoming line printed, and prompt + typed text redrawn.
-    client.out.wait_for(
-        re.compile(
-            re.escape(f"\r\x1b[2K[{peer_nick}] interrupting!\r\n[Me] half a thou"),
-        )
+    # The incoming line goes above; prompt and typed text are redrawn below it.
+    screen.wait(
+        lambda rows, cursor: (
+            rows[-2:] == ["[bob] interrupting!", "[carol@lobby] half a thou"]
+            and cursor == (len("[carol@lobby] half a thou"), len(rows) - 1)
+        ),
+        "the incoming line above the redrawn input line",
     )
     client.type(b"ght\r")
     # What the user typed reaches the server intact, despite the interruption.
-    peer.expect(f"[{nick}] half a thought")
+    peer.expect("[carol] half a thought")
 
     client.type(b"\x03")  # Ctrl-C
     assert client.wait(10) == 0, client.output()
@@ -368,13 +633,125 @@ def test_pty_prompt_and_no_garbling(chat_server: Any, pty_client: Any) -> None:
     assert "KeyboardInterrupt" not in client.out.text
 
 
+def test_pty_cursor_stays_where_the_user_left_it(carol: Any) -> None:
+    """Issue 14: type abcdefgh, Left three times, a line arrives, type XY: abcdeXYfgh everywhere."""
+    peer, client, screen = carol()
+    client.type(b"abcdefgh\x1b[D\x1b[D\x1b[D")
+    prompt_cursor = len("[carol@lobby] abcde")
+    screen.wait(lambda rows, cursor: cursor[0] == prompt_cursor, "the cursor moved left")
+    peer.send("hello while you type")
+    screen.wait(
+        lambda rows, cursor: (
+            rows[-2:] == ["[bob] hello while you type", "[carol@lobby] abcdefgh"]
+            and cursor == (prompt_cursor, len(rows) - 1)
+        ),
+        "the line redrawn with the cursor after abcde",
+    )
+    client.type(b"XY")
+    screen.wait(lambda rows, _: rows[-1] == "[carol@lobby] abcdeXYfgh", "XY inserted where the cursor was")
+    client.type(b"\r")
+    peer.expect("[carol] abcdeXYfgh")
+
+
+def test_pty_long_input_line_leaves_no_stale_rows(carol: Any) -> None:
+    """Issue 14: a half line wider than the terminal is cleared on all its rows before a redraw."""
+    peer, client, screen = carol(columns=80)
+    typed = "the quick brown fox jumps over the lazy dog " * 4  # three rows with the prompt
+    client.type(typed.encode())
+    wide = "[carol@lobby] " + typed
+    expected = [wide[i : i + 80].rstrip() for i in range(0, len(wide), 80)]
+    screen.wait(lambda rows, _: rows[-3:] == expected, "the typed text on three rows")
+    for n in range(3):
+        peer.send(f"incoming {n}")
+    rows = screen.wait(
+        lambda rows, _: rows[-6:] == ["[bob] incoming 0", "[bob] incoming 1", "[bob] incoming 2", *expected],
+        "three incoming lines above the three-row input line",
+    )
+    assert sum(row == expected[0] for row in rows) == 1, "\n".join(rows)
+
+    client.type(b"\x01")  # Ctrl-A: the cursor goes to the first row
+    screen.wait(lambda rows, cursor: cursor == (len("[carol@lobby] "), len(rows) - 3), "the cursor at the start")
+    peer.send("one more")
+    screen.wait(
+        lambda rows, cursor: rows[-4:] == ["[bob] one more", *expected] and cursor == (14, len(rows) - 3),
+        "the redraw with the cursor still on the first row",
+    )
+    client.type(b"\r")
+    peer.expect("[carol] " + typed.rstrip())
+
+
+def test_pty_replies_never_split_the_prompt(carol: Any) -> None:
+    """Issue 14: /who replies and a busy room while readline draws the prompt, many times over."""
+    peer, client, screen = carol("--flood-rate", "0", columns=120, rows=2000)
+    stop = threading.Event()
+
+    def chatter() -> None:
+        n = 0
+        while not stop.wait(0.004):
+            peer.send(f"noise {n}")
+            n += 1
+
+    talker = threading.Thread(target=chatter)
+    talker.start()
+    try:
+        for _ in range(50):
+            client.type(b"/who\r")
+            time.sleep(0.03)
+    finally:
+        stop.set()
+        talker.join()
+    peer.send("the end")
+    rows = screen.wait(lambda rows, _: rows[-2:] == ["[bob] the end", "[carol@lobby]"], "the end of the storm")
+    start = max(i for i, row in enumerate(rows) if row.endswith(" is now known as carol"))
+    expected = re.compile(r"\[bob\] noise \d+|\[bob\] the end|\* in lobby \(2\): bob, carol|\[carol@lobby\]( /who)?")
+    odd = [row for row in rows[start + 1 :] if not expected.fullmatch(row)]
+    assert not odd, "\n".join(odd)
+    assert sum(row == "* in lobby (2): bob, carol" for row in rows) == 50
+    assert sum(row == "[carol@lobby] /who" for row in rows) == 50
+
+
+def test_pty_pasted_over_long_line_is_refused(carol: Any) -> None:
+    peer, client, screen = carol()
+    client.type(b"x" * 9000)
+    screen.wait(lambda rows, _: rows[-1].endswith("x" * 40), "the pasted text", timeout=30)
+    client.type(b"\r")
+    screen.wait(
+        lambda rows, _: rows[-2:] == [TOO_LONG.format(size=9000, limit=8192), "[carol@lobby]"],
+        "the refusal and a fresh prompt",
+        timeout=30,
+    )
+    client.type(b"still here\r")
+    received = peer.read_until_re("still here$", timeout=10)
+    assert received[-1] == "[carol] still here"
+    assert not [line for line in received if line.startswith("[carol] ")][:-1], "nothing else was sent"
+    assert client.proc.poll() is None
+
+
+def test_pty_ctrl_c_while_lines_arrive(chat_server: Any, pty_client: Any, screen_of: Any) -> None:
+    """Ctrl-C lands while the client is busy printing: still a clean exit 0, no traceback."""
+    srv = chat_server("--flood-rate", "0")
+    peer = srv.member("bob")
+    client = pty_client(srv.host, str(srv.port))
+    screen = screen_of(client)
+    nick = client.out.wait_for(WELCOME).group(1)
+    client.type(b"typing")
+    screen.wait(lambda rows, _: rows[-1] == f"[{nick}@lobby] typing", "the typed text")
+    for n in range(200):
+        peer.send(f"noise {n}")
+    client.out.wait_for("noise 20")
+    client.type(b"\x03")
+    assert client.wait(10) == 0, client.output()
+    client.out.wait_eof(5)
+    assert "Traceback" not in client.out.text and "Error" not in client.out.text, client.output()
+
+
 def test_pty_end_of_input_exits_cleanly(chat_server: Any, pty_client: Any) -> None:
     srv = chat_server()
     peer = srv.connect()
     peer.expect("* welcome")
     client = pty_client(srv.host, str(srv.port))
     nick = client.out.wait_for(WELCOME).group(1)
-    client.out.wait_for("[Me] ")
+    client.out.wait_for(f"[{nick}@lobby] ")
     time.sleep(0.3)
     client.type(b"\x04")  # Ctrl-D on an empty line
     assert client.wait(10) == 0, client.output()
@@ -382,18 +759,21 @@ def test_pty_end_of_input_exits_cleanly(chat_server: Any, pty_client: Any) -> No
     assert "Traceback" not in client.out.text
 
 
-def test_pty_server_gone_restores_terminal(chat_server: Any, pty_client: Any) -> None:
+def test_pty_server_gone_restores_terminal(chat_server: Any, pty_client: Any, screen_of: Any) -> None:
     srv = chat_server()
     client = pty_client(srv.host, str(srv.port))
-    client.out.wait_for(WELCOME)
-    client.out.wait_for("[Me] ")
-    time.sleep(0.3)
+    screen = screen_of(client)
+    nick = client.out.wait_for(WELCOME).group(1)
     client.type(b"typing when")
-    client.out.wait_for("typing when")
+    screen.wait(lambda rows, _: rows[-1] == f"[{nick}@lobby] typing when", "the typed text")
     srv.stop()
-    client.out.wait_for("Disconnected from chat server")
     assert client.wait(10) == 1, client.output()
+    client.out.wait_eof(5)
     assert "Traceback" not in client.out.text
+    # The last word is the disconnect, and the cursor waits on a fresh line for the shell.
+    rows = screen.rows()
+    assert rows[-1] == "Disconnected from chat server", "\n".join(rows)
+    assert screen.cursor() == (0, len(rows))
     # readline put the terminal in raw-ish mode; it must be back to canonical mode with echo.
     attrs = client.tty_attrs()
     lflag = attrs[3]
@@ -404,101 +784,13 @@ def test_pty_server_gone_restores_terminal(chat_server: Any, pty_client: Any) ->
 # ------------------------------------------------------------------------------------------ TLS
 
 
-def make_self_signed(directory: Path) -> tuple[Path, Path]:
-    """A throwaway certificate for localhost / 127.0.0.1 (cryptography, else the openssl CLI)."""
-    cert_path, key_path = directory / "cert.pem", directory / "key.pem"
-    try:
-        from cryptography import x509
-        from cryptography.hazmat.primitives import hashes, serialization
-        from cryptography.hazmat.primitives.asymmetric import ec
-        from cryptography.x509.oid import NameOID
-    except ImportError:
-        openssl = shutil.which("openssl")
-        if openssl is None:
-            if os.environ.get("CI") == "true":
-                pytest.fail("neither the cryptography package nor openssl is available")
-            pytest.skip("needs the cryptography package or the openssl CLI")
-        subprocess.run(
-            [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256",
-             "-nodes", "-days", "2", "-subj", "/CN=localhost",
-             "-addext", "subjectAltName=DNS:localhost,IP:127.0.0.1",
-             "-keyout", str(key_path), "-out", str(cert_path)],
-            check=True, capture_output=True, timeout=60,
-        )  # fmt: skip
-        return cert_path, key_path
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "localhost")])
-    now = datetime.datetime.now(datetime.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - datetime.timedelta(minutes=5))
-        .not_valid_after(now + datetime.timedelta(days=2))
-        .add_extension(
-            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    key_path.write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return cert_path, key_path
-
-
-class TlsPeer:
-    """A minimal raw TLS line client (the fixture's line client speaks plain TCP)."""
-
-    def __init__(self, host: str, port: int, cafile: Path) -> None:
-        ctx = ssl.create_default_context(cafile=str(cafile))
-        raw = socket.create_connection((host, port), timeout=10)
-        self.sock = ctx.wrap_socket(raw, server_hostname="localhost")
-        self.buf = b""
-
-    def send(self, line: str) -> None:
-        self.sock.sendall(line.encode() + b"\n")
-
-    def expect(self, prefix: str, timeout: float = 10.0) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            while b"\n" in self.buf:
-                raw, self.buf = self.buf.split(b"\n", 1)
-                line = raw.decode("utf-8", "replace").rstrip("\r")
-                if line.startswith(prefix):
-                    return line
-            remaining = deadline - time.monotonic()
-            assert remaining > 0, f"no line starting {prefix!r} within {timeout}s"
-            self.sock.settimeout(remaining)
-            chunk = self.sock.recv(65536)
-            assert chunk, f"connection closed before a line starting {prefix!r}"
-            self.buf += chunk
-
-    def close(self) -> None:
-        self.sock.close()
-
-
 def test_tls_round_trip(chat_server: Any, pipe_client: Any, tmp_path: Path) -> None:
-    cert, key = make_self_signed(tmp_path)
+    cert, key = make_cert(tmp_path)
     srv = chat_server("--tls-cert", str(cert), "--tls-key", str(key))
-    peer = TlsPeer("127.0.0.1", srv.port, cert)
-    peer_nick = WELCOME.search(peer.expect("* welcome")).group(1)
+    peer = srv.connect(timeout=10)  # over TLS, trusting cert
     try:
         client = pipe_client("--tls", "--insecure", "127.0.0.1", str(srv.port))
-        nick = client.nick()
-        peer.expect(f"* {nick} joined lobby")
-        client.send("over tls")
-        peer.expect(f"[{nick}] over tls")
-        peer.send("and back")
-        client.out.wait_for(f"[{peer_nick}] and back\n")
+        talk_both_ways(peer, client, "over tls", "and back")
         client.close_stdin()
         assert client.wait(10) == 0, client.output()
 

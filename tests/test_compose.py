@@ -9,29 +9,17 @@ when one is missing, skips elsewhere.
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import time
-import urllib.parse
-import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import pytest
-from _docker import (
-    ROOT,
-    build_image,
-    docker,
-    free_port,
-    http_get,
-    member,
-    report,
-    sample,
-    wait_chat_ready,
-)
+from _chat import ROOT, free_port, get, prometheus_api, scrape
+from _docker import build_image, docker, member, report, wait_chat_ready
 from _require import require_binary, require_docker, require_image
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
@@ -65,11 +53,7 @@ class Stack:
         return r.stdout + r.stderr
 
     def prom(self, path: str, **params: str) -> Any:
-        url = f"http://127.0.0.1:{self.prometheus}/api/v1/{path}?{urllib.parse.urlencode(params)}"
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            body = json.load(resp)
-        assert body["status"] == "success", body
-        return body["data"]
+        return prometheus_api(self.prometheus, path, **params)
 
 
 @pytest.fixture(scope="module")
@@ -130,9 +114,7 @@ def test_services_running_without_grafana(stack: Stack) -> None:
 
 def test_both_instances_serve_metrics_on_the_chat_port(stack: Stack) -> None:
     for port in (stack.a, stack.b):
-        status, _, body = http_get(port, "/metrics")
-        assert status == 200
-        assert sample(body, "chat_max_clients") > 0
+        assert scrape(port)["chat_max_clients"] > 0
 
 
 def test_prometheus_reports_both_targets_up(stack: Stack) -> None:
@@ -167,8 +149,8 @@ def test_prometheus_targets_page(stack: Stack) -> None:
     served: dict[str, str] = {}
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # the page lists targets once discovery has run
-        pages = {path: http_get(stack.prometheus, path) for path in ("/targets", "/classic/targets")}
-        served = {path: body for path, (code, _, body) in pages.items() if code == 200}
+        pages = {path: get(stack.prometheus, path) for path in ("/targets", "/classic/targets")}
+        served = {path: body for path, (code, body, _) in pages.items() if code == 200}
         assert served, {path: code for path, (code, _, _) in pages.items()}
         if all("chat-a:9009" in body and "chat-b:9009" in body for body in served.values()):
             return
@@ -180,9 +162,7 @@ def test_chat_across_instances(stack: Stack) -> None:
     """A member on chat-a and one on chat-b share the lobby through Redis."""
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
-        if all(
-            sample(http_get(p, "/metrics")[2], "chat_backplane_up") == 1 for p in (stack.a, stack.b)
-        ):
+        if all(scrape(p)["chat_backplane_up"] == 1 for p in (stack.a, stack.b)):
             break
         time.sleep(0.5)
     else:

@@ -7,8 +7,8 @@ import subprocess
 import sys
 
 import pytest
+from _chat import ROOT
 from chat_svc.config import SETTINGS, Config, load, markdown_table
-from conftest import ROOT
 
 CONFIGURATION = (ROOT / "docs" / "configuration.md").read_text()
 OPERATIONS = (ROOT / "docs" / "operations.md").read_text()

@@ -13,22 +13,21 @@ import math
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from _chat import ROOT, free_port, get, metric_samples, prometheus_api, scrape
+from _redis import RedisServer
 from _require import require_binary, require_module
 
-ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
 K8S = DEPLOY / "k8s"
 PROM = DEPLOY / "prometheus"
@@ -169,29 +168,11 @@ def promtool(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess[str]:
     return subprocess.run([exe, *args], capture_output=True, text=True, timeout=120, cwd=cwd)
 
 
-def exposition(port: int) -> str:
-    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
-        return resp.read().decode()
-
-
-def exported_samples(text: str) -> tuple[set[str], set[tuple[str, str, str]]]:
-    names: set[str] = set()
-    labels: set[tuple[str, str, str]] = set()
-    for line in text.splitlines():
-        if not line or line.startswith("#"):
-            continue
-        m = re.match(r"([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s", line)
-        assert m, line
-        names.add(m.group(1))
-        for label, value in re.findall(r'(\w+)="((?:[^"\\]|\\.)*)"', m.group(2) or ""):
-            labels.add((m.group(1), label, value))
-    return names, labels
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
+def exported(text: str) -> tuple[set[str], set[tuple[str, str, str]]]:
+    """The sample names of an exposition, and its (name, label, value) triples."""
+    samples = metric_samples(text)
+    labels = {(s.name, label, value) for s in samples for label, value in s.labels.items()}
+    return {s.name for s in samples}, labels
 
 
 # ----------------------------------------------------------------------------- Kubernetes
@@ -508,37 +489,6 @@ def test_compose_file_is_valid() -> None:
 # ----------------------------------------------------------------------------- live
 
 
-@pytest.fixture
-def redis_url() -> Iterator[str]:
-    exe = require_binary("redis-server")
-    port = free_port()
-    proc = subprocess.Popen(
-        [exe, "--bind", "127.0.0.1", "--port", str(port), "--save", "", "--appendonly", "no"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
-                    s.sendall(b"PING\r\n")
-                    if s.recv(64).startswith(b"+PONG"):
-                        break
-            except OSError:
-                pass
-            assert time.monotonic() < deadline, "redis-server did not start"
-            time.sleep(0.05)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 def test_probe_paths_of_the_manifests_answer(chat_server) -> None:
     """The ConfigMap's metrics port setting, as the pod runs it: probes and scrapes there, 404 on chat."""
     metrics_port = free_port()
@@ -546,27 +496,24 @@ def test_probe_paths_of_the_manifests_answer(chat_server) -> None:
     container = find("Deployment", "chat-svc")["spec"]["template"]["spec"]["containers"][0]
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
         path = container[probe]["httpGet"]["path"]
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}{path}", timeout=5) as resp:
-            assert resp.status == 200, (probe, path)
-        with pytest.raises(urllib.error.HTTPError) as refused:
-            urllib.request.urlopen(f"http://127.0.0.1:{srv.port}{path}", timeout=5)
-        assert refused.value.code == 404
+        assert get(metrics_port, path)[0] == 200, (probe, path)
+        assert srv.get(path)[0] == 404, (probe, path)
     path = find("ServiceMonitor")["spec"]["endpoints"][0]["path"]
-    assert "chat_connections" in exposition(metrics_port) and path == "/metrics"
+    assert "chat_connections{transport=tcp}" in scrape(metrics_port) and path == "/metrics"
 
 
-def test_every_metric_in_rules_and_dashboard_is_exported(chat_server, redis_url: str) -> None:
+def test_every_metric_in_rules_and_dashboard_is_exported(chat_server, redis_server: RedisServer) -> None:
     """Names (and label values such as reason="slow_consumer") must exist on a running server.
 
     The server runs with --redis-url against a real redis-server, since the chat_backplane_*
     series exist only with the backplane on.
     """
-    srv = chat_server("--redis-url", redis_url)
+    srv = chat_server("--redis-url", redis_server.url)
     alice = srv.member("alice")
     bob = srv.member("bob")
     alice.send("hello")
     bob.expect("[alice]")
-    names, labels = exported_samples(exposition(srv.port))
+    names, labels = exported(srv.get("/metrics")[1])
     used = used_metric_names()
     missing = {n: sorted(w) for n, w in used.items() if n not in names and n not in PROMQL_BUILTINS}
     missing_labels = {x for x in used_label_values() if x not in labels}
@@ -580,11 +527,9 @@ def test_a_stall_shorter_than_a_scrape_is_counted(chat_server) -> None:
     srv = chat_server()
 
     def late_ticks() -> float:
-        text = exposition(srv.port)
-        count = re.search(r"^chat_event_loop_tick_lag_seconds_count (\S+)$", text, re.M)
-        within = re.search(r'^chat_event_loop_tick_lag_seconds_bucket\{le="1.0"\} (\S+)$', text, re.M)
-        assert count and within, "tick-lag histogram not exported"
-        return float(count.group(1)) - float(within.group(1))
+        metrics = srv.scrape()
+        within = metrics["chat_event_loop_tick_lag_seconds_bucket{le=1.0}"]
+        return metrics["chat_event_loop_tick_lag_seconds_count"] - within
 
     assert late_ticks() == 0
     srv.signal(signal.SIGSTOP)
@@ -597,11 +542,11 @@ def test_a_stall_shorter_than_a_scrape_is_counted(chat_server) -> None:
     assert late_ticks() == 1
 
 
-def test_prometheus_scrapes_a_running_server(chat_server, redis_url: str, tmp_path: Path) -> None:
+def test_prometheus_scrapes_a_running_server(chat_server, redis_server: RedisServer, tmp_path: Path) -> None:
     """The Debian prometheus binary scrapes chat-svc's chat port and loads the alert rules;
     every dashboard query and every alert's measured side returns data from it."""
     exe = require_binary("prometheus")
-    srv = chat_server("--redis-url", redis_url)
+    srv = chat_server("--redis-url", redis_server.url)
     member = srv.member("alice")
     listener = srv.member("bob")
     member.send("/rooms")
@@ -630,15 +575,8 @@ def test_prometheus_scrapes_a_running_server(chat_server, redis_url: str, tmp_pa
         stderr=subprocess.STDOUT,
     )
 
-    def api(path: str, **params: str) -> Any:
-        url = f"http://127.0.0.1:{web}/api/v1/{path}?{urllib.parse.urlencode(params)}"
-        with urllib.request.urlopen(url, timeout=5) as resp:
-            body = json.load(resp)
-        assert body["status"] == "success", body
-        return body["data"]
-
     def query(q: str) -> list[dict[str, Any]]:
-        return api("query", query=q)["result"]
+        return prometheus_api(web, "query", query=q)["result"]
 
     try:
         deadline = time.monotonic() + 45
@@ -660,7 +598,7 @@ def test_prometheus_scrapes_a_running_server(chat_server, redis_url: str, tmp_pa
         assert connections and float(connections[0]["value"][1]) >= 1, connections
         build = query("chat_build_info")
         assert build and build[0]["metric"]["version"], build
-        groups = api("rules")["groups"]
+        groups = prometheus_api(web, "rules")["groups"]
         loaded = {r["name"]: r for g in groups for r in g["rules"]}
         assert set(loaded) == {r["alert"] for r in alert_rules()}
         assert all(r["health"] in ("ok", "unknown") for r in loaded.values()), loaded

@@ -15,9 +15,9 @@ import subprocess
 import time
 
 from _attack import Crowd, connect, cpu_seconds, hammer, log_events
+from _chat import scrape
 from _probe import Bystander
 from _require import require_binary
-from test_observability import scrape
 
 
 def test_800_connections_under_a_700_descriptor_limit_are_refused_in_words_and_probes_stay_up(chat_server):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 
-from test_observability import scrape
+from _chat import scrape
 
 
 def test_a_late_http_request_is_refused_and_never_relayed(chat_server):
@@ -25,7 +25,7 @@ def test_a_late_http_request_is_refused_and_never_relayed(chat_server):
     assert all("s3cret" not in line and "GET" not in line for line in alice.lines_for(0.5))
     joiner = srv.member("joiner")
     assert all("s3cret" not in line and "GET" not in line for line in joiner.lines_for(0.5))
-    assert scrape(srv.port)["chat_disconnects_total{reason=http_request}"] == 1
+    assert scrape(srv.port)["chat_disconnects_total{reason=http_request,transport=tcp}"] == 1
     assert "s3cret" not in srv.log_text()
 
 

@@ -6,10 +6,12 @@ gevent documents neither; when an upgrade breaks one, these fail and say which.
 from __future__ import annotations
 
 import io
+import socket
 from collections.abc import Callable
 
 import gevent
 import gevent.socket
+import gevent.ssl
 import pytest
 from chat_svc.gevent_seams import QuietHandler, raw_socket, wsgi_handler
 from gevent import pywsgi
@@ -31,6 +33,21 @@ def test_raw_socket_is_the_same_connection_and_never_waits() -> None:
         assert raw.recv(100) == b"in\n"
     finally:
         ours.close()
+        peer.close()
+
+
+def test_raw_socket_of_a_tls_socket_is_the_descriptor_below_tls() -> None:
+    ours, peer = gevent.socket.socketpair()
+    context = gevent.ssl.SSLContext(gevent.ssl.PROTOCOL_TLS_CLIENT)
+    wrapped = context.wrap_socket(ours, server_hostname="x", do_handshake_on_connect=False)
+    try:
+        raw = raw_socket(wrapped)
+        broke = "gevent changed its SSL socket: fix chat_svc.gevent_seams.raw_socket"
+        assert raw.fileno() == wrapped.fileno() and not isinstance(raw, gevent.ssl.SSLSocket), broke
+        raw.shutdown(socket.SHUT_RD)
+        assert raw.recv(100) == b""  # the input is shut, below the TLS layer
+    finally:
+        wrapped.close()
         peer.close()
 
 

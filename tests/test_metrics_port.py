@@ -15,9 +15,8 @@ import time
 import urllib.request
 
 from _attack import Crowd, hammer
+from _chat import free_port, get, scrape
 from _probe import Bystander
-from conftest import free_port
-from test_observability import get, scrape
 
 
 def test_metrics_port_takes_metrics_probes_and_api_off_the_chat_port(chat_server):

@@ -14,11 +14,9 @@ import threading
 import time
 
 from _attack import Crowd, connect
+from _chat import LineClient, make_cert, scrape
 from _probe import Bystander
 from _require import require_binary
-from conftest import LineClient
-from test_observability import scrape
-from test_robustness import make_cert
 
 
 def test_header_tricklers_from_one_address_cannot_keep_anyone_else_out(chat_server):
@@ -32,8 +30,7 @@ def test_header_tricklers_from_one_address_cannot_keep_anyone_else_out(chat_serv
         joins = []
         for n in range(5):  # newcomers from another address, while the tricklers hold every place
             started = time.monotonic()
-            newcomer = LineClient.__new__(LineClient)
-            newcomer.sock, newcomer.timeout, newcomer._buffer = connect(srv.host, srv.port, "127.0.0.3"), 5.0, b""
+            newcomer = LineClient(srv.host, srv.port, source="127.0.0.3")
             newcomer.send(f"/nick new{n}")
             newcomer.expect("* welcome")
             joins.append(time.monotonic() - started)

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import pytest
 from _attack import connect, log_events, scrape_from
+from _chat import LineClient, free_port, make_cert, wait_port
 from _require import require_binary
-from conftest import LineClient, free_port, wait_port
-from test_robustness import make_cert
 
 
 class HAProxy:
@@ -78,12 +77,8 @@ def haproxy_for(tmp_path: Path) -> Iterator:
         proxy.stop()
 
 
-def client(port: int, source: str, wrap: ssl.SSLContext | None = None) -> LineClient:
-    line = LineClient.__new__(LineClient)
-    sock = connect("127.0.0.1", port, source)
-    line.sock = wrap.wrap_socket(sock) if wrap is not None else sock
-    line.timeout, line._buffer = 5.0, b""
-    return line
+def client(port: int, source: str, context: ssl.SSLContext | None = None) -> LineClient:
+    return LineClient("127.0.0.1", port, context=context, source=source)
 
 
 def test_members_behind_haproxy_keep_their_own_addresses_v1_and_v2(chat_server, haproxy_for):

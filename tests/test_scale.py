@@ -61,7 +61,10 @@ def test_two_thousand_members_in_one_room_all_receive_a_broadcast(chat_server):
     seen = b""
     while b"* in lobby (" not in seen or not seen.endswith(b"\n"):
         seen += socks[0].recv(1 << 20)
-    assert b"* in lobby (2000): m0, m1, m10, m100, m1000" in seen
+    who = seen[seen.index(b"* in lobby (") :].decode().rstrip("\n")
+    assert who.startswith("* in lobby (2000): m0, m1, m10, m100, m1000, ")
+    names, _, more = who.split(": ", 1)[1].rpartition(" and ")
+    assert more == "1800 more" and len(names.split(", ")) == 200  # one line, whatever the room size
     socks[0].sendall(b"hello two thousand\n")
     received = read_until(socks[1:], b"[m0] hello two thousand\n", 60)
     assert len(received) == count - 1

@@ -7,7 +7,6 @@ the end-to-end test runs the sweep as a subprocess against the real server, as a
 from __future__ import annotations
 
 import csv
-import importlib.util
 import os
 import subprocess
 import sys
@@ -15,19 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from _chat import ROOT
+from _require import require_installed
 
-ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
-
-from _require import missing  # noqa: E402
-
-
-def _need_modules(*modules: str) -> None:
-    """Found without importing them (importing locust would gevent-monkey-patch pytest)."""
-    for name in modules:
-        if importlib.util.find_spec(name) is None:
-            missing(f"Python module {name} is not installed; pip install -e '.[loadtest]'")
 
 
 def test_sweep_reads_server_histogram_quantiles_between_scrapes() -> None:
@@ -71,7 +62,7 @@ def test_sweep_medians_keep_the_worst_loss() -> None:
 
 @pytest.mark.slow
 def test_capacity_sweep_writes_csv_png_and_table(chat_server: Any, tmp_path: Path) -> None:
-    _need_modules("locust", "matplotlib")
+    require_installed("locust", "matplotlib")
     srv = chat_server("--flood-rate", "0")
     env = {**os.environ, "MPLBACKEND": "Agg"}
     proc = subprocess.run(
@@ -108,7 +99,7 @@ def test_capacity_sweep_writes_csv_png_and_table(chat_server: Any, tmp_path: Pat
 
 @pytest.mark.slow
 def test_capacity_sweep_starts_its_own_server_and_checks_it_stopped_cleanly(tmp_path: Path) -> None:
-    _need_modules("locust", "matplotlib")
+    require_installed("locust", "matplotlib")
     proc = subprocess.run(
         [sys.executable, "-m", "loadtest._sweep", "--users", "10", "--rates", "1", "--duration", "4",
          "--out", str(tmp_path / "cap")],
@@ -122,7 +113,7 @@ def test_capacity_sweep_starts_its_own_server_and_checks_it_stopped_cleanly(tmp_
 
 def test_capacity_page_renders_recorded_runs_beside_the_benchmark_runs(tmp_path: Path) -> None:
     """--from-runs re-renders docs/capacity.* from recorded runs, with the C generator's runs and knee."""
-    _need_modules("matplotlib")
+    require_installed("matplotlib")
     from loadtest._sweep import BenchRuns
 
     recorded = ROOT / "bench" / "results" / "full.json"

@@ -12,15 +12,8 @@ from __future__ import annotations
 import time
 
 from _attack import Crowd, connect, hammer, log_events, scrape_from
+from _chat import LineClient, scrape
 from _probe import Bystander
-from conftest import LineClient
-from test_observability import scrape
-
-
-def line_client(srv, source: str) -> LineClient:
-    client = LineClient.__new__(LineClient)
-    client.sock, client.timeout, client._buffer = connect(srv.host, srv.port, source), 5.0, b""
-    return client
 
 
 def test_connect_bucket_refuses_a_burst_past_its_size_per_address_and_spares_exempt_networks(chat_server):
@@ -75,7 +68,7 @@ def test_failed_auth_is_throttled_per_address_and_logged_once_per_interval(chat_
     line = right_but_throttled.expect("!")
     assert line == "! authentication failed: too many failures from your address, retry in 1 s"
     assert right_but_throttled.closed()
-    elsewhere = line_client(srv, "127.0.0.2")
+    elsewhere = LineClient(srv.host, srv.port, source="127.0.0.2")
     elsewhere.send("\r\n\n/auth sesame")  # blank lines before /auth are skipped (point 11)
     elsewhere.expect("* welcome")
     time.sleep(1.1)
@@ -83,8 +76,8 @@ def test_failed_auth_is_throttled_per_address_and_logged_once_per_interval(chat_
     later.send("/auth sesame")
     later.expect("* welcome")
     samples = scrape(srv.port)
-    assert samples["chat_disconnects_total{reason=auth_failed}"] == 3
-    assert samples["chat_disconnects_total{reason=auth_throttled}"] == 1
+    assert samples["chat_disconnects_total{reason=auth_failed,transport=tcp}"] == 3
+    assert samples["chat_disconnects_total{reason=auth_throttled,transport=tcp}"] == 1
     logged = [e for e in log_events(srv.log_path) if e["event"] == "auth_failed"]
     assert logged == [{**logged[0], "ip": "127.0.0.1", "failures": 1}]
     assert not any(e["event"] == "client_refused" for e in log_events(srv.log_path))
@@ -106,9 +99,9 @@ def test_auth_guessing_from_one_address_costs_a_member_elsewhere_nothing(chat_se
     time.sleep(1.5)  # the coalesced log's next flush
     logged = [e for e in log_events(srv.log_path) if e["event"] == "auth_failed"]
     print(f"{tries} guesses in 5 s; {measured.summary()}; {logged}")
-    checked = samples["chat_disconnects_total{reason=auth_failed}"]
+    checked = samples["chat_disconnects_total{reason=auth_failed,transport=tcp}"]
     assert checked <= 10 + 0.5 * 6  # the default burst, then one guess per 2 s
-    assert samples["chat_disconnects_total{reason=auth_throttled}"] >= tries - checked - 4
+    assert samples["chat_disconnects_total{reason=auth_throttled,transport=tcp}"] >= tries - checked - 4
     assert len(logged) <= 2  # one line per address per 10 s
     assert measured.lost == 0 and not measured.health_failures
     assert measured.p99() < 0.25 and measured.slowest_health() < 1.0, measured.summary()

@@ -25,6 +25,8 @@ from .metrics import Counters, Metrics
 from .session import Session, SessionContext, SessionLimits
 from .throttle import AddressBuckets, Networks
 from .transport import ChatServer
+from .webpage import Page
+from .ws import WebSockets
 
 if TYPE_CHECKING:
     from .backplane import RedisBackplane
@@ -95,22 +97,34 @@ class Service:
         self.shutting_down = False
         self.accepting = False
         self.loop_tick = time.monotonic()
+        self.websockets = WebSockets(
+            config.ws_origins,
+            frame_limit=config.max_line_bytes * 4,
+            ping_interval=config.ws_ping_interval,
+            count_upgrade=lambda outcome: self.metrics.ws_upgrades[outcome].inc(),
+        )
         self.metrics.watch(
             self.hub,
             self.counters,
-            lambda: self.connection_slots.count,
+            self._open_connections,
             lambda: self.waiting.count,
             lambda: self._ready()[0],
             self.budget.members,
         )
+        page = Page(lambda: int(self.server.server_port), tls=bool(config.tls_cert))
+        health = Health(self._alive, self._ready)
+        self.routes = default_routes(self.metrics.registry, health, page, self.metrics.requests_by_path)
         # With --metrics-port the operators' routes (metrics, probes, API) leave the chat port.
-        self.routes = default_routes(self.metrics.registry, Health(self._alive, self._ready))
         self.http = HttpFront(self.routes.app(internal=config.metrics_port is None))
-        self.server = ChatServer(config, self.session_context, self.metrics, self.http)
+        self.server = ChatServer(config, self.session_context, self.metrics, self.http, self.websockets)
         self.server.on_pause = self._accept_paused
         self.metrics_server: Any = None
         self.stopped = gevent.event.Event()
         self.exit_code = 0
+
+    def _open_connections(self) -> dict[str, int]:
+        websockets = self.websockets.open_streams
+        return {"tcp": self.connection_slots.count - websockets, "ws": websockets}
 
     # -- health -----------------------------------------------------------
 
@@ -174,6 +188,7 @@ class Service:
             self.backplane.start()
         self.server.start()
         self.accepting = True
+        self.websockets.start()
         gevent.spawn(self._watch_loop)
         gevent.spawn(self._housekeeping)
         if self.config.idle_timeout:
@@ -227,6 +242,9 @@ class Service:
         for session in list(self.sessions):
             if session.member is not None and session.member.room is not None:
                 self.hub.send_to(session.member, notice)
+        # Everyone has been told; who leaves after that (in whatever order the sessions
+        # end) is not news, and "shutting down" stays each member's last line.
+        self.hub.notice_threshold = 0
         deadline = started + self.config.shutdown_timeout
         while time.monotonic() < deadline and any(s.outbox.size for s in self.sessions):
             gevent.sleep(0.02)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import os
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields
 from typing import Any
@@ -72,6 +73,17 @@ def parse_choice(*allowed: str) -> Callable[[str], str]:
     return parse
 
 
+def parse_origins(text: str) -> str:
+    """``same-host``, ``*`` or a comma-separated list of origins (``scheme://host[:port]``), normalized."""
+    items = [item.strip().lower().rstrip("/") for item in text.split(",") if item.strip()]
+    if not items:
+        raise ValueError("give same-host, * or a list of origins")
+    for item in items:
+        if item not in ("same-host", "*") and not re.fullmatch(r"[a-z][a-z0-9+.-]*://[^/\s]+", item):
+            raise ValueError(f"not an origin (scheme://host[:port]): {item!r}")
+    return ",".join(items)
+
+
 def setting(default: Any, parse: Callable[[str], Any], help: str, *, secret: bool = False) -> Any:
     """A ``Config`` field that is also an option: its default, parser and documentation."""
     return field(default=default, metadata={_SETTING: (parse, help, secret)})
@@ -83,14 +95,17 @@ class Config:
 
     host: str = setting("0.0.0.0", str, "Address the chat port binds to.")
     port: int = setting(
-        9009, parse_port, "Chat TCP port; without --metrics-port it also answers HTTP /metrics, /healthz, /readyz."
+        9009,
+        parse_port,
+        "Chat TCP port; it also serves the chat page (/), WebSocket chat (/ws) and, without "
+        "--metrics-port, HTTP /metrics, /healthz, /readyz.",
     )
     metrics_host: str = setting("0.0.0.0", str, "Address of the separate metrics listener.")
     metrics_port: int | None = setting(
         None,
         parse_port,
-        "HTTP listener for /metrics, /healthz, /readyz; once set, the chat port answers those "
-        "paths with 404 (bind it to an internal interface with --metrics-host).",
+        "HTTP listener for /metrics, /healthz, /readyz and the chat page; once set, the chat port "
+        "answers /metrics, /healthz and /readyz with 404 (bind it to an internal interface with --metrics-host).",
     )
     history: int = setting(20, parse_non_negative_int, "Recent room lines replayed to a joiner.")
     max_line_bytes: int = setting(
@@ -201,6 +216,20 @@ class Config:
         5.0,
         parse_non_negative_float,
         "Seconds an HTTP client has to send its request headers (within --admission-timeout).",
+    )
+    ws_origins: str = setting(
+        "same-host",
+        parse_origins,
+        "Origins whose pages may open a WebSocket on /ws: same-host (the page's host is the "
+        "one it connects to, any port), * (any), or a comma-separated list such as "
+        "https://chat.example.com,same-host. A request without an Origin header (not a "
+        "browser) is always accepted.",
+    )
+    ws_ping_interval: float = setting(
+        30.0,
+        parse_non_negative_float,
+        "Seconds a WebSocket client may be silent before it is pinged; one that answers "
+        "nothing for another interval is dropped (ping_timeout). 0 = no pings.",
     )
     auth_timeout: float = setting(
         5.0,

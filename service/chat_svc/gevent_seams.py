@@ -24,6 +24,9 @@ def raw_socket(sock: Any) -> Any:
     a TCP sink writes what the kernel takes now, and a parked session
     reads what is there now (``BlockingIOError`` when nothing is).  The
     wrapper's own ``send``/``recv`` would instead wait in the event loop.
+    gevent's SSL socket is a subclass, so under TLS this is the descriptor
+    below the TLS layer: a session ending shuts its input there, which
+    ``SSLSocket.shutdown`` would do only after dropping the TLS state.
     """
     return sock._sock
 

@@ -1,12 +1,12 @@
 """HTTP on the chat port: telling HTTP from chat, routing, and serving it with pywsgi.
 
-Only port 9009 is published in a plain container, so Prometheus and the
-probes may reach us on the chat port.  A connection is HTTP when its first
-line is an HTTP request line; everything after that line (headers, keep-alive,
-HEAD, size limits) is parsed by gevent's pywsgi, not by hand.  ``Routes`` is
-the one place that decides which paths each listener serves: with
-``--metrics-port`` the operators' routes (metrics, probes, later the API)
-move there and the chat port answers them 404.
+Only port 9009 is published in a plain container, so Prometheus, the probes
+and browsers (the chat page) may reach us on the chat port.  A connection is
+HTTP when its first line is an HTTP request line; everything after that line
+(headers, keep-alive, HEAD, size limits) is parsed by gevent's pywsgi, not by
+hand.  ``Routes`` is the one place that decides which paths each listener
+serves: with ``--metrics-port`` the operators' routes (metrics, probes, later
+the API) move there and the chat port answers them 404; the page stays.
 """
 
 from __future__ import annotations
@@ -14,17 +14,18 @@ from __future__ import annotations
 import io
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import gevent
 from gevent import pywsgi
 from gevent.pool import Pool
-from prometheus_client import CollectorRegistry, make_wsgi_app
+from prometheus_client import CollectorRegistry, Counter, make_wsgi_app
 
 from .gevent_seams import QuietHandler, wsgi_handler
 from .listener import PausingServer
+from .webpage import CHAT_LISTENER, LISTENER, Page
 
 _METHODS = (b"GET", b"HEAD", b"POST", b"PUT", b"DELETE", b"OPTIONS", b"PATCH", b"TRACE", b"CONNECT")
 _REQUEST_LINE = re.compile(rb"(?:%s) [\x21-\x7e]+ HTTP/\d\.\d\r?" % b"|".join(_METHODS))
@@ -71,26 +72,31 @@ WsgiApp = Callable[[dict[str, Any], StartResponse], Iterable[bytes]]
 
 @dataclass(frozen=True)
 class Route:
-    """One path the HTTP front serves: exactly ``path``, or everything under it when it ends in ``/``.
+    """Paths the HTTP front serves: each of ``paths`` exactly, or everything under them with ``prefix``.
 
-    ``internal`` routes are the operators' (metrics, probes, the API): with
-    --metrics-port set they leave the chat port, which then answers them 404.
+    ``kind`` is the path class requests are counted under
+    (``chat_http_requests_total{path}``).  ``internal`` routes are the
+    operators' (metrics, probes, the API): with --metrics-port they leave the
+    chat port, which then answers them 404.
     """
 
-    path: str
+    paths: tuple[str, ...]
     app: WsgiApp
+    kind: str
     methods: tuple[str, ...] = ("GET", "HEAD")
     internal: bool = True
+    prefix: bool = False
 
     def matches(self, path: str) -> bool:
-        return path.startswith(self.path) if self.path.endswith("/") else path == self.path
+        return any(path.startswith(p) if self.prefix else path == p for p in self.paths)
 
 
 class Routes:
-    """The one place that decides what each HTTP listener serves; later features add a ``Route``."""
+    """The one place that decides what each HTTP listener serves; later features ``add`` a ``Route``."""
 
-    def __init__(self, routes: Iterable[Route]) -> None:
+    def __init__(self, routes: Iterable[Route], requests: Mapping[str, Counter]) -> None:
         self.routes = list(routes)
+        self.requests = requests
 
     def add(self, route: Route) -> None:
         self.routes.append(route)
@@ -101,6 +107,7 @@ class Routes:
         def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
             path = environ.get("PATH_INFO", "")
             route = next((r for r in self.routes if (internal or not r.internal) and r.matches(path)), None)
+            self.requests["other" if route is None else route.kind].inc()
             if route is None:
                 return _reply(start_response, "404 Not Found", b"not found\n")
             if environ.get("REQUEST_METHOD", "") not in route.methods:
@@ -157,8 +164,10 @@ class Exposition:
         return answer[0], list(answer[1]), body
 
 
-def default_routes(registry: CollectorRegistry, health: Health) -> Routes:
-    """/metrics (prometheus_client's exposition, shared per 100 ms), /healthz and /readyz: all internal."""
+def default_routes(
+    registry: CollectorRegistry, health: Health, page: Page, requests: Mapping[str, Counter]
+) -> Routes:
+    """The chat page (public), /metrics (prometheus_client's exposition, shared per 100 ms), /healthz, /readyz."""
 
     def probe(check: Callable[[], tuple[bool, str]]) -> WsgiApp:
         def app(environ: dict[str, Any], start_response: StartResponse) -> Iterable[bytes]:
@@ -170,10 +179,12 @@ def default_routes(registry: CollectorRegistry, health: Health) -> Routes:
 
     return Routes(
         [
-            Route("/metrics", Exposition(registry)),
-            Route("/healthz", probe(health.alive)),
-            Route("/readyz", probe(health.ready)),
-        ]
+            Route(page.paths, page, "page", internal=False),
+            Route(("/metrics",), Exposition(registry), "metrics"),
+            Route(("/healthz",), probe(health.alive), "health"),
+            Route(("/readyz",), probe(health.ready), "health"),
+        ],
+        requests,
     )
 
 
@@ -218,7 +229,7 @@ class HttpFront:
         self._server = pywsgi.WSGIServer(
             ("127.0.0.1", 0), app, log=None, error_log=None, handler_class=QuietHandler
         )
-        self._server.environ.update(SERVER_NAME="chat-svc", SERVER_PORT="0")
+        self._server.environ.update({"SERVER_NAME": "chat-svc", "SERVER_PORT": "0", LISTENER: CHAT_LISTENER})
 
     def serve(self, sock: Any, address: Any, head: bytes) -> None:
         wsgi_handler(self._server, sock, address, io.BufferedReader(_Replay(head, sock))).handle()

@@ -8,7 +8,7 @@ No label ever takes a value per room or per nick, so series stay bounded.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -45,7 +45,18 @@ DISCONNECT_REASONS = (
     "auth_throttled",
     "server_full",
     "http_request",
+    # WebSocket only:
+    "frame_too_big",
+    "protocol_error",
+    "ping_timeout",
 )
+
+TRANSPORTS = ("tcp", "ws")
+
+# HTTP requests by what they ask for; a bounded set, whatever the path.
+PATH_CLASSES = ("page", "ws", "metrics", "health", "other")
+
+WS_UPGRADE_OUTCOMES = ("accepted", "bad_request", "origin", "gone")
 
 # Connections closed at the door, before a session started (transport.py).
 REFUSED_REASONS = ("connect_rate", "max_per_ip", "pending_full", "admission_timeout", "proxy_header")
@@ -88,12 +99,26 @@ class Metrics:
         r = self.registry
         self.accepted = Counter("chat_connections_accepted", "Connections accepted on the chat port.", registry=r)
         self.disconnects = Counter(
-            "chat_disconnects", "Chat members disconnected, by reason.", ["reason"], registry=r
+            "chat_disconnects",
+            "Chat members disconnected, by reason and transport.",
+            ["reason", "transport"],
+            registry=r,
         )
-        self.by_reason = {reason: self.disconnects.labels(reason) for reason in DISCONNECT_REASONS}
+        self.by_reason = {
+            transport: {reason: self.disconnects.labels(reason, transport) for reason in DISCONNECT_REASONS}
+            for transport in TRANSPORTS
+        }
         self.http_requests = Counter(
             "chat_http_connections", "Connections on the chat port served as HTTP.", registry=r
         )
+        requests = Counter(
+            "chat_http_requests", "HTTP requests (both ports), by path class.", ["path"], registry=r
+        )
+        self.requests_by_path = {path: requests.labels(path) for path in PATH_CLASSES}
+        upgrades = Counter(
+            "chat_ws_upgrades", "WebSocket upgrade requests on /ws, by outcome.", ["outcome"], registry=r
+        )
+        self.ws_upgrades = {outcome: upgrades.labels(outcome) for outcome in WS_UPGRADE_OUTCOMES}
         refused = Counter(
             "chat_connections_refused",
             "Connections closed at the door before a session started, by reason.",
@@ -137,7 +162,7 @@ class Metrics:
         self,
         hub: Population,
         counters: Counters,
-        open_connections: Callable[[], int],
+        open_connections: Callable[[], Mapping[str, int]],
         pending_connections: Callable[[], int],
         ready: Callable[[], bool],
         max_clients: int,
@@ -163,14 +188,20 @@ class _HubCollector(Collector):
 
     hub: Population
     counters: Counters
-    open_connections: Callable[[], int]
+    # Open chat-port connections by transport.
+    open_connections: Callable[[], Mapping[str, int]]
     pending_connections: Callable[[], int]
     ready: Callable[[], bool]
     max_clients: int
 
     def collect(self) -> Iterator[Metric]:
         hub, stats = self.hub, self.counters
-        yield GaugeMetricFamily("chat_connections", "Open connections on the chat port.", value=self.open_connections())
+        connections = GaugeMetricFamily(
+            "chat_connections", "Open connections on the chat port, by transport.", labels=["transport"]
+        )
+        for transport, count in self.open_connections().items():
+            connections.add_metric([transport], count)
+        yield connections
         yield GaugeMetricFamily(
             "chat_connections_pending",
             "Connections on the chat port not admitted yet (TLS, sniffing, HTTP, /auth).",

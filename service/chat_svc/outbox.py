@@ -16,6 +16,8 @@ from typing import Protocol
 
 from .protocol import error_line
 
+OVERFLOW_NOTICE = error_line("send queue exceeded")
+
 
 class Sink(Protocol):
     """The writing end of one connection, built by the transport; tests can supply their own."""
@@ -107,12 +109,18 @@ class Outbox:
         self._queue.clear()
         self.size = 0
         self.closed = True
-        notice = error_line("send queue exceeded")
-        try:
-            self._sink.send_nowait(b"\n" + notice if self._torn else notice)
-        except OSError:
-            pass
+        notice = self.overflow_notice(self._torn)
+        if notice:
+            try:
+                self._sink.send_nowait(notice)
+            except OSError:
+                pass
         self.on_overflow()
+
+    def overflow_notice(self, torn: bool) -> bytes:
+        """What is written when the queue overflows; after a torn write, the line must be ended first."""
+        notice = OVERFLOW_NOTICE
+        return b"\n" + notice if torn else notice
 
     def close(self) -> None:
         """The member is gone: queue nothing more, and stop the sink writing."""

@@ -14,12 +14,13 @@ import fcntl
 import hmac
 import itertools
 import math
+import socket
 import struct
 import termios
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import gevent
 import structlog
@@ -106,13 +107,45 @@ class SessionContext:
     # Refusals and failed /auth, logged at most once per address per interval.
     refusals: Coalesced
     auth_log: Coalesced
-    disconnects: Mapping[str, Counter]
+    # By transport ("tcp", or the framing's name), then by reason.
+    disconnects: Mapping[str, Mapping[str, Counter]]
     # Live sessions, for the idle scan and shutdown.
     sessions: set[Session]
 
     @property
     def token_required(self) -> bool:
         return self.limits.token is not None
+
+
+class Framing(Protocol):
+    """A transport that carries lines inside frames (WebSocket), as a session sees it.
+
+    A plain byte stream (TCP, TLS) has none.  With one, the session still
+    reads bytes from its socket and writes through its Outbox; the framing
+    turns what is read into line bytes for the framer, frames what the Outbox
+    is handed, and has the last word when the session ends.
+    """
+
+    name: str
+    # Why the peer's frames end the session (a close frame, a protocol
+    # error, a frame over the limit); set by ``decode``.
+    ended: str | None
+
+    def open(
+        self,
+        sink: Sink,
+        limit: int,
+        on_overflow: Callable[[], None],
+        on_error: Callable[[], None],
+        kill: Callable[[str], None],
+    ) -> Outbox:
+        """Start: the member's outbox, which frames whatever it is pushed; ``kill`` ends a dead peer."""
+
+    def decode(self, data: bytes) -> bytes:
+        """Bytes read from the socket into line bytes for the framer (maybe none)."""
+
+    def farewell(self, reason: str) -> None:
+        """Queue the stream's last words for ``reason`` (a close frame); only the first call counts."""
 
 
 class Session:
@@ -141,6 +174,7 @@ class Session:
         "finished",
         "first_line",
         "framer",
+        "framing",
         "head",
         "ip",
         "last_input",
@@ -155,7 +189,15 @@ class Session:
         "watcher",
     )
 
-    def __init__(self, ctx: SessionContext, sock: Any, arrival: Arrival, head: bytes, sink: Sink) -> None:
+    def __init__(
+        self,
+        ctx: SessionContext,
+        sock: Any,
+        arrival: Arrival,
+        head: bytes,
+        sink: Sink,
+        framing: Framing | None = None,
+    ) -> None:
         self.ctx = ctx
         limits = ctx.limits
         self.sock = sock
@@ -166,7 +208,11 @@ class Session:
         self.reason: str | None = None
         self.member: Member | None = None
         self.framer = LineFramer(limits.max_line_bytes)
-        self.outbox = Outbox(sink, limits.sendq_bytes, self._slow_consumer, self._socket_error)
+        self.framing = framing
+        if framing is None:
+            self.outbox = Outbox(sink, limits.sendq_bytes, self._slow_consumer, self._socket_error)
+        else:
+            self.outbox = framing.open(sink, limits.sendq_bytes, self._slow_consumer, self._socket_error, self.kill)
         self.bucket = TokenBucket(limits.flood_burst, limits.flood_rate) if limits.flood_rate > 0 else None
         self.started = self.last_input = time.monotonic()
         self.raw = raw_socket(sock) if sink.parkable else None
@@ -257,12 +303,23 @@ class Session:
     def kill(self, reason: str) -> None:
         """End the session from outside its own flow (hub, sweeper, shutdown); never blocks.
 
-        A parked session is finished on the spot; a busy one leaves the room
-        now and its greenlet finishes once its socket call fails.
+        A parked session is finished on the spot.  A busy one leaves the room
+        now; if it still owes the client a goodbye (graceful reasons) its
+        input is shut so that its own greenlet wakes and flushes it (up to
+        1 s, as in ``_finish``), otherwise its socket is closed and the
+        greenlet finishes once its socket call fails.
         """
         self.end(reason)
         if self.busy:
             self._leave_hub()
+            self._bid_farewell()
+            if self.outbox.size and not self.outbox.closed and self.reason in _GRACEFUL:
+                try:
+                    # Under the SSL layer: SSLSocket.shutdown would drop the TLS state the flush needs.
+                    raw_socket(self.sock).shutdown(socket.SHUT_RD)
+                    return
+                except OSError:
+                    pass
             self.outbox.close()
             self.sock.close()
         else:
@@ -287,6 +344,11 @@ class Session:
             self.last_room = member.room.name
             self.ctx.hub.detach(member)
 
+    def _bid_farewell(self) -> None:
+        """The transport's last words (a WebSocket close frame), once the member can be sent nothing else."""
+        if self.framing is not None:
+            self.framing.farewell(self.reason or "error")
+
     def _nick_or_none(self) -> str | None:
         return self.member.nick if self.member is not None else None
 
@@ -298,6 +360,7 @@ class Session:
         reason = self.reason or "error"
         member = self.member
         self._leave_hub()
+        self._bid_farewell()
         if reason in _GRACEFUL and self.busy:
             self._wait_until_sent(1.0)
         self.busy = False
@@ -311,8 +374,9 @@ class Session:
         if self.admitted:
             self.admitted = False
             ctx.member_slots.release(self.ip)
+        disconnects = ctx.disconnects["tcp" if self.framing is None else self.framing.name]
         if member is not None:
-            ctx.disconnects[reason].inc()
+            disconnects[reason].inc()
             log.info(
                 "client_disconnected",
                 conn_id=self.conn_id,
@@ -324,7 +388,7 @@ class Session:
                 bytes_in=self.bytes_in,
             )
         elif reason in _REFUSED:
-            ctx.disconnects[reason].inc()
+            disconnects[reason].inc()
             if reason == "server_full":
                 ctx.refusals.note((self.ip, reason), ip=self.ip, reason=reason)
         self.sock.close()
@@ -367,12 +431,21 @@ class Session:
         return None
 
     def _received(self, data: bytes) -> bytes | None:
+        """Account for what was read; with a framing, what remains of it for the framer."""
         if not data:
             self.end("eof")
             return None
-        self.last_input = time.monotonic()
         self.bytes_in += len(data)
         self.ctx.counters.bytes_in += len(data)
+        framing = self.framing
+        if framing is not None:
+            # Control frames (pings, pongs) are not input: --idle-timeout sees lines only.
+            data = framing.decode(data)
+            if framing.ended is not None:
+                self.end(framing.ended)
+            if not data:
+                return data
+        self.last_input = time.monotonic()
         return data
 
     def _authenticate(self) -> bool:

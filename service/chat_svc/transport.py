@@ -1,16 +1,18 @@
 """Sockets: accepting, admission at the door, TCP options, TLS and sniffing; each chat socket gets its sink and session.
 
-The transport decides what a connection is (HTTP or chat, plain or TLS,
-from a balancer or not) and builds the matching writer (``sinks``) for it;
-from then on the session reads and the sink writes.  Before that, every
-accepted socket holds an ``Arrival`` (admission.py) and passes the door:
+The transport decides what a connection is (HTTP, WebSocket or chat, plain
+or TLS, from a balancer or not) and builds the matching writer (``sinks``)
+for it, and for a WebSocket the framing (``ws``); from then on the session
+reads and the sink writes.  Before that, every accepted socket holds an
+``Arrival`` (admission.py) and passes the door:
 
 1. a balancer listed in --proxy-protocol-from must name the real client in a
    PROXY header first (proxyproto.py); everyone else is that address;
 2. the client address's connect bucket (--connect-burst, --connect-rate);
 3. its open connections (--max-per-ip);
-4. the rest of the pre-admission phase (TLS handshake, sniffing, HTTP, /auth)
-   within one --admission-timeout, in a waiting room of --max-pending places.
+4. the rest of the pre-admission phase (TLS handshake, sniffing, HTTP, the
+   WebSocket upgrade, /auth) within one --admission-timeout, in a waiting
+   room of --max-pending places.
 
 A refusal is one short line (plain TCP only) and a close, counted in
 ``chat_connections_refused_total{reason}`` and logged at most once per
@@ -36,6 +38,7 @@ from .proxyproto import ProxyHeaderError, looks_like_header, read_header
 from .session import Session, SessionContext
 from .sinks import TcpSink, TlsSink
 from .throttle import AddressBuckets, Networks
+from .ws import WebSockets, WsStream
 
 LISTEN_BACKLOG = 4096
 WAITING_FULL_RETRY = 0.01
@@ -99,12 +102,15 @@ def sniff(sock: Any, window: float, limit: float) -> tuple[bytes, str]:
 class ChatServer(PausingServer):
     """The chat port: each accepted socket starts in its own greenlet in ``handle_connection``."""
 
-    def __init__(self, config: Config, ctx: SessionContext, metrics: Metrics, http: HttpFront) -> None:
+    def __init__(
+        self, config: Config, ctx: SessionContext, metrics: Metrics, http: HttpFront, websockets: WebSockets
+    ) -> None:
         super().__init__((config.host, config.port), self.handle_connection, backlog=LISTEN_BACKLOG)
         self.config = config
         self.ctx = ctx
         self.metrics = metrics
         self.http = http
+        self.websockets = websockets
         self.tls: ssl.SSLContext | None = None
         if config.tls_cert and config.tls_key:
             self.tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -182,17 +188,18 @@ class ChatServer(PausingServer):
         budget = gevent.Timeout(arrival.remaining())
         try:
             with budget:
-                head = self._chat_head(arrival)
+                chat = self._chat_head(arrival)
         except gevent.Timeout as timeout:
             if timeout is not budget:
                 raise
             return self.refuse(arrival, "admission_timeout")
-        if head is None:
+        if chat is None:
             return False
         # The session keeps to what is left of the budget itself: past it, it is a member.
+        head, stream = chat
         sock, ctx = arrival.sock, self.ctx
         sink = TlsSink(sock, ctx.counters) if self.tls is not None else TcpSink(sock, ctx.counters)
-        Session(ctx, sock, arrival, head, sink).run()
+        Session(ctx, sock, arrival, head, sink, stream).run()
         return True
 
     def _admit_address(self, arrival: Arrival, address: tuple[str, int]) -> bool:
@@ -204,8 +211,12 @@ class ChatServer(PausingServer):
             return self.refuse(arrival, "max_per_ip", refusal)
         return True
 
-    def _chat_head(self, arrival: Arrival) -> bytes | None:
-        """TLS handshake and sniffing, serving HTTP here; the first bytes of a chat connection, or None."""
+    def _chat_head(self, arrival: Arrival) -> tuple[bytes, WsStream | None] | None:
+        """TLS handshake, sniffing, the WebSocket upgrade, serving HTTP here.
+
+        For a chat connection, its first bytes and (WebSocket) its stream; None
+        when there is no chat session to start.
+        """
         config = self.config
         if self.tls is not None:
             arrival.sock.settimeout(config.http_timeout)
@@ -221,6 +232,14 @@ class ChatServer(PausingServer):
         if kind == PROXY:
             self.refuse(arrival, "proxy_header", PROXY_REFUSED)
             return None
+        if kind == HTTP and self.websockets.wanted(head):
+            self.metrics.requests_by_path["ws"].inc()
+            sock.settimeout(config.http_timeout)
+            try:
+                stream = self.websockets.accept(sock, head)
+            except OSError:
+                return None
+            return None if stream is None else (b"", stream)
         if kind == HTTP:
             self.metrics.http_requests.inc()
             sock.settimeout(config.http_timeout)
@@ -229,7 +248,7 @@ class ChatServer(PausingServer):
             except OSError:
                 pass
             return None
-        return head if kind == CHAT else None
+        return (head, None) if kind == CHAT else None
 
     def refuse(
         self,
