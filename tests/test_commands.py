@@ -5,13 +5,15 @@ The end-to-end tests (test_chat.py) send the same commands over real sockets.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 from _hub_fakes import RecordingSink, make_member, settle
 from chat_svc import commands, protocol
+from chat_svc.bans import BanList
 from chat_svc.directory import Directory
 from chat_svc.hub import Hub, Member
+from chat_svc.identity import Authenticator, ExpiryWatch
 from chat_svc.metrics import Counters
 
 
@@ -19,7 +21,9 @@ from chat_svc.metrics import Counters
 class Context:
     hub: Hub
     directory: Directory
-    token_required: bool = False
+    auth: Authenticator
+    expiry: ExpiryWatch
+    bans: BanList = field(default_factory=BanList)
 
 
 class Room:
@@ -27,7 +31,8 @@ class Room:
 
     def __init__(self, *nicks: str, history: int = 20, token_required: bool = False) -> None:
         self.hub = Hub(Counters(), history=history)
-        self.ctx = Context(self.hub, self.hub, token_required)
+        auth = Authenticator("secret" if token_required else None, None)
+        self.ctx = Context(self.hub, self.hub, auth, ExpiryWatch(lambda member: None))
         self.sinks: dict[str, RecordingSink] = {}
         self.members: dict[str, Member] = {}
         for nick in nicks:

@@ -23,14 +23,15 @@ def test_flags_beat_environment_which_beats_defaults() -> None:
 
 def test_every_boolean_option_takes_the_same_forms() -> None:
     booleans = [setting for setting in SETTINGS if setting.is_bool]
-    assert {setting.name for setting in booleans} == {"ready_requires_backplane", "log_messages"}
+    assert {setting.name for setting in booleans} == {"ready_requires_backplane", "log_messages", "require_auth"}
+    base = {"CHAT_TOKEN": "t"}  # --require-auth needs something to require
     for setting in booleans:
-        assert getattr(load([setting.option], {}), setting.name) is True
-        assert getattr(load([setting.option, "true"], {}), setting.name) is True
-        assert getattr(load([f"{setting.option}=false"], {}), setting.name) is False
-        assert getattr(load([setting.option, "false"], {setting.env: "true"}), setting.name) is False
-        assert getattr(load([], {setting.env: "false"}), setting.name) is False
-        assert getattr(load([], {setting.env: "1"}), setting.name) is True
+        assert getattr(load([setting.option], base), setting.name) is True
+        assert getattr(load([setting.option, "true"], base), setting.name) is True
+        assert getattr(load([f"{setting.option}=false"], base), setting.name) is False
+        assert getattr(load([setting.option, "false"], {**base, setting.env: "true"}), setting.name) is False
+        assert getattr(load([], {**base, setting.env: "false"}), setting.name) is False
+        assert getattr(load([], {**base, setting.env: "1"}), setting.name) is True
 
 
 def test_bad_values_are_refused_with_the_variable_named(capsys: pytest.CaptureFixture[str]) -> None:
@@ -39,6 +40,8 @@ def test_bad_values_are_refused_with_the_variable_named(capsys: pytest.CaptureFi
     assert "CHAT_PORT" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         load(["--tls-cert", "x.pem"], {})
+    with pytest.raises(SystemExit):
+        load(["--require-auth"], {})
 
 
 def test_help_documents_every_option_with_its_default() -> None:

@@ -16,10 +16,14 @@ import structlog
 
 from . import __version__, logs, protocol
 from .admission import FD_RESERVE, Admission, FdBudget, WaitingRoom
+from .api import Api, ApiKeys
+from .bans import Ban, BanList, BanStore
 from .config import Config, load
 from .directory import Directory
-from .httpfront import Health, HttpFront, default_routes, serve_metrics_port
-from .hub import Hub
+from .httpfront import Health, HttpFront, Route, default_routes, serve_metrics_port
+from .hub import Hub, Member
+from .idempotency import IdempotencyStore, LocalIdempotency
+from .identity import Authenticator, ExpiryWatch
 from .logs import Coalesced
 from .metrics import Counters, Metrics
 from .session import Session, SessionContext, SessionLimits
@@ -55,7 +59,10 @@ class Service:
         # Cluster mode (--redis-url): the hub relays through Redis; see backplane/.
         # Imported only then, so a single instance never loads redis.
         self.backplane: RedisBackplane | None = None
+        self.bans = BanList()
         directory: Directory = self.hub
+        ban_store: BanStore = self.bans
+        idempotency: IdempotencyStore = LocalIdempotency()
         if config.redis_url:
             from .backplane import RedisBackplane
 
@@ -64,10 +71,23 @@ class Service:
                 self.hub,
                 instance_id=config.instance_id,
                 presence_ttl=config.presence_ttl,
+                bans=self.bans,
             )
             self.hub.backplane = self.backplane
             self.metrics.registry.register(self.backplane.collector())
             directory = self.backplane.directory
+            ban_store = self.backplane.bans
+            idempotency = self.backplane.idempotency
+        self.bans.on_added = self._enforce_ban
+        self.metrics.bans.set_function(lambda: len(self.bans))
+        self.auth = Authenticator(
+            config.access_token(),
+            config.jwt_key_file,
+            audience=config.jwt_audience,
+            issuer=config.jwt_issuer,
+            require=config.require_auth,
+            failures=self.metrics.auth_failures_by_reason,
+        )
         self.sessions: set[Session] = set()
         self.connection_slots = Admission(per_ip_limit=config.max_per_ip)
         self.member_slots = Admission(self.budget.members)
@@ -93,6 +113,9 @@ class Service:
             auth_log=auth_log,
             disconnects=self.metrics.by_reason,
             sessions=self.sessions,
+            auth=self.auth,
+            expiry=ExpiryWatch(self._token_expired),
+            bans=self.bans,
         )
         self.shutting_down = False
         self.accepting = False
@@ -111,10 +134,26 @@ class Service:
             lambda: self._ready()[0],
             self.budget.members,
         )
+        # The operator API (--api-keys-file) is served where /metrics is: on the chat
+        # port, or only on --metrics-port when there is one.
+        self.api_keys = ApiKeys(config.api_keys_file) if config.api_keys_file else None
+        api = None
+        if self.api_keys is not None:
+            api = Api(
+                self.api_keys,
+                directory,
+                ban_store,
+                idempotency,
+                self.metrics.api_requests,
+                self.metrics.api_replays,
+                max_text_bytes=config.max_line_bytes,
+            )
         page = Page(lambda: int(self.server.server_port), tls=bool(config.tls_cert))
         health = Health(self._alive, self._ready)
         self.routes = default_routes(self.metrics.registry, health, page, self.metrics.requests_by_path)
-        # With --metrics-port the operators' routes (metrics, probes, API) leave the chat port.
+        if api is not None:
+            self.routes.add(Route(("/api/",), api, "api", methods=None, prefix=True))
+        # With --metrics-port the operators' routes (metrics, probes, the API) leave the chat port.
         self.http = HttpFront(self.routes.app(internal=config.metrics_port is None))
         self.server = ChatServer(config, self.session_context, self.metrics, self.http, self.websockets)
         self.server.on_pause = self._accept_paused
@@ -144,6 +183,37 @@ class Service:
                 return False, "backplane down"
             return True, "ready (degraded: backplane down)"
         return True, "ready"
+
+    # -- the operator's reach ------------------------------------------------------
+
+    def _enforce_ban(self, ban: Ban) -> None:
+        """A ban new to this instance: its members that match it are told and disconnected."""
+        notice = protocol.error_line(f"banned: {ban.reason}")
+        for session in list(self.sessions):
+            member = session.member
+            if member is None or member.room is None:
+                continue
+            sub = member.identity.sub if member.identity is not None else None
+            if ban.matches(member.nick, session.ip, sub):
+                self.log.info("member_banned", nick=member.nick, ban=ban.id)
+                self.hub.end(member, notice, "banned")
+
+    def _token_expired(self, member: Member) -> None:
+        if self.hub.members.get(member.nick) is member:
+            self.log.info("token_expired", nick=member.nick)
+            self.hub.end(member, protocol.error_line("token expired"), "token_expired")
+
+    def reload(self) -> None:
+        """SIGHUP: read --api-keys-file and --jwt-key-file again; a file that fails keeps what was loaded."""
+        steps = (("api_keys", self.api_keys.load if self.api_keys else None), ("jwt_key", self.auth.reload))
+        for name, step in steps:
+            if step is None:
+                continue
+            try:
+                step()
+            except (OSError, ValueError) as exc:
+                self.log.error("reload_failed", what=name, error=str(exc))
+        self.log.info("reloaded", api_keys=len(self.api_keys) if self.api_keys else None, jwt=self.auth.accepts_jwt)
 
     def _expire_idle(self) -> None:
         """Drop members silent for --idle-timeout; one scan a second, no timer per member."""
@@ -271,7 +341,11 @@ def run(argv: Sequence[str] | None = None) -> int:
     config = load(argv)
     logs.configure(config.log_format, config.log_level)
     fd_limit = _raise_fd_limit()
-    svc = Service(config, fd_limit)
+    try:
+        svc = Service(config, fd_limit)
+    except (OSError, ValueError) as exc:  # an unreadable key file, a bad key
+        structlog.get_logger("chat_svc").error("startup_failed", error=str(exc))
+        return 1
     try:
         svc.start()
     except OSError as exc:
@@ -290,5 +364,6 @@ def run(argv: Sequence[str] | None = None) -> int:
 
     for signum in (signal.SIGTERM, signal.SIGINT):
         gevent.signal_handler(signum, on_signal, signum)
+    gevent.signal_handler(signal.SIGHUP, svc.reload)
     svc.stopped.wait()
     return svc.exit_code

@@ -16,8 +16,11 @@ from typing import Protocol
 import structlog
 
 from . import protocol
+from .bans import BanList
 from .directory import Directory
 from .hub import Hub, Member
+from .identity import NICK_TAKEN, WRONG_SUB, Authenticator, ExpiryWatch
+from .jwtauth import AuthFailed, looks_like_jwt
 
 log = structlog.get_logger("chat_svc.commands")
 
@@ -37,7 +40,13 @@ class Context(Protocol):
     def directory(self) -> Directory: ...
 
     @property
-    def token_required(self) -> bool: ...
+    def auth(self) -> Authenticator: ...
+
+    @property
+    def expiry(self) -> ExpiryWatch: ...
+
+    @property
+    def bans(self) -> BanList: ...
 
 
 Handler = Callable[[Context, Member, str], str | None]
@@ -50,6 +59,14 @@ def _reply(ctx: Context, member: Member, data: bytes) -> None:
 def nick(ctx: Context, member: Member, arg: str) -> str | None:
     if not protocol.valid_nick(arg):
         _reply(ctx, member, protocol.error_line(f"invalid nick: {NICK_RULE}"))
+        return None
+    identity = member.identity
+    if identity is not None and not identity.nick_change and arg != identity.sub:
+        _reply(ctx, member, protocol.error_line(f"nick change not allowed: you are {identity.sub}"))
+        return None
+    ban = ctx.bans.for_nick(arg) if arg != member.nick else None
+    if ban is not None:
+        _reply(ctx, member, protocol.error_line(f"banned: {ban.reason}"))
         return None
     old = member.nick
     error = ctx.directory.claim_nick(member, arg)
@@ -65,13 +82,20 @@ def join(ctx: Context, member: Member, arg: str) -> str | None:
     if not protocol.valid_room(arg):
         _reply(ctx, member, protocol.error_line(f"invalid room name: {ROOM_RULE}"))
         return None
+    if member.identity is not None and not member.identity.allows(arg):
+        _reply(ctx, member, protocol.error_line(f"not allowed in {arg}"))
+        return None
     if member.room.name == arg:
         _reply(ctx, member, protocol.info_line(f"you are already in {arg}"))
         return None
-    _reply(ctx, member, protocol.info_line(f"you joined {arg}"))
-    ctx.hub.move(member, arg)
-    log.info("room_joined", nick=member.nick, room=arg)
+    _move(ctx, member, arg)
     return None
+
+
+def _move(ctx: Context, member: Member, room: str) -> None:
+    _reply(ctx, member, protocol.info_line(f"you joined {room}"))
+    ctx.hub.move(member, room)
+    log.info("room_joined", nick=member.nick, room=room)
 
 
 def rooms(ctx: Context, member: Member, _: str) -> str | None:
@@ -117,9 +141,45 @@ def quit_(ctx: Context, member: Member, _: str) -> str | None:
     return "quit"
 
 
-def auth(ctx: Context, member: Member, _: str) -> str | None:
-    """/auth after the first line: the token was checked (or not needed) already."""
-    _reply(ctx, member, protocol.error_line("already authenticated" if ctx.token_required else "no token is required"))
+def auth(ctx: Context, member: Member, arg: str) -> str | None:
+    """/auth after the first line: a JWT identifies a guest, or refreshes the member's own identity.
+
+    The shared token was checked (or not needed) on the first line already.
+    """
+    if not (ctx.auth.accepts_jwt and looks_like_jwt(arg)):
+        refusal = "already authenticated" if ctx.auth.required else "no token is required"
+        _reply(ctx, member, protocol.error_line(refusal))
+        return None
+    try:
+        identity = ctx.auth.check(arg)
+        if identity is None:  # a shared token shaped like a JWT
+            _reply(ctx, member, protocol.error_line("already authenticated"))
+            return None
+        current = member.identity
+        if current is not None and current.sub != identity.sub:
+            ctx.auth.count(WRONG_SUB)
+            raise AuthFailed(WRONG_SUB)
+    except AuthFailed as failed:
+        log.info("auth_failed", reason=failed.reason)
+        _reply(ctx, member, protocol.error_line("authentication failed"))
+        return None
+    if current is None:
+        ban = ctx.bans.for_nick(identity.sub)
+        if ban is not None:
+            _reply(ctx, member, protocol.error_line(f"banned: {ban.reason}"))
+            return "banned"
+        error = ctx.directory.claim_nick(member, identity.sub)
+        if error:
+            ctx.auth.count(NICK_TAKEN)
+            log.info("auth_failed", reason=NICK_TAKEN)
+            _reply(ctx, member, protocol.error_line(error))
+            return None
+    member.identity = identity
+    ctx.expiry.watch(member)
+    log.info("authenticated", nick=member.nick, refresh=current is not None)
+    _reply(ctx, member, protocol.info_line(f"authenticated as {identity.sub}"))
+    if member.room is not None and not identity.allows(member.room.name):
+        _move(ctx, member, identity.start_room(member.room.name))
     return None
 
 
@@ -143,8 +203,8 @@ TABLE: tuple[Command, ...] = (
     Command("msg", "/msg NICK TEXT", "send TEXT to NICK alone", msg),
     Command("help", "/help", "show the commands", help_),
     Command("quit", "/quit", "say goodbye and disconnect", quit_),
-    # Only meaningful as the first line, and only when the server has a token.
-    Command("auth", "/auth TOKEN", "present the access token", auth, listed=False),
+    # The first line when the server requires it; later only to present or refresh a JWT.
+    Command("auth", "/auth TOKEN", "present the access token or your JWT", auth, listed=False),
 )
 
 BY_NAME = {command.name: command for command in TABLE}

@@ -98,14 +98,15 @@ class Config:
         9009,
         parse_port,
         "Chat TCP port; it also serves the chat page (/), WebSocket chat (/ws) and, without "
-        "--metrics-port, HTTP /metrics, /healthz, /readyz.",
+        "--metrics-port, HTTP /metrics, /healthz, /readyz and the API (/api/).",
     )
     metrics_host: str = setting("0.0.0.0", str, "Address of the separate metrics listener.")
     metrics_port: int | None = setting(
         None,
         parse_port,
-        "HTTP listener for /metrics, /healthz, /readyz and the chat page; once set, the chat port "
-        "answers /metrics, /healthz and /readyz with 404 (bind it to an internal interface with --metrics-host).",
+        "HTTP listener for /metrics, /healthz, /readyz, the chat page and the API; once set, the chat "
+        "port answers /metrics, /healthz, /readyz and /api/ with 404 (bind it to an internal interface "
+        "with --metrics-host).",
     )
     history: int = setting(20, parse_non_negative_int, "Recent room lines replayed to a joiner.")
     max_line_bytes: int = setting(
@@ -240,6 +241,25 @@ class Config:
     tls_key: str | None = setting(None, str, "PEM private key for --tls-cert.")
     token: str | None = setting(None, str, "Access token; clients must send '/auth TOKEN' first.", secret=True)
     token_file: str | None = setting(None, str, "File holding the access token (first line).", secret=True)
+    jwt_key_file: str | None = setting(
+        None,
+        str,
+        "Accept '/auth <JWT>': an HS256 secret (32+ bytes), or an RS256/ES256 public key in PEM; "
+        "re-read on SIGHUP. The token's sub becomes the member's nick.",
+    )
+    jwt_audience: str | None = setting(None, str, "With --jwt-key-file: the aud a token must carry.")
+    jwt_issuer: str | None = setting(None, str, "With --jwt-key-file: the iss a token must carry.")
+    require_auth: bool = setting(
+        False,
+        parse_bool,
+        "Make '/auth' (a JWT or the shared token) the mandatory first line; --token alone already does.",
+    )
+    api_keys_file: str | None = setting(
+        None,
+        str,
+        "Turn on the operator HTTP API under /api/: Bearer keys, one per line ('#' comments); "
+        "re-read on SIGHUP. Off: every /api/ path answers 404.",
+    )
     redis_url: str | None = setting(
         None,
         str,
@@ -372,6 +392,8 @@ def load(argv: Sequence[str] | None = None, environ: Mapping[str, str] | None = 
     config = Config(**values)
     if bool(config.tls_cert) != bool(config.tls_key):
         parser.error("--tls-cert and --tls-key go together")
+    if config.require_auth and not (config.token or config.token_file or config.jwt_key_file):
+        parser.error("--require-auth needs --token, --token-file or --jwt-key-file")
     return config
 
 

@@ -3,8 +3,9 @@
 A single process answers from its own hub (``Hub`` implements this).  With
 ``--redis-url`` the backplane answers for every instance, falling back to the
 local answer while Redis is away.  The service picks one at start-up, so
-commands never ask which mode they run in.  Cluster-wide operator actions
-(kick, ban, publish) belong behind this same seam.
+commands and the operator API never ask which mode they run in.  Bans and
+idempotency keys are kept elsewhere (``bans``, ``idempotency``), with a
+Redis twin of each in the backplane.
 """
 
 from __future__ import annotations
@@ -19,6 +20,9 @@ class Directory(Protocol):
     def claim_nick(self, member: Member, nick: str) -> str | None:
         """/nick: give ``member`` the nick ``nick``; an error text when it is taken, else None."""
 
+    def reserve(self, nick: str) -> str | None:
+        """A member is about to join as ``nick`` (a JWT's sub): an error text when it is taken, else None."""
+
     def whisper(self, member: Member, target: str, text: str) -> bool:
         """/msg: deliver to ``target`` and echo to ``member``; False when no such nick is online."""
 
@@ -27,3 +31,12 @@ class Directory(Protocol):
 
     def who(self, room: str) -> list[str]:
         """Nicks in ``room``, sorted."""
+
+    def room_size(self, room: str) -> int:
+        """Members of ``room`` on every instance; 0 when there is no such room."""
+
+    def post(self, room: str, line: bytes) -> bool:
+        """The operator API says ``line`` in ``room`` on every instance; False when there is no such room."""
+
+    def kick(self, nick: str, notice: bytes) -> bool:
+        """``notice`` to the member holding ``nick``, then close it, wherever it is; False when nobody has it."""

@@ -5,8 +5,8 @@ and browsers (the chat page) may reach us on the chat port.  A connection is
 HTTP when its first line is an HTTP request line; everything after that line
 (headers, keep-alive, HEAD, size limits) is parsed by gevent's pywsgi, not by
 hand.  ``Routes`` is the one place that decides which paths each listener
-serves: with ``--metrics-port`` the operators' routes (metrics, probes, later
-the API) move there and the chat port answers them 404; the page stays.
+serves: with ``--metrics-port`` the operators' routes (metrics, probes, the
+API) move there and the chat port answers them 404; the page stays.
 """
 
 from __future__ import annotations
@@ -83,7 +83,8 @@ class Route:
     paths: tuple[str, ...]
     app: WsgiApp
     kind: str
-    methods: tuple[str, ...] = ("GET", "HEAD")
+    # None: the app answers every method itself (the API, with its JSON 405s).
+    methods: tuple[str, ...] | None = ("GET", "HEAD")
     internal: bool = True
     prefix: bool = False
 
@@ -110,7 +111,7 @@ class Routes:
             self.requests["other" if route is None else route.kind].inc()
             if route is None:
                 return _reply(start_response, "404 Not Found", b"not found\n")
-            if environ.get("REQUEST_METHOD", "") not in route.methods:
+            if route.methods is not None and environ.get("REQUEST_METHOD", "") not in route.methods:
                 allow = [("Allow", ", ".join(route.methods))]
                 return _reply(start_response, "405 Method Not Allowed", b"method not allowed\n", allow)
             return route.app(environ, start_response)

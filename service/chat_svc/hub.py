@@ -20,7 +20,7 @@ from __future__ import annotations
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import gevent
 import gevent.event
@@ -29,6 +29,9 @@ import structlog
 from . import protocol
 from .metrics import Counters
 from .outbox import Outbox
+
+if TYPE_CHECKING:
+    from .identity import Identity
 
 log = structlog.get_logger("chat_svc.hub")
 
@@ -42,14 +45,27 @@ YIELD_EVERY = 48
 ROOM_BACKLOG_LIMIT = 8 * 1024 * 1024
 
 
+class Owner(Protocol):
+    """Whoever serves a member's connection (its session): the hub can end it, not touch its socket."""
+
+    def kill(self, reason: str) -> None:
+        """End the connection for ``reason`` (a disconnect reason label); never blocks."""
+
+
 class Member:
-    """A chat participant as the hub sees it: a nick, a room, a position and an outbox."""
+    """A chat participant as the hub sees it: a nick, a room, a position and an outbox.
 
-    __slots__ = ("nick", "outbox", "room", "rseq")
+    ``owner`` lets the hub end the connection (kick, ban, token expiry);
+    ``identity`` is set once the member proved who it is with a JWT.
+    """
 
-    def __init__(self, nick: str, outbox: Outbox) -> None:
+    __slots__ = ("identity", "nick", "outbox", "owner", "room", "rseq")
+
+    def __init__(self, nick: str, outbox: Outbox, owner: Owner | None = None) -> None:
         self.nick = nick
         self.outbox = outbox
+        self.owner = owner
+        self.identity: Identity | None = None
         self.room: Room | None = None
         self.rseq = 0
 
@@ -120,6 +136,8 @@ class Hub:
         self.history = history
         self.notice_threshold = notice_threshold
         self.members: dict[str, Member] = {}
+        # Identified members renamed away from their ``sub``: the sub stays theirs while they are here.
+        self.reserved: dict[str, Member] = {}
         self.rooms: dict[str, Room] = {}
         self.backplane: Backplane | None = None
         self._observe_latency = observe_latency
@@ -139,6 +157,9 @@ class Hub:
         """Forget a member that disconnected; idempotent."""
         if self.members.get(member.nick) is member:
             del self.members[member.nick]
+        identity = member.identity
+        if identity is not None and self.reserved.get(identity.sub) is member:
+            del self.reserved[identity.sub]
         room = member.room
         if room is not None:
             self._leave(member, room)
@@ -150,16 +171,30 @@ class Hub:
             self._leave(member, room)
         self._enter(member, room_name)
 
+    def holder(self, nick: str) -> Member | None:
+        """Who has ``nick`` here: the member called so, or the identified member whose sub it is."""
+        return self.members.get(nick) or self.reserved.get(nick)
+
+    def reserve(self, nick: str) -> str | None:
+        """Before a member joins as ``nick``: an error text when it is taken here."""
+        return f"nick {nick} is taken" if self.holder(nick) is not None else None
+
     def claim_nick(self, member: Member, new: str) -> str | None:
         """/nick on this instance: returns an error text, or None when the nick changed."""
         if new == member.nick:
             return None
-        if new in self.members:
+        if self.holder(new) not in (None, member):
             return f"nick {new} is taken"
         old = member.nick
         del self.members[old]
         member.nick = new
         self.members[new] = member
+        identity = member.identity
+        if identity is not None:
+            if new == identity.sub:
+                self.reserved.pop(new, None)
+            else:
+                self.reserved[identity.sub] = member
         room = member.room
         if room is not None:
             line = protocol.renamed_line(old, new)
@@ -259,6 +294,28 @@ class Hub:
         self.counters.deliveries += 1
         return True
 
+    def post(self, room_name: str, data: bytes) -> bool:
+        """A line from outside the room (the operator API) to its members here; False when no such room."""
+        room = self.rooms.get(room_name)
+        if room is None:
+            return False
+        self.broadcast(room, data, None, history=True)
+        return True
+
+    def kick(self, nick: str, notice: bytes) -> bool:
+        """``notice`` to the member holding ``nick``, then its connection ends (kicked); False when not here."""
+        member = self.holder(nick)
+        if member is None:
+            return False
+        self.end(member, notice, "kicked")
+        return True
+
+    def end(self, member: Member, notice: bytes, reason: str) -> None:
+        """``notice`` to ``member``, then its connection ends for ``reason`` (kicked, banned, token expired)."""
+        self.send_to(member, notice)
+        if member.owner is not None:
+            member.owner.kill(reason)
+
     def send_to(self, member: Member, data: bytes) -> None:
         """Direct output to one member, after the room lines it is already owed."""
         room = member.room
@@ -344,3 +401,7 @@ class Hub:
     def who(self, room: str) -> list[str]:
         found = self.rooms.get(room)
         return sorted(member.nick for member in found.members) if found is not None else []
+
+    def room_size(self, room: str) -> int:
+        found = self.rooms.get(room)
+        return len(found.members) if found is not None else 0

@@ -31,6 +31,7 @@ from prometheus_client.core import (
 from prometheus_client.registry import Collector
 
 from . import __version__
+from .identity import AUTH_FAILURE_REASONS
 
 DISCONNECT_REASONS = (
     "quit",
@@ -45,6 +46,9 @@ DISCONNECT_REASONS = (
     "auth_throttled",
     "server_full",
     "http_request",
+    "kicked",
+    "banned",
+    "token_expired",
     # WebSocket only:
     "frame_too_big",
     "protocol_error",
@@ -54,7 +58,7 @@ DISCONNECT_REASONS = (
 TRANSPORTS = ("tcp", "ws")
 
 # HTTP requests by what they ask for; a bounded set, whatever the path.
-PATH_CLASSES = ("page", "ws", "metrics", "health", "other")
+PATH_CLASSES = ("page", "ws", "metrics", "health", "api", "other")
 
 WS_UPGRADE_OUTCOMES = ("accepted", "bad_request", "origin", "gone")
 
@@ -150,6 +154,19 @@ class Metrics:
             buckets=LOOP_LAG_BUCKETS,
             registry=r,
         )
+        self.auth_failures = Counter(
+            "chat_auth_failures", "Refused /auth attempts, by reason.", ["reason"], registry=r
+        )
+        self.auth_failures_by_reason = {reason: self.auth_failures.labels(reason) for reason in AUTH_FAILURE_REASONS}
+        self.api_requests = Counter(
+            "chat_api_requests", "Operator API requests, by route template and status.", ["route", "status"], registry=r
+        )
+        self.api_replays = Counter(
+            "chat_api_idempotent_replays",
+            "API publishes answered from an earlier request with the same Idempotency-Key (nothing delivered).",
+            registry=r,
+        )
+        self.bans = Gauge("chat_bans", "Bans in force, as this instance enforces them.", registry=r)
         build = Gauge("chat_build_info", "Version of the running chat-svc.", ["version"], registry=r)
         build.labels(__version__).set(1)
 

@@ -11,7 +11,6 @@ member's Outbox.
 from __future__ import annotations
 
 import fcntl
-import hmac
 import itertools
 import math
 import socket
@@ -28,6 +27,7 @@ from prometheus_client import Counter
 
 from . import commands, protocol
 from .admission import Admission, Arrival, WaitingRoom
+from .bans import BanList
 from .config import Config
 from .directory import Directory
 from .flood import TokenBucket
@@ -35,6 +35,8 @@ from .framing import LineFramer
 from .gevent_seams import raw_socket
 from .httpfront import is_request_line
 from .hub import Hub, Member
+from .identity import MISSING, NICK_TAKEN, Authenticator, ExpiryWatch, Identity
+from .jwtauth import AuthFailed
 from .logs import Coalesced
 from .metrics import Counters
 from .outbox import Outbox, Sink
@@ -48,11 +50,23 @@ _ids = itertools.count(1)
 # Reasons after which the client is owed what is already queued (a goodbye,
 # an error line) before the socket closes; the rest close at once.
 _GRACEFUL = frozenset(
-    {"quit", "line_too_long", "flood", "idle_timeout", "auth_failed", "auth_throttled", "server_full", "shutdown",
-     "http_request"}
+    {
+        "quit",
+        "line_too_long",
+        "flood",
+        "idle_timeout",
+        "auth_failed",
+        "auth_throttled",
+        "server_full",
+        "shutdown",
+        "kicked",
+        "banned",
+        "token_expired",
+        "http_request",
+    }
 )
-# Reasons a connection never became a member; counted, and logged coalesced.
-_REFUSED = frozenset({"auth_failed", "auth_throttled", "server_full"})
+# Reasons a connection is refused before it becomes a member.
+_REFUSALS = ("auth_failed", "auth_throttled", "server_full", "banned")
 
 
 log = structlog.get_logger("chat_svc.session")
@@ -69,7 +83,6 @@ class SessionLimits:
     flood_max_input_bytes: int
     flood_kick_after: float
     auth_timeout: float
-    token: str | None
     log_messages: bool
 
     @classmethod
@@ -82,7 +95,6 @@ class SessionLimits:
             flood_max_input_bytes=config.flood_max_input_bytes,
             flood_kick_after=config.flood_kick_after,
             auth_timeout=config.auth_timeout,
-            token=config.access_token(),
             log_messages=config.log_messages,
         )
 
@@ -109,12 +121,13 @@ class SessionContext:
     auth_log: Coalesced
     # By transport ("tcp", or the framing's name), then by reason.
     disconnects: Mapping[str, Mapping[str, Counter]]
-    # Live sessions, for the idle scan and shutdown.
+    # Live sessions, for the idle scan, bans and shutdown.
     sessions: set[Session]
-
-    @property
-    def token_required(self) -> bool:
-        return self.limits.token is not None
+    # /auth: the shared token and JWTs; the watch that ends expired identities.
+    auth: Authenticator
+    expiry: ExpiryWatch
+    # Enforced at connect, /nick and /auth.
+    bans: BanList
 
 
 class Framing(Protocol):
@@ -234,23 +247,63 @@ class Session:
         ctx = self.ctx
         ctx.sessions.add(self)
         try:
-            if ctx.token_required and not self._authenticate():
-                self.end("auth_failed")
-            elif refusal := ctx.member_slots.acquire(self.ip):
-                self.outbox.push(protocol.error_line(refusal))
-                self.end("server_full")
-            else:
-                self.admitted = True
-                self.arrival.admitted()
-                self.member = Member(f"{self.ip}:{self.port}", self.outbox)
-                ctx.hub.attach(self.member, DEFAULT_ROOM)
-                log.info("client_connected", nick=self.member.nick, room=DEFAULT_ROOM)
+            member = self._admit()
+            if member is not None:
+                self.member = member
+                identity = member.identity
+                room = identity.start_room(DEFAULT_ROOM) if identity is not None else DEFAULT_ROOM
+                ctx.hub.attach(member, room)
+                ctx.expiry.watch(member)
+                log.info("client_connected", nick=member.nick, room=room, identified=identity is not None)
                 head, self.head = self.head, b""
                 self._serve(head)
                 return
         except Exception:
             self._failed()
         self._finish()
+
+    def _admit(self) -> Member | None:
+        """Bans, authentication, the member caps and the nick, in that order; None when refused (and told why)."""
+        ctx = self.ctx
+        ban = ctx.bans.for_ip(self.ip)
+        if ban is not None:
+            self._refuse(f"banned: {ban.reason}", "banned")
+            return None
+        identity: Identity | None = None
+        if ctx.auth.required:
+            presented = self._auth_line()
+            if presented is None:
+                return None
+            try:
+                identity = ctx.auth.check(presented)
+            except AuthFailed as failed:
+                self._auth_failed(failed.reason)
+                return None
+        if refusal := ctx.member_slots.acquire(self.ip):
+            self._refuse(refusal, "server_full")
+            return None
+        self.admitted = True
+        self.arrival.admitted()
+        nick = f"{self.ip}:{self.port}"
+        if identity is not None:
+            nick = identity.sub
+            ban = ctx.bans.for_nick(nick)
+            if ban is not None:
+                self._refuse(f"banned: {ban.reason}", "banned")
+                return None
+            taken = ctx.directory.reserve(nick)
+            if taken is not None:
+                ctx.auth.count(NICK_TAKEN)
+                ctx.auth_log.note(self.ip, NICK_TAKEN, ip=self.ip)  # a valid token: not charged
+                self._refuse(taken, "auth_failed")
+                return None
+        member = Member(nick, self.outbox, self)
+        member.identity = identity
+        return member
+
+    def _refuse(self, error: str, reason: str) -> None:
+        self.outbox.push(protocol.error_line(error))
+        self.end(reason)
 
     def _bind_log_context(self) -> None:
         structlog.contextvars.bind_contextvars(conn_id=self.conn_id, peer=f"{self.ip}:{self.port}")
@@ -387,9 +440,9 @@ class Session:
                 duration_s=round(time.monotonic() - self.started, 3),
                 bytes_in=self.bytes_in,
             )
-        elif reason in _REFUSED:
+        elif reason in _REFUSALS:
             disconnects[reason].inc()
-            if reason == "server_full":
+            if reason not in ("auth_failed", "auth_throttled"):  # those are in auth_failed
                 ctx.refusals.note((self.ip, reason), ip=self.ip, reason=reason)
         self.sock.close()
         self.arrival.release()
@@ -448,16 +501,15 @@ class Session:
         self.last_input = time.monotonic()
         return data
 
-    def _authenticate(self) -> bool:
-        """The first line that is not blank must be ``/auth TOKEN``, within --auth-timeout.
+    def _auth_line(self) -> str | None:
+        """What the first line that is not blank presents (``/auth X``: X); None when refused already.
 
-        An address that has used up its failures (--auth-failure-burst, then
-        --auth-failure-rate) is refused without its token being looked at, so
+        Within --auth-timeout and what is left of --admission-timeout.  An
+        address that has used up its failures (--auth-failure-burst, then
+        --auth-failure-rate) is refused before its line is looked at, so
         guessing goes no faster than the rate whatever the attacker does.
         """
         ctx = self.ctx
-        token = ctx.limits.token
-        assert token is not None
         deadline = min(time.monotonic() + ctx.limits.auth_timeout, self.arrival.deadline)
         lines = self._nonblank(self.framer.feed(self.head))
         self.head = b""
@@ -467,29 +519,32 @@ class Session:
                 self.end("auth_failed")
             data = self._recv(remaining, "auth_failed") if self.reason is None else None
             if data is None:
+                ctx.auth.count(MISSING)
                 self.outbox.push(protocol.error_line("authentication required: send /auth TOKEN first"))
-                return False
+                return None
             lines = self._nonblank(self.framer.feed(data))
         first, rest = lines[0], lines[1:]
-        wait = ctx.auth_failures.wait(self.ip)
-        if wait:
-            retry = math.ceil(wait)
-            self.outbox.push(
-                protocol.error_line(f"authentication failed: too many failures from your address, retry in {retry} s")
-            )
-            ctx.auth_log.note(self.ip, "throttled", ip=self.ip)
-            self.end("auth_throttled")
-            return False
-        parsed = protocol.parse(clean(first))
-        given = parsed.arg if isinstance(parsed, protocol.Command) and parsed.name == "auth" else ""
-        if not hmac.compare_digest(given.encode(), token.encode()):
-            ctx.auth_failures.take(self.ip)
-            self.outbox.push(protocol.error_line("authentication failed"))
-            ctx.auth_log.note(self.ip, "failures", ip=self.ip)
-            return False
         self.head = b"".join(line + b"\n" for line in rest)
         self.first_line = False
-        return True
+        wait = ctx.auth_failures.wait(self.ip)
+        if wait:
+            ctx.auth_log.note(self.ip, "throttled", ip=self.ip)
+            retry = math.ceil(wait)
+            text = f"authentication failed: too many failures from your address, retry in {retry} s"
+            self._refuse(text, "auth_throttled")
+            return None
+        parsed = protocol.parse(clean(first))
+        if isinstance(parsed, protocol.Command) and parsed.name == "auth" and parsed.arg:
+            return parsed.arg
+        ctx.auth.count(MISSING)
+        self._auth_failed(MISSING)
+        return None
+
+    def _auth_failed(self, reason: str) -> None:
+        """A wrong or missing /auth: charged to the address, logged at most once per interval, refused."""
+        self.ctx.auth_failures.take(self.ip)
+        self.ctx.auth_log.note(self.ip, reason, ip=self.ip)
+        self._refuse("authentication failed", "auth_failed")
 
     @staticmethod
     def _nonblank(lines: list[bytes]) -> list[bytes]:

@@ -1,4 +1,4 @@
-"""The cluster's ``Directory``: nicks, /msg, /who and /rooms across every live instance.
+"""The cluster's ``Directory``: nicks, /msg, /who, /rooms, API posts and kicks across every live instance.
 
 Asked from session greenlets, which may block on one short Redis query;
 never from the fan-out path.  While Redis is away every answer falls back to
@@ -32,7 +32,7 @@ class RedisDirectory:
     def claim_nick(self, member: Member, nick: str) -> str | None:
         """/nick across the cluster: an error text, or None when the nick changed."""
         hub = self.hub
-        if nick == member.nick or nick in hub.members or not self._subscriber.up:
+        if nick == member.nick or hub.holder(nick) is not None or not self._subscriber.up:
             return hub.claim_nick(member, nick)
         try:
             taken = self._claim(keys=[keys.nick(nick)], args=[self._instance_id, self._ttl])
@@ -48,23 +48,84 @@ class RedisDirectory:
         self._publisher.touch(member)  # the presence update releases the old nick
         return error
 
+    def reserve(self, nick: str) -> str | None:
+        """Claim ``nick`` for a member about to join here (a JWT's sub): an error text when taken anywhere."""
+        hub = self.hub
+        error = hub.reserve(nick)
+        if error or not self._subscriber.up:
+            return error
+        try:
+            taken = self._claim(keys=[keys.nick(nick)], args=[self._instance_id, self._ttl])
+        except ERRORS as exc:
+            self.log.info("backplane_query_failed", query="reserve", error=str(exc))
+            return hub.reserve(nick)
+        if taken:
+            return f"nick {nick} is taken"
+        return hub.reserve(nick)  # a member here may have taken it while we asked
+
     def whisper(self, member: Member, target: str, text: str) -> bool:
         """/msg to a member here, or of another instance through that instance's inbox."""
         if self.hub.whisper(member, target, text):
             return True
-        if not self._subscriber.up:
-            return False
-        try:
-            owner = self._redis.get(keys.nick(target))
-        except ERRORS as exc:
-            self.log.info("backplane_query_failed", query="whisper", error=str(exc))
-            return False
-        if owner is None or owner.decode() == self._instance_id:
+        owner = self._owner(target, "whisper")
+        if owner is None:
             return False
         line = protocol.private_line(member.nick, target, text)
-        self._publisher.send_private(owner.decode(), target, line)
+        self._publisher.send_private(owner, target, line)
         self.hub.send_to(member, line)
         return True
+
+    def kick(self, nick: str, notice: bytes) -> bool:
+        """Kick a member here, or ask its instance to (through that instance's inbox)."""
+        if self.hub.kick(nick, notice):
+            return True
+        owner = self._owner(nick, "kick")
+        if owner is None:
+            return False
+        self._publisher.send_kick(owner, nick, notice)
+        return True
+
+    def post(self, room: str, line: bytes) -> bool:
+        """An API line into ``room``: through the hub when it has members here, else straight to Redis."""
+        if self.hub.post(room, line):
+            return True
+        if self.room_size(room) == 0:
+            return False
+        self._publisher.publish(room, line, True)
+        return True
+
+    def room_size(self, room: str) -> int:
+        """Members of ``room`` here plus the counts other live instances published."""
+        size = self.hub.room_size(room)
+        if not self._subscriber.up:
+            return size
+        try:
+            others = self._other_instances()
+            if others:
+                pipe = self._redis.pipeline(transaction=False)
+                for other in others:
+                    pipe.hget(keys.room_counts(other), room)
+                size += sum(int(count) for count in pipe.execute() if count)
+        except ERRORS as exc:
+            self.log.info("backplane_query_failed", query="room_size", error=str(exc))
+        return size
+
+    def _owner(self, nick: str, query: str) -> str | None:
+        """The other instance holding ``nick``; None when nobody (or this instance) does, or Redis is away."""
+        if not self._subscriber.up:
+            return None
+        try:
+            owner = self._redis.get(keys.nick(nick))
+        except ERRORS as exc:
+            self.log.info("backplane_query_failed", query=query, error=str(exc))
+            return None
+        if owner is None or owner.decode() == self._instance_id:
+            return None
+        return str(owner.decode())
+
+    def _other_instances(self) -> list[str]:
+        live = self._redis.zrangebyscore(keys.INSTANCES, self._publisher.now(), "+inf")
+        return [name.decode() for name in live if name.decode() != self._instance_id]
 
     def who(self, room: str) -> list[str]:
         """Nicks in ``room`` on every live instance; this instance's from the hub itself."""
@@ -87,8 +148,7 @@ class RedisDirectory:
         counts: dict[str, int] = {}
         if self._subscriber.up:
             try:
-                live = self._redis.zrangebyscore(keys.INSTANCES, self._publisher.now(), "+inf")
-                others = [name.decode() for name in live if name.decode() != self._instance_id]
+                others = self._other_instances()
                 if others:
                     pipe = self._redis.pipeline(transaction=False)
                     for other in others:

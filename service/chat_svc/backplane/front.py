@@ -1,8 +1,9 @@
 """``RedisBackplane``: what the service sees of the backplane.
 
 The hub's hooks in (``publish``, ``room_active``, ``joining``, ``left``), the
-cluster's ``directory`` and a metrics ``collector`` out; the work is done
-by the subscriber's and the publisher's greenlets.  Only ``joining`` may
+cluster's ``directory``, ``bans`` and ``idempotency`` (for the operator API)
+and a metrics ``collector`` out; the work is done by the subscriber's, the
+publisher's and the ban mirror's greenlets.  Only ``joining`` may
 block (in the joiner's greenlet); the other hooks only queue.
 """
 
@@ -17,10 +18,13 @@ import structlog
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from ..bans import BanList
 from ..hub import Hub, Member
 from . import keys
+from .bans import RedisBans
 from .connection import ERRORS, pool
 from .directory import RedisDirectory
+from .idempotency import RedisIdempotency
 from .instance import Instance, default_instance_id
 from .publisher import Publisher
 from .subscriber import Subscriber
@@ -32,7 +36,15 @@ POOL_SIZE = 32
 class RedisBackplane:
     """The hub's ``Backplane`` on Redis; the Service reads ``directory`` and ``up``."""
 
-    def __init__(self, url: str, hub: Hub, *, instance_id: str | None = None, presence_ttl: int = 15) -> None:
+    def __init__(
+        self,
+        url: str,
+        hub: Hub,
+        *,
+        instance_id: str | None = None,
+        presence_ttl: int = 15,
+        bans: BanList | None = None,
+    ) -> None:
         self.hub = hub
         instance_id = instance_id or default_instance_id()
         log = structlog.get_logger("chat_svc.backplane").bind(instance=instance_id)
@@ -46,6 +58,9 @@ class RedisBackplane:
         self.subscriber = Subscriber(instance, self._pool, (self._queries, writer), wake)
         self.publisher = Publisher(instance, writer, self.subscriber, wake)
         self.directory = RedisDirectory(instance, self._queries, self.subscriber, self.publisher)
+        mirror = bans if bans is not None else BanList()
+        self.bans = RedisBans(instance, self._queries, self.subscriber, self.publisher, mirror)
+        self.idempotency = RedisIdempotency(instance, self._queries, self.subscriber)
         self._greenlets: list[gevent.Greenlet] = []
 
     @property
@@ -57,13 +72,14 @@ class RedisBackplane:
 
     def start(self) -> None:
         """Connect in the background: the instance serves (degraded) while Redis is away."""
-        self._greenlets = [gevent.spawn(self.subscriber.run), gevent.spawn(self.publisher.run)]
+        self._greenlets = [gevent.spawn(g) for g in (self.subscriber.run, self.publisher.run, self.bans.run)]
 
     def stop(self, timeout: float = 2.0) -> None:
         """Flush what the leaving members changed, withdraw this instance, close."""
         self.publisher.flush(timeout)
         self.publisher.stop()
         self.subscriber.stop()
+        self.bans.stop()
         if self.up:
             self.publisher.withdraw()
         gevent.killall(self._greenlets, timeout=1.0)

@@ -13,6 +13,14 @@ What lives where (every name starts with ``chat:``)::
     who:<room>       sorted set "<nick> <instance>" scored by expiry time (Redis clock).
     rooms:<id>       hash room -> member count of one instance; expires with it.
     instances        sorted set of live instances scored by expiry time.
+    bans             hash ban id -> ban (JSON with its expiry, Redis clock); expired ones are
+                     pruned by whoever reads it.  Every instance mirrors it in memory.
+    control          pub/sub channel every instance subscribes to: "the bans changed".
+    idem:<sha256>    an operator API Idempotency-Key (hashed: keys are client text): ""
+                     while its request runs, then the answer; expires after 5 minutes.
+
+Global keys (bans, control, idem:*) are single keys, so on a Redis Cluster
+each lives on one shard like the others; no command here spans two keys.
 
 A message is ``<origin instance id>\\0<kind><payload>``.  The origin has
 already delivered it locally, so every instance skips its own messages on
@@ -21,14 +29,20 @@ receipt and nobody gets a line twice.
 
 from __future__ import annotations
 
+import hashlib
+
 PREFIX = "chat:"
 INSTANCES = PREFIX + "instances"
 # A room nobody speaks in for a week loses its history.
 HISTORY_TTL = 7 * 24 * 3600
 
+BANS = PREFIX + "bans"
+CONTROL = PREFIX + "control"
+
 # Kinds of message: a chat line (kept in the room's history), a notice (live
-# only) and a private line for one member of the receiving instance.
-LINE, NOTICE, PRIVATE = b"h", b"n", b"m"
+# only), a private line for one member of the receiving instance, a kick
+# (the notice, then the member is disconnected) and "the bans changed".
+LINE, NOTICE, PRIVATE, KICK, BANS_CHANGED = b"h", b"n", b"m", b"k", b"b"
 
 
 def key(kind: str, name: str) -> str:
@@ -58,6 +72,11 @@ def who(room: str) -> str:
 
 def room_counts(instance_id: str) -> str:
     return key("rooms", instance_id)
+
+
+def idempotency(client_key: str) -> str:
+    """The Redis key of an API Idempotency-Key: hashed, so any client text makes a short, safe name."""
+    return key("idem", hashlib.sha256(client_key.encode()).hexdigest())
 
 
 _ROOM_CHANNEL = room_channel("").encode()

@@ -63,6 +63,7 @@ class Publisher:
         self._line = keys.envelope_prefix(instance_id, keys.LINE)
         self._notice = keys.envelope_prefix(instance_id, keys.NOTICE)
         self._private = keys.envelope_prefix(instance_id, keys.PRIVATE)
+        self._kick = keys.envelope_prefix(instance_id, keys.KICK)
         # read by the collector
         self.published = 0
         self.errors = {"redis_error": 0, "down": 0, "queue_full": 0}
@@ -95,6 +96,10 @@ class Publisher:
     def send_private(self, owner: str, target: str, line: bytes) -> None:
         """A /msg line for ``target``, a member of the instance ``owner``."""
         self._enqueue(keys.inbox(owner), self._private + keys.private_payload(target, line), None, line)
+
+    def send_kick(self, owner: str, target: str, notice: bytes) -> None:
+        """Kick ``target``, a member of the instance ``owner``: it gets ``notice``, then is disconnected."""
+        self._enqueue(keys.inbox(owner), self._kick + keys.private_payload(target, notice), None, notice)
 
     def touch(self, member: Member) -> None:
         """``member`` joined, left or was renamed: write its presence soon."""
@@ -249,16 +254,20 @@ class Publisher:
             if before is not None:
                 pipe.zrem(keys.who(before[1]), keys.who_entry(before[0], me))
                 rooms.add(before[1])
-                if before[0] not in hub.members:
+                if hub.holder(before[0]) is None:
                     release.append(keys.nick(before[0]))
             if now is None:
                 del self._shown[member]
+                # An identified member renamed away from its sub held that too (hub.reserved).
+                sub = member.identity.sub if member.identity is not None else None
+                if sub is not None and before is not None and sub != before[0] and hub.holder(sub) is None:
+                    release.append(keys.nick(sub))
             else:
                 self._shown[member] = now
                 added.setdefault(now[1], {})[keys.who_entry(now[0], me)] = expires
                 rooms.add(now[1])
                 claim.append(keys.nick(now[0]))
-        release.extend(keys.nick(nick) for nick in self._orphans if nick not in hub.members)
+        release.extend(keys.nick(nick) for nick in self._orphans if hub.holder(nick) is None)
         self._orphans.clear()
         for chunk in _chunks(release):
             self._release(keys=chunk, args=[me], client=pipe)
@@ -312,6 +321,7 @@ class Publisher:
             pipe.hset(counts_key, mapping=counts)
             pipe.expire(counts_key, self.ttl)
         nicks = [keys.nick(nick) for nick, _ in self._shown.values()]
+        nicks.extend(keys.nick(sub) for sub in self.hub.reserved)
         for chunk in _chunks(nicks):
             indexes.append(len(pipe))
             self._claim(keys=chunk, args=[me, self.ttl], client=pipe)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -58,6 +58,8 @@ class Subscriber:
         self.connects = 0
         # rooms whose subscription may have to change; the publisher's greenlet reconciles them
         self.pending: set[str] = set()
+        # Called when another instance changed the bans, and after every (re)connect.
+        self.on_bans_changed: Callable[[], None] | None = None
         # per connection
         self._conn: Any = None
         self._lock = gevent.lock.Semaphore()
@@ -194,7 +196,7 @@ class Subscriber:
             rooms = set(self.hub.rooms) | set(self._joining)
             self._subscribed = rooms
             self._confirmed = set()
-            channels = [self._inbox, *(keys.room_channel(room) for room in rooms)]
+            channels = [self._inbox, keys.CONTROL, *(keys.room_channel(room) for room in rooms)]
             conn.send_command("SUBSCRIBE", *channels)
             pending = len(channels)
             while pending:
@@ -212,6 +214,8 @@ class Subscriber:
         self.pending.update(self.hub.rooms)  # rooms that appeared while we connected
         self.up = True
         self._wake.set()
+        if self.on_bans_changed is not None:
+            self.on_bans_changed()
         return conn
 
     def _read(self, conn: Any) -> None:
@@ -256,6 +260,14 @@ class Subscriber:
         if kind == keys.PRIVATE:
             if hub.deliver_private(*keys.open_private(payload)):
                 self.received += 1
+            return
+        if kind == keys.KICK:
+            if hub.kick(*keys.open_private(payload)):
+                self.received += 1
+            return
+        if kind == keys.BANS_CHANGED:
+            if self.on_bans_changed is not None:
+                self.on_bans_changed()
             return
         name = keys.room_of(channel)
         room = hub.rooms.get(name) if name is not None else None
