@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         c = Client(hub, sock, addr)
         hub.nicks[c.nick] = c
         hub.rooms.setdefault(c.room, set()).add(c)
-        c.send(f"* welcome to chat-svc, you are {c.nick} in room {c.room}; type /help for commands")
+        c.send(f"* welcome to chat-svc, you are {c.nick} in {c.room}; type /help")
         buf = b""
         try:
             while True:

@@ -11,6 +11,7 @@ class RecordingSink:
     """Accepts ``capacity`` bytes per call (None = everything) and records each write."""
 
     parkable = True
+    kernel_buffer = 0
 
     def __init__(self, capacity: int | None = None) -> None:
         self.capacity = capacity
@@ -49,7 +50,7 @@ def make_member(
     room: str = "lobby",
 ) -> Member:
     dropped = dropped if dropped is not None else []
-    member = Member(nick, Outbox(sink, limit, lambda: dropped.append(nick), lambda: dropped.append(nick)))
+    member = Member(nick, Outbox(sink, limit, lambda _reason: dropped.append(nick), lambda: dropped.append(nick)))
     hub.attach(member, room)
     return member
 

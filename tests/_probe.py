@@ -29,15 +29,24 @@ class Measured:
     """What the bystander saw: round trips of its own /msg, and /healthz answer times (seconds)."""
 
     round_trips: list[float] = field(default_factory=list)
+    # When each round trip started (monotonic), to see which phase of an attack was slow.
+    started: list[float] = field(default_factory=list)
     health: list[float] = field(default_factory=list)
     lost: int = 0
     health_failures: list[str] = field(default_factory=list)
+    # With ``record=True``: every line the bystander received, with its arrival time (monotonic).
+    lines: list[tuple[float, bytes]] = field(default_factory=list)
 
     def p99(self) -> float:
         values = sorted(self.round_trips)
         if not values:
             return float("inf")
         return values[min(len(values) - 1, int(len(values) * 0.99))]
+
+    def slowest(self, count: int = 5) -> list[tuple[float, float]]:
+        """The ``count`` slowest round trips as (start, seconds), in time order."""
+        pairs = sorted(zip(self.started, self.round_trips, strict=True), key=lambda pair: pair[1])[-count:]
+        return sorted(pairs)
 
     def slowest_health(self) -> float:
         return max(self.health, default=float("inf"))
@@ -60,10 +69,13 @@ class Settings:
     nick: str = "bystander"
     source: str = "127.0.0.1"
     health_port: int | None = None
-    # Under the default --flood-rate (10 lines/s): faster, the bystander would measure its own fakelag.
-    interval: float = 0.15
+    # 8 lines a second: under the default --flood-rate (10), so the server never
+    # fakelags the bystander itself (at 0.05 s its p50 became the 50 ms fakelag).
+    interval: float = 0.125
     timeout: float = 5.0
     token: str | None = None
+    # Keep every line received, with its arrival time (``Measured.lines``).
+    record: bool = False
 
 
 class Bystander:
@@ -105,7 +117,9 @@ class Bystander:
             self._proc.stdin.close()
             output = self._proc.stdout.read()
             self._proc.wait(30)
-            self.measured = Measured(**json.loads(output.strip().splitlines()[-1]))
+            figures = json.loads(output.strip().splitlines()[-1])
+            figures["lines"] = [(at, line.encode("latin-1")) for at, line in figures["lines"]]
+            self.measured = Measured(**figures)
         return self.measured
 
 
@@ -114,6 +128,7 @@ class _Probe:
 
     def __init__(self, settings: Settings) -> None:
         host, port, nick, timeout = settings.host, settings.port, settings.nick, settings.timeout
+        self.record = settings.record
         self.host, self.port, self.nick = host, port, nick
         self.source = settings.source
         self.health_port = settings.health_port or port
@@ -151,6 +166,8 @@ class _Probe:
         while True:
             while b"\n" in self._buffer:
                 line, _, self._buffer = self._buffer.partition(b"\n")
+                if self.record:
+                    self.measured.lines.append((time.monotonic(), line))
                 if needle in line:
                     return line
             remaining = deadline - time.monotonic()
@@ -178,6 +195,7 @@ class _Probe:
                 self.measured.lost += 1
                 return
             self.measured.round_trips.append(time.monotonic() - started)
+            self.measured.started.append(started)
             self._stop.wait(self.interval)
 
     def _check_health(self) -> None:
@@ -208,7 +226,9 @@ def _main() -> None:
     print("joined", flush=True)
     probe.start()
     sys.stdin.readline()
-    print(json.dumps(asdict(probe.stop())), flush=True)
+    figures = asdict(probe.stop())
+    figures["lines"] = [(at, line.decode("latin-1")) for at, line in figures["lines"]]  # JSON has no bytes
+    print(json.dumps(figures), flush=True)
 
 
 if __name__ == "__main__":

@@ -133,8 +133,8 @@ def test_publish_reaches_every_member_of_the_room_and_its_history(api: ServerPro
     later.expect("* welcome")
     later.send("/join dev")
     assert later.expect("[history]") == "[history] [deploy-bot] deploy done"
-    # A room with a leading # is addressed URL-encoded.
-    eve = api.member("eve", "#ops")
+    # A room addressed with its leading # (URL-encoded) is the room without it, as with /join.
+    eve = api.member("eve", "ops")
     assert call(api.port, "POST", "/api/v1/rooms/%23ops/messages", {"text": "hi"})[0] == 200
     assert eve.expect("[") == "[api] hi"
 
@@ -201,12 +201,12 @@ def test_an_idempotency_key_delivers_once_and_answers_the_same(api: ServerProces
 
 def test_rooms_and_members(api: ServerProcess) -> None:
     assert call(api.port, "GET", "/api/v1/rooms")[:2] == (200, [])
-    api.member("carol", "#ops")
+    api.member("carol", "ops")
     api.member("bob")
     api.member("alice")
     assert call(api.port, "GET", "/api/v1/rooms")[:2] == (
         200,
-        [{"name": "#ops", "members": 1}, {"name": "lobby", "members": 2}],
+        [{"name": "lobby", "members": 2}, {"name": "ops", "members": 1}],
     )
     assert call(api.port, "GET", "/api/v1/rooms/lobby/members")[:2] == (200, ["alice", "bob"])
     assert call(api.port, "GET", "/api/v1/rooms/%23ops/members")[:2] == (200, ["carol"])

@@ -171,6 +171,23 @@ def test_nick_clash_across_instances_is_refused_and_freed_on_leave(
     wait_for(lambda: claim(newcomer, "newcomer", "alice2"), 5, "alice2 free after /quit")
 
 
+def test_nicks_are_one_across_instances_whatever_their_case(redis_server: RedisServer, chat_server: Start) -> None:
+    """The nick key is lower case; the nick shown keeps the case its owner chose."""
+    a, b = cluster(chat_server, redis_server, 2)
+    alice = joined(a, "Alice", "r")
+    other = joined(b, "other", "r")
+    other.send("/nick aLICE")
+    assert other.expect("!") == "! nick aLICE is taken"
+    other.send("/msg ALICE hello")
+    assert alice.expect("[other ->") == "[other -> ALICE] hello"
+    assert wait_for(lambda: who(other, "r") == ["Alice", "other"], 5, "who shows the case chosen") < 5
+    store = redis_client.Redis.from_url(redis_server.url)
+    assert store.get("chat:nick:alice") is not None and store.get("chat:nick:Alice") is None
+    alice.send("/nick ALICE")  # a change of case only keeps the nick
+    assert other.expect("* Alice") == "* Alice is now known as ALICE"
+    assert store.get("chat:nick:alice") is not None
+
+
 def test_who_and_rooms_cover_every_instance(redis_server: RedisServer, chat_server: Start) -> None:
     a, b, c = cluster(chat_server, redis_server, 3)
     alice = joined(a, "alice", "r")

@@ -34,6 +34,9 @@ def test_bans_match_by_nick_sub_address_and_network() -> None:
     assert by_nick.matches("eve", "1.1.1.1", None) and by_nick.matches("renamed", "1.1.1.1", "eve")
     assert not by_nick.matches("bob", "10.0.0.1", None)
     assert by_net.matches("x", "192.168.1.1", None) and not by_net.matches("x", "192.169.1.1", None)
+    # Nicks are one whatever their case, so a ban on one is too.
+    assert bans.for_nick("EVE") is by_nick and by_nick.matches("Eve", "1.1.1.1", None)
+    assert by_nick.matches("renamed", "1.1.1.1", "eVe")
 
 
 def test_bans_end_after_their_ttl_and_leave_the_list() -> None:

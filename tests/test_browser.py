@@ -152,7 +152,7 @@ def test_the_page_asks_for_the_token_when_the_server_does(browser, chat_server):
     assert tab.page.inner_text("#prompt") == "access token"
     tab.type("sesame")
     tab.connected()
-    assert re.fullmatch(r"\* welcome to chat-svc, you are \S+ in room lobby; type /help for commands", tab.lines()[-1])
+    assert re.fullmatch(r"\* welcome to chat-svc, you are \S+ in lobby; type /help", tab.lines()[-1])
     tcp = srv.connect()
     tcp.send("/auth sesame\n/nick tcp")
     tcp.expect_re("now known as tcp$")

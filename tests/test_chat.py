@@ -20,7 +20,8 @@ def test_join_and_leave_notices_name_the_member(chat_server):
     nick = welcome.split("you are ")[1].split(" ")[0]
     host, port = nick.rsplit(":", 1)
     assert host == "127.0.0.1" and int(port) == bob.sock.getsockname()[1]
-    assert "/help" in welcome
+    assert welcome == f"* welcome to chat-svc, you are {nick} in lobby; type /help"
+    assert len(welcome) <= 80
     alice.expect(f"* {nick} joined lobby")
     bob.close()
     alice.expect(f"* {nick} left lobby")
@@ -39,13 +40,24 @@ def test_nick_rules(chat_server):
     alice, bob = srv.member("alice"), srv.member("bob")
     alice.send("/nick bob")
     assert alice.expect("!") == "! nick bob is taken"
-    for bad in ("", "a" * 33, "has space", "bad:colon", "émile"):
+    for bad in ("a" * 33, "has space", "bad:colon", "émile", "\u0430lice"):
         alice.send(f"/nick {bad}")
         assert alice.expect("!").startswith("! invalid nick")
+    # Invisible characters are stripped before the line is read: they never reach a nick.
+    alice.send("/nick a\u202eli\u200bc\u2066e2")
+    assert bob.expect("*") == "* alice is now known as alice2"
+    alice.send("/nick alice")
+    assert bob.expect("*") == "* alice2 is now known as alice"
+    alice.send("/nick")
+    assert alice.expect("!") == "! usage: /nick NAME"
+    alice.send("/nick BOB")
+    assert alice.expect("!") == "! nick BOB is taken"
     alice.send("/nick al.ice-2_X")
     assert bob.expect("*") == "* alice is now known as al.ice-2_X"
     alice.send("hi")
     assert bob.expect("[") == "[al.ice-2_X] hi"
+    bob.send("/msg AL.ICE-2_x case does not matter")
+    assert alice.expect("[bob") == "[bob -> AL.ICE-2_x] case does not matter"
 
 
 def test_join_moves_between_rooms_created_on_demand(chat_server):
@@ -54,10 +66,11 @@ def test_join_moves_between_rooms_created_on_demand(chat_server):
     bob.send("/join dev")
     bob.expect("* you joined dev")
     alice.expect("* bob left lobby")
-    carol.send("/join #dev")
-    carol.expect("* you joined #dev")
-    carol.send("/join dev")
+    carol.send("/join #Dev")
+    carol.expect("* you joined dev")
     bob.expect("* carol joined dev")
+    carol.send("/join DEV")
+    assert carol.expect("*") == "* you are already in dev"
     carol.send("in dev")
     assert bob.expect("[carol]") == "[carol] in dev"
     assert not [line for line in alice.lines_for(0.4) if "in dev" in line]
@@ -74,7 +87,7 @@ def test_rooms_and_who_list_members(chat_server):
     alice, bob = srv.member("alice"), srv.member("bob")
     srv.member("carol", room="dev")
     alice.send("/rooms")
-    assert alice.expect("* rooms") == "* rooms: dev (1), lobby (2)"
+    assert alice.expect("* rooms") == "* rooms: lobby (2), dev (1)"
     bob.send("/who")
     assert bob.expect("* in ") == "* in lobby (2): alice, bob"
 
@@ -100,7 +113,7 @@ def test_me_action_and_usage(chat_server):
     srv = chat_server()
     alice, bob = srv.member("alice"), srv.member("bob")
     alice.send("/me waves")
-    assert bob.expect("* alice") == "* alice waves"
+    assert bob.expect("* [alice]") == "* [alice] waves"
     alice.send("/me")
     assert alice.expect("!") == "! usage: /me ACTION"
 
@@ -122,7 +135,8 @@ def test_help_unknown_command_and_literal_slash(chat_server):
     srv = chat_server()
     alice, bob = srv.member("alice"), srv.member("bob")
     alice.send("/help")
-    assert "/nick NAME" in alice.expect("* commands")
+    alice.expect("* commands:")
+    assert alice.recv_line() == "* /nick NAME  take the nick NAME"
     alice.send("/dance now")
     assert alice.expect("!").startswith("! unknown command")
     alice.send("//shrug")
@@ -149,7 +163,7 @@ def test_joiner_gets_recent_history_marked_as_history(chat_server):
     bob = srv.connect()
     bob.expect("* welcome")
     history = [bob.recv_line() for _ in range(3)]
-    assert history == ["[history] [alice] line 3", "[history] [alice] line 4", "[history] * alice is done"]
+    assert history == ["[history] [alice] line 3", "[history] [alice] line 4", "[history] * [alice] is done"]
     alice.send("live")
     assert bob.expect("[alice]") == "[alice] live"
 

@@ -24,6 +24,7 @@ class Context:
     auth: Authenticator
     expiry: ExpiryWatch
     bans: BanList = field(default_factory=BanList)
+    listings: commands.Listings = field(default_factory=commands.Listings)
 
 
 class Room:
@@ -55,14 +56,23 @@ class Room:
         return {nick: sink.take_text() for nick, sink in self.sinks.items()}
 
 
-def test_help_lists_every_listed_command_in_one_line() -> None:
+def test_help_lists_every_listed_command_one_per_line() -> None:
     room = Room("alice")
     assert room.run("alice", "/help") is None
     assert room.heard()["alice"] == [
-        "* commands: /nick NAME | /join ROOM | /rooms | /who | /me ACTION | /msg NICK TEXT | /help | /quit"
-        "  (start a line with // to send a literal /)"
+        "* commands:",
+        "* /nick NAME  take the nick NAME",
+        "* /join ROOM  leave your room for ROOM (#ROOM too)",
+        "* /rooms  list the biggest rooms and how many are in each",
+        "* /who  list who is in your room",
+        "* /me ACTION  tell your room what you are doing",
+        "* /msg NICK TEXT  send TEXT to NICK alone",
+        "* /help  show the commands",
+        "* /quit  say goodbye and disconnect",
+        "* //text  send /text as a chat line",
     ]
     assert [c.name for c in commands.TABLE if not c.listed] == ["auth"]
+    assert all(len(line) <= 80 for line in commands.HELP.decode().splitlines())
 
 
 def test_nick_renames_and_tells_the_room() -> None:
@@ -84,6 +94,31 @@ def test_nick_refuses_invalid_and_taken_names_and_ignores_the_same_name() -> Non
     assert heard["bob"] == []
 
 
+def test_nick_without_a_name_shows_usage() -> None:
+    room = Room("alice")
+    room.run("alice", "/nick")
+    room.run("alice", "/join")
+    assert room.heard()["alice"] == ["! usage: /nick NAME", "! usage: /join ROOM"]
+
+
+def test_nicks_are_unique_whatever_their_case_and_keep_the_case_shown() -> None:
+    room = Room("alice", "bob")
+    room.run("bob", "/nick ALICE")
+    room.run("alice", "/nick Alice")
+    heard = room.heard()
+    assert heard["bob"] == ["! nick ALICE is taken", "* alice is now known as Alice"]
+    assert room.hub.member("aLiCe") is room.members["alice"] and room.members["alice"].nick == "Alice"
+    room.run("bob", "/msg ALICE hi")
+    assert room.heard()["alice"] == ["[bob -> ALICE] hi"]
+
+
+@pytest.mark.parametrize("reserved", ["history", "server", "You", "WELCOME", "bye", "ids", "resumed", "in"])
+def test_nicks_that_would_read_as_server_lines_are_reserved(reserved: str) -> None:
+    room = Room("alice")
+    room.run("alice", f"/nick {reserved}")
+    assert room.heard()["alice"] == [f"! nick {reserved} is reserved"]
+
+
 def test_join_moves_the_member_with_notices_and_history() -> None:
     room = Room("alice", "bob")
     room.add("carol", room="dev")
@@ -100,19 +135,72 @@ def test_join_moves_the_member_with_notices_and_history() -> None:
 def test_join_refuses_bad_names_and_the_current_room() -> None:
     room = Room("alice")
     room.run("alice", "/join bad/room")
+    room.run("alice", "/join ##lobby")
     room.run("alice", "/join lobby")
+    room.run("alice", "/join #LOBBY")
     assert room.heard()["alice"] == [
         "! invalid room name: use 1-32 letters, digits, _ - . (optional leading #)",
+        "! invalid room name: use 1-32 letters, digits, _ - . (optional leading #)",
+        "* you are already in lobby",
         "* you are already in lobby",
     ]
 
 
-def test_rooms_lists_each_room_with_its_count() -> None:
+def test_room_names_drop_one_leading_hash_and_ignore_case() -> None:
+    room = Room("alice", "bob")
+    room.run("alice", "/join #Dev")
+    room.run("bob", "/join DEV")
+    heard = room.heard()
+    assert heard["alice"] == ["* you joined dev", "* bob joined dev"]
+    assert heard["bob"] == ["* alice left lobby", "* you joined dev"]
+    assert list(room.hub.rooms) == ["dev"]
+
+
+def test_rooms_lists_each_room_with_its_count_biggest_first() -> None:
     room = Room("alice", "bob")
     room.add("carol", room="dev")
     room.heard()
     room.run("alice", "/rooms")
-    assert room.heard()["alice"] == ["* rooms: dev (1), lobby (2)"]
+    assert room.heard()["alice"] == ["* rooms: lobby (2), dev (1)"]
+
+
+def test_rooms_shows_the_biggest_rooms_and_totals_the_rest() -> None:
+    room = Room("alice", "bob")
+    for n in range(commands.ROOMS_SHOWN + 10):
+        room.add(f"m{n}", room=f"r{n:03d}")
+    room.heard()
+    room.run("alice", "/rooms")
+    line = room.heard()["alice"][0]
+    assert line.startswith("* rooms: lobby (2), r000 (1), r001 (1), ")
+    assert line.endswith(f", r048 (1) and 11 more (62 members in {commands.ROOMS_SHOWN + 11} rooms)")
+    assert len(line) < 1000
+
+
+def test_listings_are_reused_until_membership_changes_and_big_ones_rebuilt_at_most_every_floor() -> None:
+    now = [100.0]
+    builds: list[int] = []
+    listings = commands.Listings(floor=0.1, ttl=1.0, big=1000, clock=lambda: now[0])
+
+    def ask(generation: int, step: float, walked: int) -> None:
+        now[0] += step
+        assert listings.get("/rooms", generation, walked, lambda: builds.append(1) or b"answer") == b"answer"
+
+    ask(1, 0.0, 5)  # built
+    ask(1, 0.5, 5)  # unchanged: reused
+    ask(2, 0.01, 5)  # changed, small: built again at once
+    ask(2, 1.2, 5)  # unchanged but older than the ttl: built
+    assert len(builds) == 3
+    ask(3, 0.0, 5000)  # changed, big, built 0 s ago: reused
+    ask(4, 0.05, 5000)  # changed, big, built 0.05 s ago: reused
+    ask(5, 0.06, 5000)  # changed, big, built 0.11 s ago (past the floor): built
+    assert len(builds) == 4
+
+
+def test_commands_cost_flood_tokens_by_what_they_cost_the_server() -> None:
+    assert commands.cost("plain chat") == commands.cost(None) == 1
+    assert commands.cost(protocol.Command("rooms", "")) == 5
+    assert commands.cost(protocol.Command("who", "")) == commands.cost(protocol.Command("join", "x")) == 3
+    assert commands.cost(protocol.Command("dance", "")) == 1
 
 
 def test_who_lists_the_room_sorted_and_caps_long_lists() -> None:
@@ -133,7 +221,7 @@ def test_me_acts_to_the_others_and_needs_an_action() -> None:
     room.run("alice", "/me waves")
     room.run("alice", "/me")
     heard = room.heard()
-    assert heard["bob"] == ["* alice waves"]
+    assert heard["bob"] == ["* [alice] waves"]
     assert heard["alice"] == ["! usage: /me ACTION"]
 
 

@@ -85,5 +85,30 @@ def test_parse_classifies_lines() -> None:
 def test_nick_and_room_validation() -> None:
     assert protocol.valid_nick("a") and protocol.valid_nick("A_b-c.9" * 4 + "1234")
     assert not protocol.valid_nick("x" * 33) and not protocol.valid_nick("a b") and not protocol.valid_nick("")
-    assert protocol.valid_room("#dev") and protocol.valid_room("lobby")
-    assert not protocol.valid_room("##dev") and not protocol.valid_room("a/b")
+    assert protocol.room_name("#Dev") == protocol.room_name("dev") == protocol.room_name("DEV") == "dev"
+    assert protocol.room_name("lobby") == "lobby"
+    assert protocol.room_name("##dev") is None and protocol.room_name("a/b") is None
+    assert protocol.room_name("#") is None and protocol.room_name("x" * 33) is None
+
+
+@settings(max_examples=400)
+@given(raw=st.binary(max_size=LIMIT) | st.text(max_size=LIMIT // 4).map(str.encode))
+def test_cleaned_text_never_grows_past_the_line_limit(raw: bytes) -> None:
+    """Each invalid byte decodes to three bytes of U+FFFD: the text is cut back to the limit."""
+    if len(raw) <= LIMIT:
+        assert len(clean(raw, LIMIT).encode()) <= LIMIT
+
+
+def test_invalid_utf8_is_cut_to_the_limit_at_a_character_boundary() -> None:
+    assert clean(b"\xff" * 8192, 8192) == "\ufffd" * 2730
+    assert clean(b"ok \xff" * 4, 10) == "ok \ufffdok "
+    assert clean("caf\u00e9".encode(), 4) == "caf\u00e9"  # valid text is never cut
+
+
+def test_invisible_reordering_characters_are_stripped_and_line_separators_become_spaces() -> None:
+    hidden = "a\u202eb\u2066c\u2069d\u200be\u2060f\ufeffg"
+    assert clean(hidden.encode()) == "abcdefg"
+    assert clean("one\u2028two\u2029three".encode()) == "one two three"
+    # ZWJ (emoji sequences), ZWNJ (Persian, Indic scripts) and direction marks stay.
+    kept = "\U0001f469\u200d\U0001f4bb \u0645\u200c\u06cc \u200eA\u200f"
+    assert clean(kept.encode()) == kept

@@ -76,7 +76,7 @@ def test_direct_lines_stay_in_order_with_room_lines() -> None:
 
 def test_partial_writes_queue_the_rest_and_ask_the_sink_to_write_it_later() -> None:
     sink = RecordingSink(capacity=4)
-    outbox = Outbox(sink, 100, lambda: None, lambda: None)
+    outbox = Outbox(sink, 100, lambda _reason: None, lambda: None)
     outbox.push(b"0123456789")
     assert sink.writes == [b"0123"] and outbox.size == 6 and sink.kicked == 1
     outbox.push(b"abc")

@@ -78,7 +78,7 @@ def test_a_valid_token_makes_sub_the_nick(chat_server: Start, tmp_path: Path, ki
     key, sign = hs256(tmp_path) if kind == "HS256" else asymmetric(tmp_path, kind)
     srv = chat_server("--jwt-key-file", str(key), "--require-auth")
     alice = auth_first(srv, sign(sub="alice", exp=int(time.time()) + 60))
-    assert alice.expect("* welcome") == "* welcome to chat-svc, you are alice in room lobby; type /help for commands"
+    assert alice.expect("* welcome") == "* welcome to chat-svc, you are alice in lobby; type /help"
     bob = auth_first(srv, sign(sub="bob"))
     bob.expect("* welcome")
     bob.send("hi alice")
@@ -217,15 +217,15 @@ def test_the_rooms_claim_is_an_allow_list(chat_server: Start, tmp_path: Path) ->
     key, sign = hs256(tmp_path)
     srv = chat_server("--jwt-key-file", str(key), "--require-auth", "--flood-rate", "0")
     ops = auth_first(srv, sign(sub="olga", rooms=["ops", "#dev"]))
-    assert ops.expect("* welcome") == "* welcome to chat-svc, you are olga in room ops; type /help for commands"
+    assert ops.expect("* welcome") == "* welcome to chat-svc, you are olga in ops; type /help"
     ops.send("/join lobby")
     assert ops.expect("!") == "! not allowed in lobby"
     ops.send("/join #dev")
-    assert ops.expect("* you joined") == "* you joined #dev"
+    assert ops.expect("* you joined") == "* you joined dev"  # the claim's "#dev" is the room dev
     ops.send("/join bad room")
     assert ops.expect("!").startswith("! invalid room name")
     anywhere = auth_first(srv, sign(sub="any"))
-    assert anywhere.expect("* welcome").endswith("in room lobby; type /help for commands")
+    assert anywhere.expect("* welcome").endswith("in lobby; type /help")
     # A refreshed token with a narrower list moves the member out of a room it no longer allows.
     ops.send(f"/auth {sign(sub='olga', rooms=['ops'])}")
     assert ops.expect("* authenticated") == "* authenticated as olga"

@@ -17,7 +17,7 @@ import pytest
 from _streams import StreamWatcher
 
 SEED_CLIENT = Path(__file__).resolve().parent / "seed_chat_client.py"
-WELCOME = re.compile(r"\* welcome to chat-svc, you are (\S+) in room (\S+);")
+WELCOME = re.compile(r"\* welcome to chat-svc, you are (\S+) in (?:room )?(\S+);")
 
 
 @pytest.fixture

@@ -157,8 +157,8 @@ def _reason(body: dict[str, Any]) -> str:
 
 
 def _room(request: Request) -> str:
-    room = request.params["room"]
-    if not protocol.valid_room(room):
+    room = protocol.room_name(request.params["room"])
+    if room is None:
         raise ApiError(400, f"invalid room name: {ROOM_RULE}")
     return room
 

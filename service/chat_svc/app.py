@@ -18,6 +18,8 @@ from . import __version__, logs, protocol
 from .admission import FD_RESERVE, Admission, FdBudget, WaitingRoom
 from .api import Api, ApiKeys
 from .bans import Ban, BanList, BanStore
+from .budget import OutboundBudget
+from .commands import Listings
 from .config import Config, load
 from .directory import Directory
 from .httpfront import Health, HttpFront, Route, default_routes, serve_metrics_port
@@ -47,7 +49,7 @@ class Service:
     def __init__(self, config: Config, fd_limit: int | None = None) -> None:
         self.config = config
         self.log = structlog.get_logger("chat_svc")
-        self.budget = FdBudget.plan(fd_limit or resource.getrlimit(resource.RLIMIT_NOFILE)[0], config.max_clients)
+        self.descriptors = FdBudget.plan(fd_limit or resource.getrlimit(resource.RLIMIT_NOFILE)[0], config.max_clients)
         self.metrics = Metrics()
         self.counters = Counters()
         self.hub = Hub(
@@ -55,7 +57,9 @@ class Service:
             history=config.history,
             notice_threshold=config.notice_threshold,
             observe_latency=self.metrics.observe_latencies,
+            notice_rate=config.notice_rate,
         )
+        self.budget = OutboundBudget(config.outbound_budget_bytes)
         # Cluster mode (--redis-url): the hub relays through Redis; see backplane/.
         # Imported only then, so a single instance never loads redis.
         self.backplane: RedisBackplane | None = None
@@ -90,8 +94,8 @@ class Service:
         )
         self.sessions: set[Session] = set()
         self.connection_slots = Admission(per_ip_limit=config.max_per_ip)
-        self.member_slots = Admission(self.budget.members)
-        self.waiting = WaitingRoom(config.max_pending, lambda: self.budget.sockets - self.member_slots.count)
+        self.member_slots = Admission(self.descriptors.members)
+        self.waiting = WaitingRoom(config.max_pending, lambda: self.descriptors.sockets - self.member_slots.count)
         self.coalesced = [
             Coalesced(self.log, "client_refused", LOG_INTERVAL),
             Coalesced(self.log, "auth_failed", LOG_INTERVAL),
@@ -116,6 +120,8 @@ class Service:
             auth=self.auth,
             expiry=ExpiryWatch(self._token_expired),
             bans=self.bans,
+            budget=self.budget,
+            listings=Listings(ttl=0.0 if self.backplane is not None else 1.0),
         )
         self.shutting_down = False
         self.accepting = False
@@ -132,7 +138,8 @@ class Service:
             self._open_connections,
             lambda: self.waiting.count,
             lambda: self._ready()[0],
-            self.budget.members,
+            self.descriptors.members,
+            self.budget,
         )
         # The operator API (--api-keys-file) is served where /metrics is: on the chat
         # port, or only on --metrics-port when there is one.
@@ -199,7 +206,7 @@ class Service:
                 self.hub.end(member, notice, "banned")
 
     def _token_expired(self, member: Member) -> None:
-        if self.hub.members.get(member.nick) is member:
+        if self.hub.member(member.nick) is member:
             self.log.info("token_expired", nick=member.nick)
             self.hub.end(member, protocol.error_line("token expired"), "token_expired")
 
@@ -269,7 +276,7 @@ class Service:
                 config.metrics_host, config.metrics_port, self.routes.app(internal=True), config.http_timeout
             )
             self.metrics_server.on_pause = self._accept_paused
-        budget = self.budget
+        budget = self.descriptors
         self.log.info(
             "fd_budget",
             fd_limit=budget.fd_limit,

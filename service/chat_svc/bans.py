@@ -18,6 +18,8 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any, Protocol
 
+from .protocol import nick_key
+
 # A ban lives at most a year; an operator can always make a new one.
 MAX_TTL_S = 365 * 24 * 3600
 
@@ -56,8 +58,10 @@ class Ban:
 
     def matches(self, nick: str, ip: str, sub: str | None) -> bool:
         """Whether a member (its nick, its address, its identity's sub) falls under this ban."""
-        if self.nick is not None and self.nick in (nick, sub):
-            return True
+        if self.nick is not None:
+            banned = nick_key(self.nick)  # nicks are one whatever their case
+            if banned == nick_key(nick) or (sub is not None and banned == nick_key(sub)):
+                return True
         if self.ip is None:
             return False
         if self.ip == ip:
@@ -142,7 +146,7 @@ class BanList:
         """The ban on ``nick``, if any."""
         if not self._bans:
             return None
-        return self._live(self._nicks.get(nick))
+        return self._live(self._nicks.get(nick_key(nick)))
 
     def _live(self, ban: Ban | None) -> Ban | None:
         if ban is not None and ban.expires <= self.clock():
@@ -176,7 +180,7 @@ class BanList:
         self._bans = {ban.id: ban for ban in bans if ban.expires > now}
         # The longest-lasting ban wins each nick and address.
         ordered = sorted(self._bans.values(), key=lambda ban: ban.expires)
-        self._nicks = {ban.nick: ban for ban in ordered if ban.nick is not None}
+        self._nicks = {nick_key(ban.nick): ban for ban in ordered if ban.nick is not None}
         self._ips = {ban.ip: ban for ban in ordered if ban.ip is not None and "/" not in ban.ip}
         self._networks = [(ipaddress.ip_network(ban.ip), ban) for ban in ordered if ban.ip and "/" in ban.ip]
         if self.on_added is not None:

@@ -125,11 +125,20 @@ class Config:
         "Kernel send buffer per client socket (SO_SNDBUF); bounds what the kernel holds for a "
         "slow reader beyond --sendq-bytes. 0 = kernel autotuning (up to tcp_wmem max).",
     )
-    flood_burst: int = setting(20, parse_positive_int, "Lines a client may send at once before fakelag.")
+    outbound_budget_bytes: int = setting(
+        134217728,
+        parse_positive_int,
+        "Outbound bytes all members together may hold (queues, each shared buffer once, plus the full kernel "
+        "send buffer of every member with a queue); past it the largest queues are dropped first.",
+    )
+    flood_burst: int = setting(
+        20, parse_positive_int, "Tokens a client may spend at once before fakelag (a line costs 1, /nick 2, "
+        "/join and /who 3, /rooms 5)."
+    )
     flood_rate: float = setting(
         10.0,
         parse_non_negative_float,
-        "Sustained lines per second per client; 0 turns flood control off.",
+        "Sustained tokens (lines) per second per client; 0 turns flood control off.",
     )
     flood_max_input_bytes: int = setting(
         65536,
@@ -206,6 +215,12 @@ class Config:
         200,
         parse_non_negative_int,
         "Rooms with more members than this get no join/leave notices (keeps big rooms linear).",
+    )
+    notice_rate: int = setting(
+        10,
+        parse_non_negative_int,
+        "Join/leave/rename notices a room shows per second; the rest are summed up in one line a second. "
+        "0 = no limit.",
     )
     http_sniff_ms: int = setting(
         250,

@@ -4,6 +4,9 @@ The caller (a connection's reader, the only code that touches its bucket)
 sleeps for the returned delay without reading the socket: that is IRC's
 "fakelag".  The flooder slows down to the configured rate while everyone
 else is unaffected, and the kernel's receive buffer pushes back on it.
+A line that costs the server more (a listing, a room change) spends more
+tokens, as Ergo charges expensive commands more: whatever a client sends,
+it gets at most ``rate`` tokens' worth of the server per second.
 The clock is injected so the tests need no real time to pass.
 """
 
@@ -26,14 +29,14 @@ class TokenBucket:
         self._last = clock()
         self.throttled_since: float | None = None
 
-    def take(self) -> float:
-        """Spend one token; return the seconds to wait first (0.0 = go now).
+    def take(self, cost: float = 1.0) -> float:
+        """Spend ``cost`` tokens; return the seconds to wait first (0.0 = go now).
 
-        The token is spent even when a wait is returned, so a caller that
+        The tokens are spent even when a wait is returned, so a caller that
         waits and then proceeds has paid for its line exactly once.
         """
         now = self._clock()
-        tokens = self._refill(now) - 1.0
+        tokens = self._refill(now) - cost
         self._tokens = tokens
         if tokens >= 0.0:
             self.throttled_since = None

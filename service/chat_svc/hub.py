@@ -28,6 +28,7 @@ import structlog
 
 from . import protocol
 from .metrics import Counters
+from .notices import NoticeLimiter
 from .outbox import Outbox
 
 if TYPE_CHECKING:
@@ -43,6 +44,8 @@ YIELD_EVERY = 48
 # Bytes a room may have waiting for the sweeper before readers in that room
 # pause (overload backpressure: senders slow down, nothing is dropped).
 ROOM_BACKLOG_LIMIT = 8 * 1024 * 1024
+# How often held-back membership notices are summed up (NoticeLimiter's second).
+NOTICE_PERIOD = 1.0
 
 
 class Owner(Protocol):
@@ -123,7 +126,14 @@ class Backplane(Protocol):
 
 
 class Hub:
-    """All rooms of this process, the nick registry and the fan-out sweeper; the local ``Directory``."""
+    """All rooms of this process, the nick registry and the fan-out sweeper; the local ``Directory``.
+
+    ``members`` and ``reserved`` are keyed by ``protocol.nick_key`` (nicks are
+    unique regardless of case); ``member()`` and ``holder()`` look one up by any
+    spelling.  ``generation``
+    changes whenever membership does, so answers built from it (``/who``,
+    ``/rooms``) can be reused until it moves.
+    """
 
     def __init__(
         self,
@@ -131,6 +141,7 @@ class Hub:
         history: int = 20,
         notice_threshold: int = 200,
         observe_latency: Callable[[Iterable[float]], None] | None = None,
+        notice_rate: int = 0,
     ) -> None:
         self.counters = counters
         self.history = history
@@ -140,6 +151,9 @@ class Hub:
         self.reserved: dict[str, Member] = {}
         self.rooms: dict[str, Room] = {}
         self.backplane: Backplane | None = None
+        self.generation = 0
+        self.notices = NoticeLimiter(notice_rate)
+        self._notice_ticker: gevent.Greenlet | None = None
         self._observe_latency = observe_latency
         self._busy: dict[Room, None] = {}
         self._wake = gevent.event.Event()
@@ -147,19 +161,30 @@ class Hub:
 
     # -- membership -------------------------------------------------------
 
+    def member(self, nick: str) -> Member | None:
+        """The member called ``nick`` here, in any letter case."""
+        return self.members.get(protocol.nick_key(nick))
+
+    def holder(self, nick: str) -> Member | None:
+        """Who has ``nick`` here (any case): the member called so, or the identified member whose sub it is."""
+        key = protocol.nick_key(nick)
+        return self.members.get(key) or self.reserved.get(key)
+
     def attach(self, member: Member, room_name: str) -> None:
         """Register a new member under its nick and put it in ``room_name``."""
-        self.members[member.nick] = member
+        self.members[protocol.nick_key(member.nick)] = member
         member.outbox.push(protocol.welcome_line(member.nick, room_name))
         self._enter(member, room_name)
 
     def detach(self, member: Member) -> None:
         """Forget a member that disconnected; idempotent."""
-        if self.members.get(member.nick) is member:
-            del self.members[member.nick]
+        key = protocol.nick_key(member.nick)
+        if self.members.get(key) is member:
+            del self.members[key]
+            self.generation += 1
         identity = member.identity
-        if identity is not None and self.reserved.get(identity.sub) is member:
-            del self.reserved[identity.sub]
+        if identity is not None and self.reserved.get(protocol.nick_key(identity.sub)) is member:
+            del self.reserved[protocol.nick_key(identity.sub)]
         room = member.room
         if room is not None:
             self._leave(member, room)
@@ -171,35 +196,36 @@ class Hub:
             self._leave(member, room)
         self._enter(member, room_name)
 
-    def holder(self, nick: str) -> Member | None:
-        """Who has ``nick`` here: the member called so, or the identified member whose sub it is."""
-        return self.members.get(nick) or self.reserved.get(nick)
-
     def reserve(self, nick: str) -> str | None:
         """Before a member joins as ``nick``: an error text when it is taken here."""
         return f"nick {nick} is taken" if self.holder(nick) is not None else None
 
     def claim_nick(self, member: Member, new: str) -> str | None:
-        """/nick on this instance: returns an error text, or None when the nick changed."""
+        """/nick on this instance: returns an error text, or None when the nick changed.
+
+        A change of letter case only (``alice`` to ``Alice``) keeps the nick and is allowed.
+        """
         if new == member.nick:
             return None
         if self.holder(new) not in (None, member):
             return f"nick {new} is taken"
         old = member.nick
-        del self.members[old]
+        del self.members[protocol.nick_key(old)]
         member.nick = new
-        self.members[new] = member
+        self.members[protocol.nick_key(new)] = member
+        self.generation += 1
         identity = member.identity
         if identity is not None:
-            if new == identity.sub:
-                self.reserved.pop(new, None)
+            sub = protocol.nick_key(identity.sub)
+            if protocol.nick_key(new) == sub:
+                self.reserved.pop(sub, None)
             else:
-                self.reserved[identity.sub] = member
+                self.reserved[sub] = member
         room = member.room
         if room is not None:
             line = protocol.renamed_line(old, new)
             if len(room.members) <= self.notice_threshold:
-                self.broadcast(room, line, member)
+                self._notice(room, line, member, "renamed")
             self.send_to(member, line)
         return None
 
@@ -220,23 +246,46 @@ class Hub:
         room.add(member)
         member.room = room
         member.rseq = room.end
+        self.generation += 1
         if len(room.members) <= self.notice_threshold:
-            self.broadcast(room, protocol.joined_line(member.nick, room_name), member)
+            self._notice(room, protocol.joined_line(member.nick, room_name), member, "joined")
 
     def _leave(self, member: Member, room: Room) -> None:
         # Out of the room first: handing over what it is owed may fail the
         # member's socket, and that failure comes back here through detach().
         room.remove(member)
         member.room = None
+        self.generation += 1
         self._catch_up(member, room)
         if len(room.members) < self.notice_threshold:
-            self.broadcast(room, protocol.left_line(member.nick, room.name), member)
+            self._notice(room, protocol.left_line(member.nick, room.name), member, "left")
         if not room.members and self.rooms.get(room.name) is room:
             del self.rooms[room.name]
             if self.backplane is not None:
                 self.backplane.room_active(room.name, False)
         if self.backplane is not None:
             self.backplane.left(member)
+
+    def _notice(self, room: Room, line: bytes, member: Member, kind: str) -> None:
+        """A membership notice to the room, unless the room has had its share this second."""
+        if self.notices.admit(room.name, kind):
+            self.broadcast(room, line, member)
+        if self._notice_ticker is None and self.notices.active:
+            self._notice_ticker = gevent.spawn(self._tick_notices)
+
+    def _tick_notices(self) -> None:
+        """Each second, sum up what rooms held back; runs only while rooms have notices."""
+        try:
+            while self.notices.active:
+                gevent.sleep(NOTICE_PERIOD)
+                for name, counts in self.notices.tick():
+                    self.counters.notices_held_back += counts.held_back
+                    room = self.rooms.get(name)
+                    if room is not None and len(room.members) <= self.notice_threshold:
+                        line = protocol.notices_summary_line(name, counts.joined, counts.left, counts.renamed)
+                        self.broadcast(room, line, None)
+        finally:
+            self._notice_ticker = None
 
     # -- fan-out ----------------------------------------------------------
 
@@ -277,17 +326,18 @@ class Hub:
 
     def whisper(self, member: Member, target: str, text: str) -> bool:
         """/msg to a member of this instance: the line goes to both ends."""
-        if target not in self.members:
+        recipient = self.member(target)
+        if recipient is None:
             return False
         line = protocol.private_line(member.nick, target, text)
         self.deliver_private(target, line)
-        if target != member.nick:
+        if recipient is not member:
             self.send_to(member, line)
         return True
 
     def deliver_private(self, nick: str, data: bytes) -> bool:
-        """A private line to the member called ``nick``, counted as a delivery; False when not here."""
-        recipient = self.members.get(nick)
+        """A private line to the member called ``nick`` (any case), counted as a delivery; False when not here."""
+        recipient = self.member(nick)
         if recipient is None:
             return False
         self.send_to(recipient, data)

@@ -77,9 +77,10 @@ class Identity:
         if rooms is not None:
             if not isinstance(rooms, list) or not 0 < len(rooms) <= MAX_ROOMS:
                 raise AuthFailed(jwtauth.BAD_CLAIMS)
-            if not all(isinstance(room, str) and protocol.valid_room(room) for room in rooms):
+            names = [protocol.room_name(room) if isinstance(room, str) else None for room in rooms]
+            if None in names:
                 raise AuthFailed(jwtauth.BAD_CLAIMS)
-            rooms = tuple(dict.fromkeys(rooms))
+            rooms = tuple(dict.fromkeys(names))  # as /join names them: "#Dev" is "dev"
         return cls(sub, bool(nick_change), rooms, float(exp) if exp is not None else None)
 
 

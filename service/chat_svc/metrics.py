@@ -38,6 +38,7 @@ DISCONNECT_REASONS = (
     "eof",
     "error",
     "slow_consumer",
+    "outbound_budget",
     "flood",
     "line_too_long",
     "idle_timeout",
@@ -91,6 +92,7 @@ class Counters:
     commands: int = 0
     private_messages: int = 0
     flood_delayed: int = 0
+    notices_held_back: int = 0
 
 
 class Metrics:
@@ -183,9 +185,10 @@ class Metrics:
         pending_connections: Callable[[], int],
         ready: Callable[[], bool],
         max_clients: int,
+        outbound: Outbound,
     ) -> None:
         self.registry.register(
-            _HubCollector(hub, counters, open_connections, pending_connections, ready, max_clients)
+            _HubCollector(hub, counters, open_connections, pending_connections, ready, max_clients, outbound)
         )
 
 
@@ -199,6 +202,17 @@ class Population(Protocol):
         """Each room with members, and how many."""
 
 
+class Outbound(Protocol):
+    """The outbound budget as the collector sees it (``OutboundBudget`` implements it)."""
+
+    held: int
+    limit: int
+
+    @property
+    def used(self) -> int:
+        """Held bytes plus the kernel buffers of backlogged members: what the budget charges."""
+
+
 @dataclass(eq=False)  # the registry keys collectors by identity
 class _HubCollector(Collector):
     """Reads the plain counters and asks the hub for its rooms and queues at scrape time."""
@@ -210,6 +224,7 @@ class _HubCollector(Collector):
     pending_connections: Callable[[], int]
     ready: Callable[[], bool]
     max_clients: int
+    outbound: Outbound
 
     def collect(self) -> Iterator[Metric]:
         hub, stats = self.hub, self.counters
@@ -241,9 +256,28 @@ class _HubCollector(Collector):
         yield CounterMetricFamily(
             "chat_flood_delayed_lines", "Lines delayed by flood control (fakelag).", value=stats.flood_delayed
         )
-        yield GaugeMetricFamily("chat_sendq_bytes", "Bytes queued for all members.", value=sum(sizes))
+        yield CounterMetricFamily(
+            "chat_notices_held_back",
+            "Join/leave/rename notices over --notice-rate, summed up in a line instead of shown.",
+            value=stats.notices_held_back,
+        )
+        outbound = self.outbound
+        yield GaugeMetricFamily(
+            "chat_sendq_bytes",
+            "Bytes held in members' outbound queues, each buffer once however many members share it.",
+            value=outbound.held,
+        )
         yield GaugeMetricFamily(
             "chat_sendq_max_bytes", "Largest outbound queue of any member.", value=max(sizes, default=0)
+        )
+        yield GaugeMetricFamily(
+            "chat_outbound_bytes",
+            "What the outbound budget charges: chat_sendq_bytes plus the full kernel send buffer of every "
+            "member with a queue.",
+            value=outbound.used,
+        )
+        yield GaugeMetricFamily(
+            "chat_outbound_budget_bytes", "Configured --outbound-budget-bytes.", value=outbound.limit
         )
         counts = sorted(count for _, count in hub.room_counts())
         yield GaugeMetricFamily("chat_rooms", "Rooms with members on this instance.", value=len(counts))

@@ -1,7 +1,16 @@
 """The chat line protocol: what a client's line means and how server lines look.
 
 Pure functions only: no sockets, no rooms.  Every line the server writes is
-built here, so the wire format is defined in one place (and in README.md).
+built here, so the wire format is defined in one place (and in docs/protocol.md).
+
+No line a member causes may be byte-identical to one the server writes on its
+own account, or a member could speak as the server.  Member lines have three
+shapes: ``[NICK] text``, ``[NICK -> NICK] text`` and ``* [NICK] action``
+(``/me``); the server's own lines start with ``! ``, ``[history] `` or ``* ``
+followed by anything but ``[``.  The notices that name a member
+(``* NICK joined ROOM``) would collide when a nick equals the first word of a
+server notice (``* you joined dev``, ``* server shutting down``), so those
+words are reserved as nicks.  Nicks are unique regardless of case, as on IRC.
 """
 
 from __future__ import annotations
@@ -11,6 +20,16 @@ from dataclasses import dataclass
 
 NICK_RE = re.compile(r"[A-Za-z0-9_.\-]{1,32}")
 ROOM_RE = re.compile(r"#?[A-Za-z0-9_.\-]{1,32}")
+
+# The first words of the server's own notices (and the history marker), in
+# lower case: a member with one of these nicks could write a line identical
+# to the server's (``* you joined dev`` as a join notice of nick ``you``).
+RESERVED_NICKS = frozenset(
+    {
+        "history", "server", "you", "welcome", "bye", "in", "ids", "resumed", "rooms", "commands", "authenticated",
+        "admin", "root",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,8 +60,24 @@ def valid_nick(name: str) -> bool:
     return NICK_RE.fullmatch(name) is not None
 
 
-def valid_room(name: str) -> bool:
-    return ROOM_RE.fullmatch(name) is not None
+def reserved_nick(name: str) -> bool:
+    return nick_key(name) in RESERVED_NICKS
+
+
+def nick_key(name: str) -> str:
+    """The form nicks are compared in: ``Alice`` and ``alice`` are one nick (the display keeps its case)."""
+    return name.lower()
+
+
+def room_name(name: str) -> str | None:
+    """The room ``name`` means (one leading ``#`` dropped, lower case), or None when it is not a room name.
+
+    ``#Dev``, ``dev`` and ``DEV`` are one room, shown as ``dev``: IRC channel
+    names are case-insensitive too, and a user typing ``#dev`` means ``dev``.
+    """
+    if ROOM_RE.fullmatch(name) is None:
+        return None
+    return name.removeprefix("#").lower()
 
 
 def encode(text: str) -> bytes:
@@ -55,7 +90,8 @@ def chat_line(nick: str, text: str) -> bytes:
 
 
 def action_line(nick: str, action: str) -> bytes:
-    return encode(f"* {nick} {action}")
+    """``/me``: the nick in brackets, so no action reads as a server notice (``* server shutting down``)."""
+    return encode(f"* [{nick}] {action}")
 
 
 def private_line(sender: str, recipient: str, text: str) -> bytes:
@@ -75,7 +111,15 @@ def renamed_line(old: str, new: str) -> bytes:
 
 
 def welcome_line(nick: str, room: str) -> bytes:
-    return encode(f"* welcome to chat-svc, you are {nick} in room {room}; type /help for commands")
+    """Fits 80 columns with any IPv4 ``ip:port`` nick in ``lobby``."""
+    return encode(f"* welcome to chat-svc, you are {nick} in {room}; type /help")
+
+
+def notices_summary_line(room: str, joined: int, left: int, renamed: int) -> bytes:
+    """Join/leave/rename notices a busy room did not show one by one (see ``NoticeLimiter``)."""
+    counts = ((joined, "joined"), (left, "left"), (renamed, "renamed"))
+    parts = [f"{count} more {verb}" for count, verb in counts if count]
+    return encode(f"* {room}: {', '.join(parts)}")
 
 
 def info_line(text: str) -> bytes:

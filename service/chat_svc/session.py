@@ -28,6 +28,7 @@ from prometheus_client import Counter
 from . import commands, protocol
 from .admission import Admission, Arrival, WaitingRoom
 from .bans import BanList
+from .budget import OutboundBudget
 from .config import Config
 from .directory import Directory
 from .flood import TokenBucket
@@ -44,7 +45,11 @@ from .text import clean
 from .throttle import AddressBuckets
 
 DEFAULT_ROOM = "lobby"
-RECV_BYTES = 65536
+# Input read at once.  A throttled session holds its chunk (and the lines split from it)
+# while it waits out its fakelag, so this bounds what a member's input costs in memory:
+# 1000 throttled members held 128 MB with 64 KiB chunks.  16 KiB still takes in some
+# 100 lines of a busy sender per call.
+RECV_BYTES = 16384
 _ids = itertools.count(1)
 
 # Reasons after which the client is owed what is already queued (a goodbye,
@@ -67,6 +72,8 @@ _GRACEFUL = frozenset(
 )
 # Reasons a connection is refused before it becomes a member.
 _REFUSALS = ("auth_failed", "auth_throttled", "server_full", "banned")
+# SO_LINGER on with a zero timeout: close() resets the connection and frees its buffers.
+_LINGER_RESET = struct.pack("ii", 1, 0)
 
 
 log = structlog.get_logger("chat_svc.session")
@@ -128,6 +135,10 @@ class SessionContext:
     expiry: ExpiryWatch
     # Enforced at connect, /nick and /auth.
     bans: BanList
+    # All members' queued output together (--outbound-budget-bytes).
+    budget: OutboundBudget
+    # /rooms and /who answers shared by everyone asking within a moment.
+    listings: commands.Listings
 
 
 class Framing(Protocol):
@@ -148,9 +159,10 @@ class Framing(Protocol):
         self,
         sink: Sink,
         limit: int,
-        on_overflow: Callable[[], None],
+        on_overflow: Callable[[str], None],
         on_error: Callable[[], None],
         kill: Callable[[str], None],
+        budget: OutboundBudget | None = None,
     ) -> Outbox:
         """Start: the member's outbox, which frames whatever it is pushed; ``kill`` ends a dead peer."""
 
@@ -223,9 +235,11 @@ class Session:
         self.framer = LineFramer(limits.max_line_bytes)
         self.framing = framing
         if framing is None:
-            self.outbox = Outbox(sink, limits.sendq_bytes, self._slow_consumer, self._socket_error)
+            self.outbox = Outbox(sink, limits.sendq_bytes, self._slow_consumer, self._socket_error, ctx.budget)
         else:
-            self.outbox = framing.open(sink, limits.sendq_bytes, self._slow_consumer, self._socket_error, self.kill)
+            self.outbox = framing.open(
+                sink, limits.sendq_bytes, self._slow_consumer, self._socket_error, self.kill, ctx.budget
+            )
         self.bucket = TokenBucket(limits.flood_burst, limits.flood_rate) if limits.flood_rate > 0 else None
         self.started = self.last_input = time.monotonic()
         self.raw = raw_socket(sock) if sink.parkable else None
@@ -378,15 +392,23 @@ class Session:
         else:
             self._finish()
 
-    def _slow_consumer(self) -> None:
+    def _slow_consumer(self, reason: str) -> None:
+        """The outbox dropped its queue: over --sendq-bytes, or among the largest past the outbound budget."""
         log.warning(
             "slow_consumer_disconnected",
             conn_id=self.conn_id,
             peer=f"{self.ip}:{self.port}",
             nick=self._nick_or_none(),
+            reason=reason,
             limit=self.outbox.limit,
         )
-        self.kill("slow_consumer")
+        # The client is not reading: a plain close would leave its full kernel send buffer
+        # behind (an orphan socket) until the kernel gives up on it, minutes later.
+        try:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_RESET)
+        except OSError:
+            pass
+        self.kill(reason)
 
     def _socket_error(self) -> None:
         self.kill("error")
@@ -559,15 +581,19 @@ class Session:
         t_read = time.perf_counter()
         lines = framer.feed(data)
         unread = len(data)
+        limit = self.ctx.limits.max_line_bytes
         for raw in lines:
             unread -= len(raw) + 1
+            if self.first_line and raw.strip() and not self._first_line(raw):
+                return False
+            parsed = protocol.parse(clean(raw, limit))
             if self.bucket is not None:
-                delay = self.bucket.take()
+                delay = self.bucket.take(commands.cost(parsed))
                 if delay:
                     if not self._fakelag(delay, unread):
                         return False
                     t_read = time.perf_counter()
-            if not self._handle(raw, t_read):
+            if parsed is not None and not self._handle(parsed, t_read):
                 return False
         if framer.overflowed:
             self.outbox.push(protocol.error_line("line too long"))
@@ -595,19 +621,21 @@ class Session:
 
     # -- lines ---------------------------------------------------------------
 
-    def _handle(self, raw: bytes, t_read: float) -> bool:
-        """Act on one line; False ends the session."""
-        if self.first_line and raw.strip():
-            self.first_line = False
-            if is_request_line(raw):
-                # An HTTP request that missed the sniff window (--http-sniff-ms): its
-                # headers may carry credentials, so it is never relayed as chat.
-                self.outbox.push(protocol.error_line("HTTP request refused: send it as soon as you connect"))
-                self.end("http_request")
-                return False
-        parsed = protocol.parse(clean(raw))
-        if parsed is None:
+    def _first_line(self, raw: bytes) -> bool:
+        """The first line that is not blank; False (and refused) when it is an HTTP request line.
+
+        An HTTP request that missed the sniff window (--http-sniff-ms) is never
+        relayed as chat: its headers may carry credentials.
+        """
+        self.first_line = False
+        if not is_request_line(raw):
             return True
+        self.outbox.push(protocol.error_line("HTTP request refused: send it as soon as you connect"))
+        self.end("http_request")
+        return False
+
+    def _handle(self, parsed: protocol.Command | str, t_read: float) -> bool:
+        """Act on one parsed line; False ends the session."""
         member = self.member
         assert member is not None
         ctx = self.ctx

@@ -12,6 +12,7 @@ as the sink takes each one whole and finishes a partly written frame itself.
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 import gevent
@@ -26,7 +27,7 @@ _WRITE = 2
 class TcpSink:
     """Non-blocking writes to a plain TCP socket; the rest is written on writability callbacks."""
 
-    __slots__ = ("_fd", "_raw", "_watcher", "counters")
+    __slots__ = ("_fd", "_raw", "_watcher", "counters", "kernel_buffer")
     parkable = True
 
     def __init__(self, sock: Any, counters: Counters) -> None:
@@ -34,6 +35,9 @@ class TcpSink:
         self._fd = sock.fileno()
         self._watcher: Any = None
         self.counters = counters
+        # What the kernel holds once this socket's send buffer is full (Linux
+        # reports twice the --sndbuf-bytes asked for: its bookkeeping is included).
+        self.kernel_buffer: int = sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
 
     def send_nowait(self, data: bytes) -> int:
         try:
@@ -78,6 +82,9 @@ class TlsSink:
 
     __slots__ = ("_sock", "_writer", "counters")
     parkable = False
+    # Every push queues here (the writer greenlet writes), so a queue says
+    # nothing about the kernel's buffer: not charged to the outbound budget.
+    kernel_buffer = 0
 
     def __init__(self, sock: Any, counters: Counters) -> None:
         self._sock = sock

@@ -41,7 +41,7 @@ class RedisDirectory:
             return hub.claim_nick(member, nick)
         if taken:
             return f"nick {nick} is taken"
-        if hub.members.get(member.nick) is not member:  # disconnected while we asked
+        if hub.member(member.nick) is not member:  # disconnected while we asked
             self._publisher.orphan(nick)
             return None
         error = hub.claim_nick(member, nick)

@@ -9,7 +9,9 @@ What lives where (every name starts with ``chat:``)::
     inst:<id>        pub/sub inbox of one instance: /msg to its members.
     history:<room>   list capped at --history lines (RPUSH + LTRIM); read by every joiner,
                      so it outlives the instances.  The hub's deque is only a local mirror.
-    nick:<nick>      the instance owning a nick; claimed atomically, TTL refreshed.
+    nick:<nick>      the instance owning a nick, in lower case (nicks are unique whatever
+                     their case; members and who: entries keep the case shown); claimed
+                     atomically, TTL refreshed.
     who:<room>       sorted set "<nick> <instance>" scored by expiry time (Redis clock).
     rooms:<id>       hash room -> member count of one instance; expires with it.
     instances        sorted set of live instances scored by expiry time.
@@ -30,6 +32,8 @@ receipt and nobody gets a line twice.
 from __future__ import annotations
 
 import hashlib
+
+from ..protocol import nick_key
 
 PREFIX = "chat:"
 INSTANCES = PREFIX + "instances"
@@ -63,7 +67,7 @@ def history(room: str) -> str:
 
 
 def nick(name: str) -> str:
-    return key("nick", name)
+    return key("nick", nick_key(name))
 
 
 def who(room: str) -> str:

@@ -235,7 +235,7 @@ class Publisher:
 
     def _state(self, member: Member) -> tuple[str, str] | None:
         room = member.room
-        if room is None or self.hub.members.get(member.nick) is not member:
+        if room is None or self.hub.member(member.nick) is not member:
             return None
         return member.nick, room.name
 

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 #: The server's welcome names the nick and room; parsed loosely because its wording may change
-#: (``* welcome to chat-svc, you are NICK in room ROOM; type /help for commands`` today).
+#: (``* welcome to chat-svc, you are NICK in ROOM; type /help`` today).
 _WELCOME = re.compile(r"^\* welcome\b.*?\byou are (\S+) in (?:room )?([^\s;,]+)")
 _RENAMED = re.compile(r"^\* (\S+) is now known as (\S+)$")
 _JOINED = re.compile(r"^\* you (?:joined|are already in) (\S+)$")

@@ -75,7 +75,7 @@
   // What the page learns from the server's lines (docs/protocol.md has them all).
   function receive(line) {
     let m;
-    if ((m = /^\* welcome to chat-svc, you are (\S+) in room (\S+);/.exec(line))) {
+    if ((m = /^\* welcome to chat-svc, you are (\S+) in (?:room )?([^\s;,]+)[;,]/.exec(line))) {
       nick = m[1];
       room = m[2];
       count = null;
@@ -99,6 +99,8 @@
       }
     } else if ((m = /^\* (\S+) (joined|left) (\S+)$/.exec(line)) && m[3] === room && count !== null) {
       count += m[2] === "joined" ? 1 : -1;
+    } else if ((m = /^\* ([^\s:]+): \d+ more /.exec(line)) && m[1] === room) {
+      askWho(); // notices summed up under churn: the count is no longer known from them
     } else if (/^! authentication (required|failed)/.test(line)) {
       askForToken();
     }

@@ -18,7 +18,8 @@ from wsproto.connection import Connection, ConnectionState
 from wsproto.events import BytesMessage, CloseConnection, Ping, TextMessage
 from wsproto.frame_protocol import CloseReason, FrameProtocol
 
-from ..outbox import OVERFLOW_NOTICE, Outbox, Sink
+from ..budget import OutboundBudget
+from ..outbox import DROP_NOTICES, Outbox, Sink
 
 # Server-to-client frames carry no mask and no per-connection state (every
 # message is one final frame), so one serializer frames for every member.
@@ -31,6 +32,7 @@ CLOSE_FRAMES: dict[str, tuple[int, str]] = {
     "flood": (CloseReason.POLICY_VIOLATION, "excess flood"),
     "line_too_long": (CloseReason.POLICY_VIOLATION, "line too long"),
     "slow_consumer": (CloseReason.POLICY_VIOLATION, "send queue exceeded"),
+    "outbound_budget": (CloseReason.TRY_AGAIN_LATER, "server memory budget reached"),
     "idle_timeout": (CloseReason.POLICY_VIOLATION, "idle timeout"),
     "auth_failed": (CloseReason.POLICY_VIOLATION, "authentication failed"),
     "ping_timeout": (CloseReason.POLICY_VIOLATION, "ping timeout"),
@@ -88,11 +90,11 @@ class WsOutbox(Outbox):
     def push_frame(self, frame: bytes) -> None:
         Outbox.push(self, frame)
 
-    def overflow_notice(self, torn: bool) -> bytes:
+    def overflow_notice(self, reason: str, torn: bool) -> bytes:
         # Nothing may follow a partly written frame.
         if torn:
             return b""
-        return FRAMES.frame(OVERFLOW_NOTICE) + close_frame(*CLOSE_FRAMES["slow_consumer"])
+        return FRAMES.frame(DROP_NOTICES[reason]) + close_frame(*CLOSE_FRAMES[reason])
 
 
 class WsStream:
@@ -123,11 +125,12 @@ class WsStream:
         self,
         sink: Sink,
         limit: int,
-        on_overflow: Callable[[], None],
+        on_overflow: Callable[[str], None],
         on_error: Callable[[], None],
         kill: Callable[[str], None],
+        budget: OutboundBudget | None = None,
     ) -> Outbox:
-        self.outbox = WsOutbox(sink, limit, on_overflow, on_error)
+        self.outbox = WsOutbox(sink, limit, on_overflow, on_error, budget)
         self.kill = kill
         self._live.add(self)
         return self.outbox
