@@ -88,7 +88,7 @@ def test_members_behind_haproxy_keep_their_own_addresses_v1_and_v2(chat_server, 
     for frontend in (proxy.v1, proxy.v2):
         member = client(frontend, "127.0.0.2")
         nick = f"127.0.0.2:{member.sock.getsockname()[1]}"
-        assert member.expect("* welcome").startswith(f"* welcome to chat-svc, you are {nick} in room lobby;")
+        assert member.expect("* welcome").startswith(f"* welcome to chat-svc, you are {nick} in lobby")
         members.append(member)
         nicks.append(nick)
     members[1].send("/who")
