@@ -55,13 +55,21 @@ def free_port() -> int:
         return int(probe.getsockname()[1])
 
 
-def wait_port(host: str, port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None) -> None:
+# The address ServerProcess's readiness check connects from: the server counts every
+# connection per address from accept, and the check's must not take a place (or a connect
+# token) from the tests' clients on 127.0.0.1 while the server has not noticed it closed yet.
+PROBE_SOURCE = "127.0.0.99"
+
+
+def wait_port(
+    host: str, port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None, source: str | None = None
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode}")
         try:
-            with socket.create_connection((host, port), timeout=0.5):
+            with socket.create_connection((host, port), timeout=0.5, source_address=(source, 0) if source else None):
                 return
         except OSError:
             time.sleep(0.05)
@@ -165,8 +173,16 @@ def make_cert(directory: Path) -> tuple[Path, Path]:
 class LineClient:
     """A raw-socket chat client that reads whole lines, for assertions."""
 
-    def __init__(self, host: str, port: int, timeout: float = 5.0, context: ssl.SSLContext | None = None) -> None:
-        sock = socket.create_connection((host, port), timeout=timeout)
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        timeout: float = 5.0,
+        context: ssl.SSLContext | None = None,
+        source: str | None = None,
+    ) -> None:
+        """``source`` connects from another local address (127.0.0.2 stands in for another client IP)."""
+        sock = socket.create_connection((host, port), timeout=timeout, source_address=(source, 0) if source else None)
         self.sock = context.wrap_socket(sock) if context is not None else sock
         self.timeout = timeout
         self._buffer = b""
@@ -364,7 +380,8 @@ class ServerProcess:
     Its output (JSON logs) goes to a file in ``log_dir`` (pytest's tmp_path from the
     fixture); with ``log_pipe`` through a ``LogPipe`` (``self.log_pipe``) on the way.
     ``wait=False`` returns without waiting for the port, for a server that is expected
-    to fail at start-up.
+    to fail at start-up.  ``prefix`` runs it under another command, e.g.
+    ``("prlimit", "--nofile=700")``.
     """
 
     def __init__(
@@ -375,6 +392,7 @@ class ServerProcess:
         log_dir: Path | None = None,
         wait: bool = True,
         log_pipe: bool = False,
+        prefix: Sequence[str] = (),
     ) -> None:
         args = tuple(args)
         self.host = "127.0.0.1"
@@ -389,7 +407,7 @@ class ServerProcess:
         self.tls_context: ssl.SSLContext | None = None
         if "--tls-cert" in args:
             self.tls_context = tls_client_context(args[args.index("--tls-cert") + 1])
-        argv = [sys.executable, "-m", "chat_svc", "--host", self.host, "--port", str(self.port), *args]
+        argv = [*prefix, sys.executable, "-m", "chat_svc", "--host", self.host, "--port", str(self.port), *args]
         if "--log-format" not in args:
             argv += ["--log-format", "json"]
         for drain in ("--drain-delay", "--drain-spread"):  # a test's teardown need not wait out a drain
@@ -413,7 +431,7 @@ class ServerProcess:
             if self.metrics_port == 0:
                 self.metrics_port = int(str(started["metrics_port"]))
         if wait:
-            wait_port(self.host, self.port, proc=self.proc)
+            wait_port(self.host, self.port, proc=self.proc, source=PROBE_SOURCE)
 
     @property
     def pid(self) -> int:

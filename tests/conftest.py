@@ -34,8 +34,11 @@ def chat_server(tmp_path: Path) -> Iterator[Callable[..., ServerProcess]]:
         port: int | None = None,
         wait: bool = True,
         log_pipe: bool = False,
+        prefix: tuple[str, ...] = (),
     ) -> ServerProcess:
-        server = ServerProcess(args, env=env, port=port, log_dir=tmp_path, wait=wait, log_pipe=log_pipe)
+        server = ServerProcess(
+            args, env=env, port=port, log_dir=tmp_path, wait=wait, log_pipe=log_pipe, prefix=prefix
+        )
         started.append(server)
         return server
 

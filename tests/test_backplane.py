@@ -232,8 +232,8 @@ def test_history_is_shared_and_survives_instance_restarts(redis_server: RedisSer
 def test_redis_outage_keeps_local_rooms_working_and_fanout_resumes(
     redis_server: RedisServer, chat_server: Start
 ) -> None:
-    a = cluster(chat_server, redis_server, 1)[0]
-    b = cluster(chat_server, redis_server, 1, "--ready-requires-backplane", "false")[0]
+    a = cluster(chat_server, redis_server, 1, "--ready-requires-backplane", "true")[0]
+    b = cluster(chat_server, redis_server, 1)[0]  # the default: ready, degraded
     alice, amy = joined(a, "alice", "r"), joined(a, "amy", "r")
     bob = joined(b, "bob", "r")
     alice.send("before")
@@ -290,7 +290,9 @@ def test_nick_taken_on_two_instances_during_an_outage_is_logged_as_a_conflict(
 
 def test_instance_starts_degraded_without_redis_and_connects_later(chat_server: Start) -> None:
     port = free_port()
-    srv = chat_server("--redis-url", f"redis://127.0.0.1:{port}/0", "--flood-rate", "0")
+    srv = chat_server(
+        "--redis-url", f"redis://127.0.0.1:{port}/0", "--flood-rate", "0", "--ready-requires-backplane", "true"
+    )
     wait_for(lambda: readyz(srv) == (503, "backplane down\n"), 5, "not ready without Redis")
     alice, bob = srv.member("alice"), srv.member("bob")
     alice.send("local still works")

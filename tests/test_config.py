@@ -67,6 +67,8 @@ def test_operations_guide_documents_every_metric_and_log_event() -> None:
     source = "".join(path.read_text() for path in (ROOT / "service" / "chat_svc").rglob("*.py"))
     metrics = set(re.findall(r'"(chat_[a-z_]+)"', source)) - {"chat_svc"}
     events = set(re.findall(r'log\w*\.(?:info|warning|error|exception|debug)\(\s*"([a-z_]+)"', source))
+    events |= set(re.findall(r'Coalesced\(\s*[\w.]+,\s*"([a-z_]+)"', source))  # logged once per interval
+    assert {"client_refused", "auth_failed", "accept_paused"} <= events
     assert metrics and events
     missing = sorted(name for name in metrics | events if f"`{name}" not in OPERATIONS)
     assert not missing

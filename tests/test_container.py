@@ -143,7 +143,7 @@ def test_metrics_and_probes_through_published_port(running: Container) -> None:
                 break
             assert time.monotonic() < deadline, "the chat line was never counted"
             time.sleep(0.05)
-        assert metrics["chat_connections"] >= 1
+        assert metrics["chat_connections{transport=tcp}"] >= 1
         assert metrics["chat_connections_accepted_total"] >= 1
         (build,) = [key for key in metrics if key.startswith("chat_build_info{")]
         assert re.fullmatch(r"chat_build_info\{version=.+\}", build) and metrics[build] == 1, build

@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.parse
 import urllib.request
 from pathlib import Path
@@ -23,7 +24,7 @@ from typing import Any
 
 import pytest
 import yaml
-from _chat import ROOT, free_port, metric_samples, prometheus_api
+from _chat import ROOT, free_port, get, metric_samples, prometheus_api, scrape
 from _redis import RedisServer
 from _require import require_binary, require_module
 
@@ -223,7 +224,13 @@ def test_deployment_contract() -> None:
 
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
-    assert probe_port(container["readinessProbe"]) == probe_port(container["livenessProbe"]) == 9009
+    # the probes go where the server serves them: with CHAT_METRICS_PORT, the chat port answers 404
+    metrics_port = int(cm["data"]["CHAT_METRICS_PORT"])
+    assert ports["metrics"]["containerPort"] == metrics_port
+    for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
+        assert probe_port(container[probe]) == metrics_port, probe
+    annotations = spec["template"]["metadata"]["annotations"]
+    assert annotations["prometheus.io/port"] == str(metrics_port)
     res = container["resources"]
     assert {"cpu", "memory"} <= set(res["requests"]) and {"cpu", "memory"} <= set(res["limits"])
     assert pod["securityContext"]["runAsNonRoot"] is True
@@ -267,17 +274,23 @@ def test_service_pdb_hpa_monitor_wiring() -> None:
     assert selects(svc["spec"]["selector"])
     (port,) = svc["spec"]["ports"]
     assert port["port"] == 9009 and port["protocol"] == "TCP"
+    metrics_svc = find("Service", "chat-svc-metrics")
+    assert selects(metrics_svc["spec"]["selector"])
+    (metrics_port,) = metrics_svc["spec"]["ports"]
+    assert metrics_port["targetPort"] == "metrics"
     pdb = find("PodDisruptionBudget")
     assert selects(pdb["spec"]["selector"]["matchLabels"])
     hpa = find("HorizontalPodAutoscaler")
     assert hpa["spec"]["scaleTargetRef"]["name"] == "chat-svc"
     assert hpa["spec"]["minReplicas"] >= dep["spec"]["replicas"] - 0
     sm = find("ServiceMonitor")
-    assert all(
-        svc["metadata"]["labels"].get(k) == v
-        for k, v in sm["spec"]["selector"]["matchLabels"].items()
-    )
-    assert [e["port"] for e in sm["spec"]["endpoints"]] == [port["name"]]
+
+    def monitored(service: dict[str, Any]) -> bool:
+        labels = service["metadata"]["labels"]
+        return all(labels.get(k) == v for k, v in sm["spec"]["selector"]["matchLabels"].items())
+
+    assert monitored(metrics_svc) and not monitored(svc)
+    assert [e["port"] for e in sm["spec"]["endpoints"]] == [metrics_port["name"]]
     assert sm["spec"]["endpoints"][0]["path"] == "/metrics"
     redis = find("StatefulSet", "chat-redis")
     redis_svc = find("Service", "chat-redis")
@@ -477,13 +490,16 @@ def test_compose_file_is_valid() -> None:
 
 
 def test_probe_paths_of_the_manifests_answer(chat_server) -> None:
-    srv = chat_server()
+    """The ConfigMap's metrics port setting, as the pod runs it: probes and scrapes there, 404 on chat."""
+    metrics_port = free_port()
+    srv = chat_server("--metrics-port", str(metrics_port), "--metrics-host", "127.0.0.1")
     container = find("Deployment", "chat-svc")["spec"]["template"]["spec"]["containers"][0]
     for probe in ("readinessProbe", "livenessProbe", "startupProbe"):
         path = container[probe]["httpGet"]["path"]
-        assert srv.get(path)[0] == 200, (probe, path)
+        assert get(metrics_port, path)[0] == 200, (probe, path)
+        assert srv.get(path)[0] == 404, (probe, path)
     path = find("ServiceMonitor")["spec"]["endpoints"][0]["path"]
-    assert "chat_connections{transport=tcp}" in srv.scrape() and path == "/metrics"
+    assert "chat_connections{transport=tcp}" in scrape(metrics_port) and path == "/metrics"
 
 
 def test_every_metric_in_rules_and_dashboard_is_exported(chat_server, redis_server: RedisServer) -> None:

@@ -13,7 +13,7 @@ import gevent
 import gevent.socket
 import gevent.ssl
 import pytest
-from chat_svc.gevent_seams import raw_socket, wsgi_handler
+from chat_svc.gevent_seams import QuietHandler, raw_socket, wsgi_handler
 from gevent import pywsgi
 
 
@@ -74,3 +74,35 @@ def test_wsgi_handler_reads_the_request_from_the_given_stream() -> None:
     finally:
         ours.close()
         peer.close()
+
+
+def test_quiet_handler_ends_client_failures_without_a_traceback_and_passes_our_timeouts_on(
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    broke = "pywsgi changed its error hooks: fix chat_svc.gevent_seams.QuietHandler"
+
+    def slow_app(environ: dict[str, object], start_response: Callable[..., object]) -> list[bytes]:
+        gevent.sleep(1)
+        return []
+
+    server = pywsgi.WSGIServer(("127.0.0.1", 0), slow_app, log=None, error_log=None, handler_class=QuietHandler)
+    # A client whose headers stop coming: the socket times out while pywsgi reads them.
+    ours, peer = gevent.socket.socketpair()
+    ours.settimeout(0.05)
+    peer.sendall(b"GET /x HTTP/1.1\r\nHost: x\r\nX-Slow: a")
+    wsgi_handler(server, ours, ("127.0.0.1", 1), ours.makefile("rb")).handle()
+    ours.close()
+    peer.close()
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err, broke
+    # Our own time limit fires inside the application: it reaches us, unprinted.
+    ours, peer = gevent.socket.socketpair()
+    peer.sendall(b"GET /x HTTP/1.1\r\nHost: x\r\n\r\n")
+    limit = gevent.Timeout(0.05)
+    with pytest.raises(gevent.Timeout) as raised, limit:
+        wsgi_handler(server, ours, ("127.0.0.1", 1), ours.makefile("rb")).handle()
+    assert raised.value is limit, broke
+    ours.close()
+    peer.close()
+    out, err = capfd.readouterr()
+    assert "Traceback" not in out + err, broke

@@ -88,7 +88,8 @@ def test_a_valid_token_makes_sub_the_nick(chat_server: Start, tmp_path: Path, ki
 def test_refused_tokens_say_authentication_failed_and_are_counted_by_reason(chat_server: Start, tmp_path: Path) -> None:
     key, sign = hs256(tmp_path)
     rsa_key, rsa_sign = asymmetric(tmp_path, "RS256")
-    srv = chat_server("--jwt-key-file", str(key), "--require-auth")
+    # Every refusal below comes from one address: more than the default --auth-failure-burst.
+    srv = chat_server("--jwt-key-file", str(key), "--require-auth", "--auth-failure-burst", "100")
     now = int(time.time())
     good = sign(sub="alice", exp=now + 60)
     public_pem = rsa_key.read_text()

@@ -294,6 +294,7 @@ def test_the_page_on_the_chat_port_and_on_the_metrics_port(chat_server):
     status, html, _ = get(metrics_port, "/")
     assert status == 200 and f'data-chat-port="{srv.port}" data-chat-tls="0"' in html
     assert get(srv.port, "/favicon.ico")[0] == 404
-    samples = scrape(srv.port)
+    assert get(srv.port, "/metrics")[0] == 404  # with --metrics-port, only there
+    samples = scrape(metrics_port)
     assert samples["chat_http_requests_total{path=page}"] == 4
-    assert samples["chat_http_requests_total{path=other}"] == 1
+    assert samples["chat_http_requests_total{path=other}"] == 2

@@ -15,20 +15,22 @@ import gevent.event
 import structlog
 
 from . import __version__, logs, protocol
-from .admission import Admission
+from .admission import FD_RESERVE, Admission, FdBudget, WaitingRoom
 from .api import Api, ApiKeys
 from .bans import Ban, BanList, BanStore
 from .budget import OutboundBudget
 from .commands import Listings
 from .config import Config, load
 from .directory import Directory
-from .httpfront import Health, HttpFront, make_app, serve_metrics_port
+from .httpfront import Health, HttpFront, Route, default_routes, serve_metrics_port
 from .hub import Hub, Member
 from .idempotency import IdempotencyStore, LocalIdempotency
 from .identity import Authenticator, ExpiryWatch
+from .logs import Coalesced
 from .metrics import Counters, Metrics
 from .roomlog import RoomLogs
 from .session import Session, SessionContext, SessionLimits
+from .throttle import AddressBuckets, Networks
 from .transport import ChatServer
 from .webpage import Page
 from .ws import WebSockets
@@ -42,14 +44,17 @@ LOOP_STALL = 10.0
 # and for closing what is left and exiting.
 BACKPLANE_RESERVE = 0.5
 EXIT_RESERVE = 0.3
+# Refusals, failed /auth and accept pauses are logged at most once per key per interval.
+LOG_INTERVAL = 10.0
 
 
 class Service:
     """The running server: builds the parts, runs the background loops, answers the probes, shuts down."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, fd_limit: int | None = None) -> None:
         self.config = config
         self.log = structlog.get_logger("chat_svc")
+        self.descriptors = FdBudget.plan(fd_limit or resource.getrlimit(resource.RLIMIT_NOFILE)[0], config.max_clients)
         self.metrics = Metrics()
         self.counters = Counters()
         self.hub = Hub(
@@ -102,15 +107,28 @@ class Service:
             failures=self.metrics.auth_failures_by_reason,
         )
         self.sessions: set[Session] = set()
-        self.connection_slots = Admission()
-        self.member_slots = Admission(config.max_clients, config.max_per_ip)
+        self.connection_slots = Admission(per_ip_limit=config.max_per_ip)
+        self.member_slots = Admission(self.descriptors.members)
+        self.waiting = WaitingRoom(config.max_pending, lambda: self.descriptors.sockets - self.member_slots.count)
+        self.coalesced = [
+            Coalesced(self.log, "client_refused", LOG_INTERVAL),
+            Coalesced(self.log, "auth_failed", LOG_INTERVAL),
+            Coalesced(self.log, "accept_paused", LOG_INTERVAL),
+        ]
+        refusals, auth_log, self.accept_log = self.coalesced
         self.session_context = SessionContext(
             hub=self.hub,
             directory=directory,
             limits=SessionLimits.from_config(config),
             counters=self.counters,
             connection_slots=self.connection_slots,
+            waiting=self.waiting,
             member_slots=self.member_slots,
+            auth_failures=AddressBuckets(
+                config.auth_failure_burst, config.auth_failure_rate, Networks(config.throttle_exempt)
+            ),
+            refusals=refusals,
+            auth_log=auth_log,
             disconnects=self.metrics.by_reason,
             sessions=self.sessions,
             auth=self.auth,
@@ -132,8 +150,9 @@ class Service:
             self.hub,
             self.counters,
             self._open_connections,
+            lambda: self.waiting.count,
             lambda: self._ready()[0],
-            config.max_clients,
+            self.descriptors.members,
             self.budget,
             self.hub.logs,
         )
@@ -153,13 +172,13 @@ class Service:
             )
         page = Page(lambda: int(self.server.server_port), tls=bool(config.tls_cert))
         health = Health(self._alive, self._ready)
-        requests = self.metrics.requests_by_path
-        self.internal_app = make_app(self.metrics.registry, health, page, requests, api)
-        chat_port_app = self.internal_app
-        if config.metrics_port is not None:
-            chat_port_app = make_app(self.metrics.registry, health, page, requests)
-        self.http = HttpFront(chat_port_app)
+        self.routes = default_routes(self.metrics.registry, health, page, self.metrics.requests_by_path)
+        if api is not None:
+            self.routes.add(Route(("/api/",), api, "api", methods=None, prefix=True))
+        # With --metrics-port the operators' routes (metrics, probes, the API) leave the chat port.
+        self.http = HttpFront(self.routes.app(internal=config.metrics_port is None))
         self.server = ChatServer(config, self.session_context, self.metrics, self.http, self.websockets)
+        self.server.on_pause = self._accept_paused
         self.metrics_server: Any = None
         self.stopped = gevent.event.Event()
         self.exit_code = 0
@@ -229,6 +248,22 @@ class Service:
                 session.outbox.push(notice)
                 session.kill("idle_timeout")
 
+    def _accept_paused(self, error: str, delay: float) -> None:
+        self.metrics.accept_paused.labels(error).inc()
+        self.accept_log.note(error, "pauses", error=error, max_delay_s=self.server.max_delay)
+
+    def _housekeeping(self) -> None:
+        """Flush the coalesced logs every second; forget refilled throttle buckets every ten."""
+        ticks = 0
+        while True:
+            gevent.sleep(1.0)
+            for coalesced in self.coalesced:
+                coalesced.flush()
+            ticks += 1
+            if ticks % 10 == 0:
+                self.server.housekeep()
+                self.session_context.auth_failures.prune()
+
     def _watch_loop(self) -> None:
         while True:
             before = time.monotonic()
@@ -247,11 +282,25 @@ class Service:
         self.accepting = True
         self.websockets.start()
         gevent.spawn(self._watch_loop)
+        gevent.spawn(self._housekeeping)
         if self.config.idle_timeout:
             gevent.spawn(self._expire_idle)
         config = self.config
         if config.metrics_port is not None:
-            self.metrics_server = serve_metrics_port(config.metrics_host, config.metrics_port, self.internal_app)
+            self.metrics_server = serve_metrics_port(
+                config.metrics_host, config.metrics_port, self.routes.app(internal=True), config.http_timeout
+            )
+            self.metrics_server.on_pause = self._accept_paused
+        budget = self.descriptors
+        self.log.info(
+            "fd_budget",
+            fd_limit=budget.fd_limit,
+            reserve=FD_RESERVE,
+            chat_sockets=budget.sockets,
+            max_clients=budget.members,
+            max_clients_configured=config.max_clients,
+            max_pending=config.max_pending,
+        )
         self.log.info(
             "server_started",
             version=__version__,
@@ -364,7 +413,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     logs.configure(config.log_format, config.log_level)
     fd_limit = _raise_fd_limit()
     try:
-        svc = Service(config)
+        svc = Service(config, fd_limit)
     except (OSError, ValueError) as exc:  # an unreadable key file, a bad key
         structlog.get_logger("chat_svc").error("startup_failed", error=str(exc))
         return 1
@@ -373,7 +422,6 @@ def run(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         svc.log.error("listen_failed", error=str(exc), port=config.port)
         return 1
-    svc.log.info("fd_limit", limit=fd_limit)
     signals_seen: list[int] = []
 
     def on_signal(signum: int) -> None:

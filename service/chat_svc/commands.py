@@ -161,12 +161,10 @@ def _may_bring_into_being(ctx: Context, member: Member, room: str) -> bool:
     bucket = member.new_rooms
     if not isinstance(bucket, TokenBucket):
         bucket = member.new_rooms = TokenBucket(burst, rate)
-    wait = bucket.take()
-    if not wait:
+    if bucket.try_take():
         return True
-    bucket.refund()
     ctx.hub.counters.rooms_refused += 1
-    _reply(ctx, member, protocol.error_line(f"too many new rooms: try again in {max(1, round(wait))} s"))
+    _reply(ctx, member, protocol.error_line(f"too many new rooms: try again in {max(1, round(bucket.wait()))} s"))
     log.info("room_creation_refused", nick=member.nick, room=room)
     return False
 

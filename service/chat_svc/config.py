@@ -11,6 +11,7 @@ turns it on, ``--x false`` off (``CHAT_X=true|false`` likewise).
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -57,6 +58,11 @@ def parse_port(text: str) -> int:
     return value
 
 
+def parse_networks(text: str) -> tuple[str, ...]:
+    """A list of networks, comma- or space-separated (``10.0.0.0/8, 192.168.1.7``), normalized."""
+    return tuple(str(ipaddress.ip_network(part, strict=False)) for part in text.replace(",", " ").split())
+
+
 def parse_choice(*allowed: str) -> Callable[[str], str]:
     def parse(text: str) -> str:
         lowered = text.strip().lower()
@@ -91,15 +97,16 @@ class Config:
     port: int = setting(
         9009,
         parse_port,
-        "Chat TCP port; it also serves the chat page (/), WebSocket chat (/ws) and HTTP "
-        "/metrics, /healthz, /readyz and the API (/api/).",
+        "Chat TCP port; it also serves the chat page (/), WebSocket chat (/ws) and, without "
+        "--metrics-port, HTTP /metrics, /healthz, /readyz and the API (/api/).",
     )
     metrics_host: str = setting("0.0.0.0", str, "Address of the separate metrics listener.")
     metrics_port: int | None = setting(
         None,
         parse_port,
-        "Extra HTTP listener for /metrics, /healthz, /readyz, the chat page and the API (bind it to an "
-        "internal interface with --metrics-host; the API then leaves the chat port).",
+        "HTTP listener for /metrics, /healthz, /readyz, the chat page and the API; once set, the chat "
+        "port answers /metrics, /healthz, /readyz and /api/ with 404 (bind it to an internal interface "
+        "with --metrics-host).",
     )
     history: int = setting(
         20, parse_non_negative_int, "Recent chat lines replayed to a joiner (from the room's retained log)."
@@ -175,8 +182,59 @@ class Config:
         "Seconds a client may stay continuously throttled before it is disconnected for "
         "flood; 0 = never.",
     )
-    max_clients: int = setting(20000, parse_positive_int, "Most chat members at once; past it '! server full'.")
-    max_per_ip: int = setting(0, parse_non_negative_int, "Most chat members per client IP; 0 = no cap.")
+    max_clients: int = setting(
+        20000,
+        parse_positive_int,
+        "Most chat members at once; past it '! server full'. Lowered at start to what the open-files "
+        "limit leaves after its reserve (docs/operations.md).",
+    )
+    max_per_ip: int = setting(
+        0,
+        parse_non_negative_int,
+        "Most open connections per client IP, counted from accept (members, HTTP, not yet admitted); 0 = no cap.",
+    )
+    max_pending: int = setting(
+        1024,
+        parse_positive_int,
+        "Most connections not yet admitted (TLS handshake, sniffing, HTTP, /auth) at once; past it the "
+        "oldest one of the address holding the most is dropped.",
+    )
+    admission_timeout: float = setting(
+        10.0,
+        parse_non_negative_float,
+        "Seconds from accept until a connection must be a member or have had its HTTP answer, whatever "
+        "it sends; 0 = no limit.",
+    )
+    connect_burst: int = setting(
+        20000, parse_positive_int, "Connections one client IP may open at once before --connect-rate applies."
+    )
+    connect_rate: float = setting(
+        50.0,
+        parse_non_negative_float,
+        "Sustained new connections per second per client IP; past it a connection is refused at once; 0 = no limit.",
+    )
+    auth_failure_burst: int = setting(
+        10,
+        parse_positive_int,
+        "Failed /auth attempts one client IP may make at once before --auth-failure-rate applies.",
+    )
+    auth_failure_rate: float = setting(
+        0.5,
+        parse_non_negative_float,
+        "Failed /auth attempts per second one client IP earns back; while it has none left, /auth is "
+        "refused unchecked; 0 = no limit.",
+    )
+    throttle_exempt: tuple[str, ...] | None = setting(
+        None,
+        parse_networks,
+        "Client networks (CIDR, comma-separated) exempt from --connect-rate and --auth-failure-rate.",
+    )
+    proxy_protocol_from: tuple[str, ...] | None = setting(
+        None,
+        parse_networks,
+        "Balancers (CIDR, comma-separated) whose connections must start with a PROXY protocol v1/v2 "
+        "header naming the real client; a PROXY header from anywhere else is refused.",
+    )
     idle_timeout: float = setting(
         0.0, parse_non_negative_float, "Seconds without input before a member is dropped; 0 = off."
     )
@@ -213,10 +271,12 @@ class Config:
         250,
         parse_non_negative_int,
         "A new connection silent for this long is taken as chat (an HTTP request line "
-        "arriving first is served as HTTP).",
+        "arriving first is served as HTTP; one arriving later is refused, never relayed).",
     )
     http_timeout: float = setting(
-        5.0, parse_non_negative_float, "Seconds an HTTP client has to send its request headers."
+        5.0,
+        parse_non_negative_float,
+        "Seconds an HTTP client has to send its request headers (within --admission-timeout).",
     )
     ws_origins: str = setting(
         "same-host",
@@ -233,7 +293,9 @@ class Config:
         "nothing for another interval is dropped (ping_timeout). 0 = no pings.",
     )
     auth_timeout: float = setting(
-        5.0, parse_non_negative_float, "Seconds a client has to send '/auth TOKEN' when a token is set."
+        5.0,
+        parse_non_negative_float,
+        "Seconds a client has to send '/auth TOKEN' when a token is set (within --admission-timeout).",
     )
     tls_cert: str | None = setting(None, str, "PEM certificate: serve chat over TLS (needs --tls-key).")
     tls_key: str | None = setting(None, str, "PEM private key for --tls-cert.")
@@ -265,7 +327,10 @@ class Config:
         secret=True,
     )
     ready_requires_backplane: bool = setting(
-        True, parse_bool, "Whether /readyz answers 503 while the Redis backplane is down."
+        False,
+        parse_bool,
+        "Whether /readyz answers 503 while the Redis backplane is down (all instances share it, so "
+        "true makes them all unready at once; docs/scaling.md).",
     )
     presence_ttl: int = setting(
         15, parse_positive_int, "Seconds a member's cluster presence lives without refresh."

@@ -36,9 +36,7 @@ class TokenBucket:
         waits and then proceeds has paid for its line exactly once.
         """
         now = self._clock()
-        tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
-        self._last = now
-        tokens -= cost
+        tokens = self._refill(now) - cost
         self._tokens = tokens
         if tokens >= 0.0:
             self.throttled_since = None
@@ -47,9 +45,27 @@ class TokenBucket:
             self.throttled_since = now
         return -tokens / self.rate
 
-    def refund(self) -> None:
-        """Give back the token of a ``take`` whose action was refused rather than delayed."""
-        self._tokens = min(self.burst, self._tokens + 1.0)
+    def try_take(self) -> bool:
+        """Spend one token if there is one; a refusal costs nothing (a refused connect is not charged)."""
+        tokens = self._refill(self._clock())
+        if tokens < 1.0:
+            return False
+        self._tokens = tokens - 1.0
+        return True
+
+    def wait(self) -> float:
+        """Seconds until a token is there, without spending one."""
+        tokens = self._refill(self._clock())
+        return 0.0 if tokens >= 1.0 else (1.0 - tokens) / self.rate
+
+    def full(self) -> bool:
+        """True once the bucket has refilled: it then says nothing a fresh one would not."""
+        return self._refill(self._clock()) >= self.burst
+
+    def _refill(self, now: float) -> float:
+        self._tokens = min(self.burst, self._tokens + (now - self._last) * self.rate)
+        self._last = now
+        return self._tokens
 
     def throttled_for(self) -> float:
         """Seconds this client has been over its rate without a break."""

@@ -1,4 +1,4 @@
-"""The two gevent internals chat-svc relies on, each behind one function.
+"""The gevent internals chat-svc relies on, each behind one name.
 
 gevent documents neither, so an upgrade may change them without notice;
 tests/test_gevent_seams.py fails with a message naming the function if one
@@ -9,7 +9,11 @@ from __future__ import annotations
 
 from typing import Any
 
+import gevent
+import structlog
 from gevent import pywsgi
+
+log = structlog.get_logger("chat_svc.http")
 
 
 def raw_socket(sock: Any) -> Any:
@@ -36,3 +40,28 @@ def wsgi_handler(server: pywsgi.WSGIServer, sock: Any, address: Any, rfile: Any)
     """
     handler: pywsgi.WSGIHandler = server.handler_class(sock, address, server, rfile=rfile)
     return handler
+
+
+class QuietHandler(pywsgi.WSGIHandler):
+    """pywsgi's handler, minus its tracebacks on stderr; our own time limits pass through.
+
+    pywsgi prints a traceback for a socket that times out or is closed while
+    it reads headers (its ``_handle_client_error`` hook, which gevent calls
+    experimental) and for a failure while it writes the answer
+    (``handle_error``).  Clients cause both, and under attack they would flood
+    stdout with non-JSON text; here they end the connection silently.  A
+    ``gevent.Timeout`` (the admission budget) is raised on to whoever set it,
+    and any other error is logged as a structured ``http_failed`` event.
+    """
+
+    def _handle_client_error(self, ex: Exception) -> Any:
+        if isinstance(ex, OSError):
+            return None
+        return super()._handle_client_error(ex)
+
+    def handle_error(self, t: type[BaseException], v: BaseException, tb: Any) -> None:
+        if isinstance(v, gevent.Timeout):
+            raise v
+        self.close_connection = True
+        if not isinstance(v, OSError):
+            log.error("http_failed", exc_info=(t, v, tb))

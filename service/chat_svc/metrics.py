@@ -44,7 +44,9 @@ DISCONNECT_REASONS = (
     "idle_timeout",
     "shutdown",
     "auth_failed",
+    "auth_throttled",
     "server_full",
+    "http_request",
     "kicked",
     "banned",
     "token_expired",
@@ -60,6 +62,9 @@ TRANSPORTS = ("tcp", "ws")
 PATH_CLASSES = ("page", "ws", "metrics", "health", "api", "other")
 
 WS_UPGRADE_OUTCOMES = ("accepted", "bad_request", "origin", "gone")
+
+# Connections closed at the door, before a session started (transport.py).
+REFUSED_REASONS = ("connect_rate", "max_per_ip", "pending_full", "admission_timeout", "proxy_header")
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
 # The *_created series double the output and no dashboard here uses them.
@@ -124,6 +129,19 @@ class Metrics:
             "chat_ws_upgrades", "WebSocket upgrade requests on /ws, by outcome.", ["outcome"], registry=r
         )
         self.ws_upgrades = {outcome: upgrades.labels(outcome) for outcome in WS_UPGRADE_OUTCOMES}
+        refused = Counter(
+            "chat_connections_refused",
+            "Connections closed at the door before a session started, by reason.",
+            ["reason"],
+            registry=r,
+        )
+        self.refused = {reason: refused.labels(reason) for reason in REFUSED_REASONS}
+        self.accept_paused = Counter(
+            "chat_accept_paused",
+            "Times a listener stopped accepting for a moment because accept() failed, by errno (EMFILE, ...).",
+            ["error"],
+            registry=r,
+        )
         self.fanout_latency = Histogram(
             "chat_fanout_latency_seconds",
             "From reading a line to handing it to every local recipient's queue "
@@ -173,12 +191,15 @@ class Metrics:
         hub: Population,
         counters: Counters,
         open_connections: Callable[[], Mapping[str, int]],
+        pending_connections: Callable[[], int],
         ready: Callable[[], bool],
         max_clients: int,
         outbound: Outbound,
         retention: Retention,
     ) -> None:
-        self.registry.register(_HubCollector(hub, counters, open_connections, ready, max_clients, outbound))
+        self.registry.register(
+            _HubCollector(hub, counters, open_connections, pending_connections, ready, max_clients, outbound)
+        )
         self.registry.register(_RetentionCollector(retention, counters))
 
 
@@ -277,6 +298,7 @@ class _HubCollector(Collector):
     counters: Counters
     # Open chat-port connections by transport.
     open_connections: Callable[[], Mapping[str, int]]
+    pending_connections: Callable[[], int]
     ready: Callable[[], bool]
     max_clients: int
     outbound: Outbound
@@ -289,9 +311,16 @@ class _HubCollector(Collector):
         for transport, count in self.open_connections().items():
             connections.add_metric([transport], count)
         yield connections
+        yield GaugeMetricFamily(
+            "chat_connections_pending",
+            "Connections on the chat port not admitted yet (TLS, sniffing, HTTP, /auth).",
+            value=self.pending_connections(),
+        )
         sizes = hub.queued_bytes()
         yield GaugeMetricFamily("chat_members", "Chat members (joined connections).", value=len(sizes))
-        yield GaugeMetricFamily("chat_max_clients", "Configured --max-clients.", value=self.max_clients)
+        yield GaugeMetricFamily(
+            "chat_max_clients", "Effective --max-clients (lowered to fit the open-files limit).", value=self.max_clients
+        )
         yield GaugeMetricFamily("chat_ready", "1 when /readyz answers 200.", value=1 if self.ready() else 0)
         received = CounterMetricFamily("chat_messages_received", "Lines received, by kind.", labels=["kind"])
         received.add_metric(["chat"], stats.chat_messages)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import fcntl
 import itertools
+import math
 import socket
 import struct
 import termios
@@ -25,7 +26,7 @@ import structlog
 from prometheus_client import Counter
 
 from . import commands, protocol
-from .admission import Admission
+from .admission import Admission, Arrival, WaitingRoom
 from .bans import BanList
 from .budget import OutboundBudget
 from .config import Config
@@ -33,12 +34,15 @@ from .directory import Directory
 from .flood import TokenBucket
 from .framing import LineFramer
 from .gevent_seams import raw_socket
+from .httpfront import is_request_line
 from .hub import Hub, Member
 from .identity import MISSING, NICK_TAKEN, Authenticator, ExpiryWatch, Identity
 from .jwtauth import AuthFailed
+from .logs import Coalesced
 from .metrics import Counters
 from .outbox import Outbox, Sink
 from .text import clean
+from .throttle import AddressBuckets
 
 DEFAULT_ROOM = "lobby"
 # Input read at once.  A throttled session holds its chunk (and the lines split from it)
@@ -57,15 +61,17 @@ _GRACEFUL = frozenset(
         "flood",
         "idle_timeout",
         "auth_failed",
+        "auth_throttled",
         "server_full",
         "shutdown",
         "kicked",
         "banned",
         "token_expired",
+        "http_request",
     }
 )
 # Reasons a connection is refused before it becomes a member.
-_REFUSALS = ("auth_failed", "server_full", "banned")
+_REFUSALS = ("auth_failed", "auth_throttled", "server_full", "banned")
 # SO_LINGER on with a zero timeout: close() resets the connection and frees its buffers.
 _LINGER_RESET = struct.pack("ii", 1, 0)
 
@@ -112,11 +118,18 @@ class SessionContext:
     directory: Directory
     limits: SessionLimits
     counters: Counters
-    # Every open chat-port socket: taken by the transport at accept, given
-    # back by whoever closes the socket (the session, once it owns it).
+    # Every open chat-port socket (--max-per-ip): taken by the transport at
+    # accept, given back by whoever closes the socket (the session, once it owns it).
     connection_slots: Admission
-    # Chat members (--max-clients, --max-per-ip): taken before joining.
+    # Sockets not admitted yet (--max-pending): left on joining or closing.
+    waiting: WaitingRoom
+    # Chat members (--max-clients as the descriptor budget lowers it): taken before joining.
     member_slots: Admission
+    # Failed /auth per client address (--auth-failure-burst, --auth-failure-rate).
+    auth_failures: AddressBuckets
+    # Refusals and failed /auth, logged at most once per address per interval.
+    refusals: Coalesced
+    auth_log: Coalesced
     # By transport ("tcp", or the framing's name), then by reason.
     disconnects: Mapping[str, Mapping[str, Counter]]
     # Live sessions, for the idle scan, bans and shutdown.
@@ -185,6 +198,7 @@ class Session:
     __slots__ = (
         "_flood_episode",
         "admitted",
+        "arrival",
         "bucket",
         "busy",
         "bytes_in",
@@ -192,6 +206,7 @@ class Session:
         "ctx",
         "draining",
         "finished",
+        "first_line",
         "framer",
         "framing",
         "head",
@@ -212,7 +227,7 @@ class Session:
         self,
         ctx: SessionContext,
         sock: Any,
-        address: tuple[str, int],
+        arrival: Arrival,
         head: bytes,
         sink: Sink,
         framing: Framing | None = None,
@@ -220,7 +235,8 @@ class Session:
         self.ctx = ctx
         limits = ctx.limits
         self.sock = sock
-        self.ip, self.port = address[0], address[1]
+        self.arrival = arrival
+        self.ip, self.port = arrival.address
         self.head = head
         self.conn_id = next(_ids)
         self.reason: str | None = None
@@ -243,6 +259,7 @@ class Session:
         self.bytes_in = len(head)
         ctx.counters.bytes_in += len(head)
         self.admitted = False
+        self.first_line = True
         self.last_room: str | None = None
         self._flood_episode: float | None = None
 
@@ -284,13 +301,13 @@ class Session:
             try:
                 identity = ctx.auth.check(presented)
             except AuthFailed as failed:
-                log.info("auth_failed", reason=failed.reason)
-                self._refuse("authentication failed", "auth_failed")
+                self._auth_failed(failed.reason)
                 return None
         if refusal := ctx.member_slots.acquire(self.ip):
             self._refuse(refusal, "server_full")
             return None
         self.admitted = True
+        self.arrival.admitted()
         nick = f"{self.ip}:{self.port}"
         if identity is not None:
             nick = identity.sub
@@ -301,7 +318,7 @@ class Session:
             taken = ctx.directory.reserve(nick)
             if taken is not None:
                 ctx.auth.count(NICK_TAKEN)
-                log.info("auth_failed", reason=NICK_TAKEN)
+                ctx.auth_log.note(self.ip, NICK_TAKEN, ip=self.ip)  # a valid token: not charged
                 self._refuse(taken, "auth_failed")
                 return None
         member = Member(nick, self.outbox, self)
@@ -490,9 +507,10 @@ class Session:
             )
         elif reason in _REFUSALS:
             disconnects[reason].inc()
-            log.info("client_refused", conn_id=self.conn_id, peer=f"{self.ip}:{self.port}", reason=reason)
+            if reason not in ("auth_failed", "auth_throttled"):  # those are in auth_failed
+                ctx.refusals.note((self.ip, reason), ip=self.ip, reason=reason)
         self.sock.close()
-        ctx.connection_slots.release(self.ip)
+        self.arrival.release()
 
     def _wait_until_sent(self, timeout: float) -> None:
         """Give queued lines (a goodbye, an error) up to ``timeout`` to reach the client."""
@@ -549,10 +567,16 @@ class Session:
         return data
 
     def _auth_line(self) -> str | None:
-        """What the first line presents (``/auth X``: X), within --auth-timeout; None when refused already."""
+        """What the first line that is not blank presents (``/auth X``: X); None when refused already.
+
+        Within --auth-timeout and what is left of --admission-timeout.  An
+        address that has used up its failures (--auth-failure-burst, then
+        --auth-failure-rate) is refused before its line is looked at, so
+        guessing goes no faster than the rate whatever the attacker does.
+        """
         ctx = self.ctx
-        deadline = time.monotonic() + ctx.limits.auth_timeout
-        lines = self.framer.feed(self.head)
+        deadline = min(time.monotonic() + ctx.limits.auth_timeout, self.arrival.deadline)
+        lines = self._nonblank(self.framer.feed(self.head))
         self.head = b""
         while not lines:
             remaining = deadline - time.monotonic()
@@ -563,16 +587,36 @@ class Session:
                 ctx.auth.count(MISSING)
                 self.outbox.push(protocol.error_line("authentication required: send /auth TOKEN first"))
                 return None
-            lines = self.framer.feed(data)
+            lines = self._nonblank(self.framer.feed(data))
         first, rest = lines[0], lines[1:]
         self.head = b"".join(line + b"\n" for line in rest)
+        self.first_line = False
+        wait = ctx.auth_failures.wait(self.ip)
+        if wait:
+            ctx.auth_log.note(self.ip, "throttled", ip=self.ip)
+            retry = math.ceil(wait)
+            text = f"authentication failed: too many failures from your address, retry in {retry} s"
+            self._refuse(text, "auth_throttled")
+            return None
         parsed = protocol.parse(clean(first))
         if isinstance(parsed, protocol.Command) and parsed.name == "auth" and parsed.arg:
             return parsed.arg
         ctx.auth.count(MISSING)
-        log.info("auth_failed", reason=MISSING)
-        self._refuse("authentication failed", "auth_failed")
+        self._auth_failed(MISSING)
         return None
+
+    def _auth_failed(self, reason: str) -> None:
+        """A wrong or missing /auth: charged to the address, logged at most once per interval, refused."""
+        self.ctx.auth_failures.take(self.ip)
+        self.ctx.auth_log.note(self.ip, reason, ip=self.ip)
+        self._refuse("authentication failed", "auth_failed")
+
+    @staticmethod
+    def _nonblank(lines: list[bytes]) -> list[bytes]:
+        """Lines before ``/auth`` with the blank ones skipped (a client's stray CRLF is not a wrong token)."""
+        while lines and not lines[0].strip():
+            lines = lines[1:]
+        return lines
 
     def _process(self, data: bytes) -> bool:
         """Frame and act on one chunk of input; False ends the session."""
@@ -583,6 +627,8 @@ class Session:
         limit = self.ctx.limits.max_line_bytes
         for raw in lines:
             unread -= len(raw) + 1
+            if self.first_line and raw.strip() and not self._first_line(raw):
+                return False
             parsed = protocol.parse(clean(raw, limit))
             if self.bucket is not None:
                 delay = self.bucket.take(commands.cost(parsed))
@@ -617,6 +663,19 @@ class Session:
         return True
 
     # -- lines ---------------------------------------------------------------
+
+    def _first_line(self, raw: bytes) -> bool:
+        """The first line that is not blank; False (and refused) when it is an HTTP request line.
+
+        An HTTP request that missed the sniff window (--http-sniff-ms) is never
+        relayed as chat: its headers may carry credentials.
+        """
+        self.first_line = False
+        if not is_request_line(raw):
+            return True
+        self.outbox.push(protocol.error_line("HTTP request refused: send it as soon as you connect"))
+        self.end("http_request")
+        return False
 
     def _handle(self, parsed: protocol.Command | str, t_read: float) -> bool:
         """Act on one parsed line; False ends the session."""

@@ -49,8 +49,9 @@ class Page:
         self._chat_port = chat_port
         self._tls = tls
 
-    def serves(self, path: str) -> bool:
-        return path in self._files
+    @property
+    def paths(self) -> tuple[str, ...]:
+        return tuple(self._files)
 
     def __call__(self, environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
         path = environ.get("PATH_INFO", "")

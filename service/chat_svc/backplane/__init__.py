@@ -25,7 +25,7 @@ length.  /who, /rooms, /msg and nick claims fall back to this instance's
 view.  Once Redis is back, the subscriber resubscribes and the publisher
 rewrites this instance's presence, so cross-instance fan-out resumes without
 restarting anything.  ``/readyz`` says "backplane down"; it answers 503 only
-with ``--ready-requires-backplane`` (the default).
+with ``--ready-requires-backplane true`` (not the default: docs/scaling.md).
 """
 
 from .front import RedisBackplane
