@@ -40,9 +40,27 @@
  * the connections that had passed the barrier and were still open, minus the
  * sender. Per (receiver, sender) the last seq is kept: lower = out_of_order,
  * equal = duplicate (neither is counted as delivered).
+ *
+ * --ids (raw protocol, chat-svc): every connection sends "/ids" first, and every
+ * room line must then arrive as "@<epoch>:<offset> <line>": the prefix is
+ * checked and stripped. A load line without one is `id_missing`; offsets that
+ * do not grow per receiver (or an epoch that changes) are `id_errors`; the same
+ * load line arriving with different ids at different receivers (two instances
+ * through Redis) is `id_mismatch`.
+ *
+ * --storm-after T (with --ids and two ports): the senders sit on the second port,
+ * the other connections on the first. T seconds into sending, every connection
+ * of the first port closes at once and reconnects to the second with
+ * "/resume <room> <epoch>:<last offset seen>"; it counts as back on
+ * "* resumed ..." (complete) or "! resume incomplete ..." (incomplete). Lines
+ * without an id before that answer were sent before ids were on and are in the
+ * replay: they are skipped; "[history]" lines are never deliveries. Loss,
+ * duplicates and order are then judged across the reconnect as everywhere else,
+ * and `storm_*` reports how long the members took to be back.
  */
 #define _GNU_SOURCE
 #include <arpa/inet.h>
+#include <ctype.h>
 #include <errno.h>
 #include <fcntl.h>
 #include <getopt.h>
@@ -72,8 +90,11 @@ enum { P_RAMP = 0, P_SYNC, P_WARM, P_SEND, P_DRAIN, P_HOLD, P_PROBE, P_DONE };
 typedef struct {
     int fd;
     uint8_t state, synced, probed, port_idx, joined, nick_tries;
+    uint8_t stormed, resuming; /* --storm-after: reconnected; waiting for the resume's answer */
     int32_t sender;          /* sender index or -1 */
-    int64_t t_start, t_synced;
+    int64_t t_start, t_synced, t_back;
+    uint64_t last_off;       /* --ids: the last offset seen, of epoch[] */
+    char epoch[17];
     char *carry;
     uint32_t carry_len;
     char *out;
@@ -90,6 +111,7 @@ typedef struct {
     int64_t ts;        /* compose time, -1 = skipped */
     uint32_t expected; /* receivers joined at compose time */
     uint32_t got;
+    uint64_t off;      /* --ids: the offset it first arrived with */
 } msg_t;
 
 /* ---------- options ---------- */
@@ -100,7 +122,9 @@ static double o_rate = 10, o_duration = 5, o_warmup = 1, o_drain = 5, o_connect_
 static double o_connect_timeout = 10, o_sync_timeout = 15;
 static int o_pids[MAX_PIDS], o_npids = 0;
 static const char *o_label = "";
-static int o_verbose = 0, o_irc = 0, o_ws = 0;
+static int o_verbose = 0, o_irc = 0, o_ws = 0, o_ids = 0;
+static double o_storm_after = 0;
+static const char *o_room = "lobby";
 #define IRC_CHANNEL "#load"
 #define IRC_PREFIX "PRIVMSG " IRC_CHANNEL " :"
 
@@ -134,6 +158,10 @@ static uint64_t probe_expected, probe_got;
 static int64_t t_probe_sent = -1, t_probe_last = -1;
 static int64_t lat_max_ns = 0;
 static double lat_sum_us = 0;
+static uint64_t id_missing, id_errors, id_mismatch, ids_seen;
+static int64_t t_storm = -1;
+static uint64_t storm_members, storm_connected, storm_failed, storm_complete, storm_incomplete, storm_replayed;
+static uint64_t storm_no_id;
 
 /* latency histogram: log-linear over microseconds, 512 sub-buckets per octave */
 #define SUB 512
@@ -263,7 +291,8 @@ static void conn_close(int idx, int by_server) {
             if (t_first_disconnect < 0) t_first_disconnect = now_ns();
         }
     } else if (c->state == C_CONNECTING) {
-        n_connect_failed++;
+        if (c->stormed) storm_failed++;
+        else n_connect_failed++;
     }
     if (o_rst) {
         struct linger l = {1, 0};
@@ -480,12 +509,17 @@ static void on_observed_token(const char *p, const char *end, int64_t t) {
     t_last_delivery = t;
 }
 
-static void on_load_token(int ridx, const char *p, const char *end, int64_t t) {
+static void on_load_token(int ridx, const char *p, const char *end, int64_t t, uint64_t off) {
     uint64_t gid, ts;
     if (o_observe) { on_observed_token(p, end, t); return; }
     if (!parse_u64(&p, end, &gid) || !parse_u64(&p, end, &ts) || gid >= nsent || msgs[gid].ts != (int64_t)ts) {
         malformed++;
         return;
+    }
+    if (o_ids) {
+        if (!off) id_missing++;
+        else if (!msgs[gid].off) msgs[gid].off = off;
+        else if (msgs[gid].off != off) id_mismatch++;
     }
     int s = (int)(gid % (uint64_t)S);
     if (sender_conn[s] == ridx) { self_echo++; return; }
@@ -510,14 +544,59 @@ static void on_load_token(int ridx, const char *p, const char *end, int64_t t) {
     t_last_delivery = t;
 }
 
+/* "@<epoch>:<offset> " at p: checks it against the receiver's last id, returns what follows (NULL: no id) */
+static const char *strip_id(int ridx, const char *p, const char *nl, uint64_t *off) {
+    conn_t *c = &conns[ridx];
+    char epoch[17];
+    int n = 0;
+    const char *q = p + 1;
+    while (q < nl && n < 16 && isalnum((unsigned char)*q)) epoch[n++] = *q++;
+    epoch[n] = 0;
+    if (!n || q >= nl || *q != ':') return NULL;
+    q++;
+    if (!parse_u64(&q, nl, off) || !*off) return NULL;
+    ids_seen++;
+    if (c->epoch[0] && (strcmp(c->epoch, epoch) || *off <= c->last_off)) id_errors++;
+    memcpy(c->epoch, epoch, (size_t)n + 1);
+    c->last_off = *off;
+    return q;
+}
+
+static void on_resumed(int ridx, const char *p, const char *nl, int64_t t) {
+    conn_t *c = &conns[ridx];
+    c->resuming = 0;
+    c->t_back = t;
+    if (nl - p > 10 && !memcmp(p, "* resumed ", 10)) {
+        storm_complete++;
+        const char *colon = memchr(p, ':', (size_t)(nl - p));
+        if (colon) storm_replayed += strtoull(colon + 1, NULL, 10);
+    } else {
+        storm_incomplete++;
+    }
+}
+
 static void on_line(int ridx, const char *p, const char *nl, int64_t t) {
     int tokens = 0;
+    uint64_t off = 0;
     if (o_irc && irc_control(ridx, p, nl)) { ignored_lines++; return; }
+    if (o_ids && p < nl && *p == '@') {
+        const char *rest = strip_id(ridx, p, nl, &off);
+        if (rest) p = rest;
+    }
+    if (nl - p >= 10 && !memcmp(p, "[history] ", 10)) { ignored_lines++; return; }
+    if (conns[ridx].resuming) {
+        if ((nl - p > 10 && !memcmp(p, "* resumed ", 10)) || (nl - p > 20 && !memcmp(p, "! resume incomplete ", 20))) {
+            on_resumed(ridx, p, nl, t);
+            ignored_lines++;
+            return;
+        }
+        if (!off) { ignored_lines++; return; } /* live before ids were on: the replay has it */
+    }
     const char *q = p;
     while (q + 4 <= nl && (q = memchr(q, '~', (size_t)(nl - q))) != NULL) {
         if (q + 4 <= nl && q[1] == 'L' && q[3] == ' ') {
             char k = q[2];
-            if (k == 'M') { tokens++; load_lines_window++; on_load_token(ridx, q + 4, nl, t); }
+            if (k == 'M') { tokens++; load_lines_window++; on_load_token(ridx, q + 4, nl, t, off); }
             else if (k == 'S') {
                 tokens++;
                 if (ridx != syncer) {
@@ -605,6 +684,40 @@ static void conn_read(int idx) {
     }
 }
 
+/* ---------- the reconnect storm ---------- */
+static void storm_drop(void) {
+    t_storm = now_ns();
+    for (int i = 0; i < o_clients; i++) {
+        conn_t *c = &conns[i];
+        if (c->sender >= 0 || c->state != C_OPEN) continue;
+        close(c->fd);
+        n_open--;
+        free(c->carry); c->carry = NULL; c->carry_len = 0;
+        free(c->out); c->out = NULL; c->out_len = c->out_off = c->out_cap = 0;
+        c->state = C_IDLE;
+        c->port_idx = 1;
+        c->stormed = c->resuming = 1;
+        storm_members++;
+    }
+    for (int i = 0; i < o_clients; i++)
+        if (conns[i].stormed && conns[i].state == C_IDLE) conn_start(i);
+}
+
+/* the first line of a reconnected member: resume from the last id it saw */
+static void storm_resume(int idx) {
+    conn_t *c = &conns[idx];
+    char l[128];
+    if (!c->epoch[0]) storm_no_id++;
+    int n = snprintf(l, sizeof l, "/resume %s %s:%" PRIu64 "\n", o_room, c->epoch[0] ? c->epoch : "none",
+                     c->last_off);
+    conn_write(idx, l, (uint32_t)n);
+}
+
+static int cmp_i64(const void *a, const void *b) {
+    int64_t x = *(const int64_t *)a, y = *(const int64_t *)b;
+    return (x > y) - (x < y);
+}
+
 /* ---------- sending ---------- */
 static char linebuf[4096];
 
@@ -635,7 +748,7 @@ static void usage(void) {
             "usage: chatload --port P[,P...] [--host H] [--clients N] [--senders S] [--rate R]\n"
             "  [--duration T] [--warmup W] [--drain D] [--size B] [--connect-rate C]\n"
             "  [--connect-timeout S] [--sync-timeout S] [--idle | --observe] [--server-pid P[,P...]]\n"
-            "  [--protocol raw|irc|ws] [--rst] [--label L] [--verbose]\n");
+            "  [--protocol raw|irc|ws] [--rst] [--label L] [--verbose] [--ids] [--storm-after T] [--room R]\n");
     exit(2);
 }
 
@@ -653,7 +766,8 @@ int main(int argc, char **argv) {
         {"rate", 1, 0, 'r'}, {"duration", 1, 0, 'd'}, {"warmup", 1, 0, 'w'}, {"drain", 1, 0, 'D'},
         {"size", 1, 0, 'b'}, {"connect-rate", 1, 0, 'c'}, {"connect-timeout", 1, 0, 'C'},
         {"sync-timeout", 1, 0, 'Y'}, {"idle", 0, 0, 'I'}, {"observe", 0, 0, 'O'}, {"server-pid", 1, 0, 'P'}, {"rst", 0, 0, 'R'},
-        {"label", 1, 0, 'l'}, {"verbose", 0, 0, 'v'}, {"protocol", 1, 0, 'X'}, {0, 0, 0, 0}};
+        {"label", 1, 0, 'l'}, {"verbose", 0, 0, 'v'}, {"protocol", 1, 0, 'X'}, {"ids", 0, 0, 'i'},
+        {"storm-after", 1, 0, 'T'}, {"room", 1, 0, 'm'}, {0, 0, 0, 0}};
     int opt;
     while ((opt = getopt_long(argc, argv, "", lo, NULL)) != -1) {
         switch (opt) {
@@ -675,6 +789,9 @@ int main(int argc, char **argv) {
         case 'R': o_rst = 1; break;
         case 'l': o_label = optarg; break;
         case 'v': o_verbose = 1; break;
+        case 'i': o_ids = 1; break;
+        case 'T': o_storm_after = atof(optarg); break;
+        case 'm': o_room = optarg; break;
         case 'X':
             if (!strcmp(optarg, "irc")) o_irc = 1;
             else if (!strcmp(optarg, "ws")) o_ws = 1;
@@ -684,6 +801,7 @@ int main(int argc, char **argv) {
         }
     }
     if (o_nports == 0 || o_clients < 2 || o_size < 40 || o_size > 4000) usage();
+    if ((o_ids && (o_irc || o_ws)) || (o_storm_after > 0 && (!o_ids || o_nports < 2 || o_idle))) usage();
     if (o_idle) o_senders = 1;
     if (o_senders < 0 || o_senders > o_clients) o_senders = o_clients;
     if (o_senders < 1) o_senders = 1;
@@ -711,6 +829,8 @@ int main(int argc, char **argv) {
         sender_conn[s] = ci;
         conns[ci].sender = s;
     }
+    if (o_storm_after > 0) /* the senders stay on the second port; everyone else starts on the first */
+        for (int i = 0; i < o_clients; i++) conns[i].port_idx = conns[i].sender >= 0 ? 1 : 0;
     nmsgs_cap = o_idle ? 1 : (uint64_t)(o_rate * o_duration) + 16;
     msgs = calloc(nmsgs_cap, sizeof *msgs);
     if ((uint64_t)o_clients * (uint64_t)S <= 256ULL * 1024 * 1024) {
@@ -817,6 +937,7 @@ int main(int argc, char **argv) {
             } else if (t_warm_end < deadline) deadline = t_warm_end;
             break;
         case P_SEND: {
+            if (o_storm_after > 0 && t_storm < 0 && t >= t_send_start + (int64_t)(o_storm_after * 1e9)) storm_drop();
             uint64_t due = (uint64_t)((double)(t - t_send_start) / ns_per_msg) + 1;
             if (due > nmsgs_cap) due = nmsgs_cap;
             while (nsent < due && t < t_send_end) send_msg(t_send_start + (int64_t)((double)nsent * ns_per_msg));
@@ -832,7 +953,8 @@ int main(int argc, char **argv) {
             break;
         }
         case P_DRAIN:
-            if (delivered >= expected || t >= t_drain_deadline) { t_done = t; phase = P_DONE; }
+            if ((delivered >= expected && storm_complete + storm_incomplete + storm_failed >= storm_members) ||
+                t >= t_drain_deadline) { t_done = t; phase = P_DONE; }
             else if (t_drain_deadline < deadline) deadline = t_drain_deadline;
             break;
         case P_HOLD:
@@ -856,6 +978,13 @@ int main(int argc, char **argv) {
         }
         if (phase == P_DONE) break;
         if (phase != phase_before) continue; /* run the new phase's actions now */
+        if (t_storm >= 0 && t >= t_next_timeout_scan) {
+            for (int i = 0; i < o_clients; i++)
+                if (conns[i].stormed && conns[i].state == C_CONNECTING &&
+                    t - conns[i].t_start > (int64_t)(o_connect_timeout * 1e9))
+                    conn_close(i, 0);
+            t_next_timeout_scan = t + 100000000;
+        }
 
         int64_t wait = deadline - now_ns();
         if (wait < 0) wait = 0;
@@ -877,11 +1006,20 @@ int main(int argc, char **argv) {
                 if (err || (e & (EPOLLERR | EPOLLHUP))) { conn_close(idx, 0); continue; }
                 c->state = C_OPEN;
                 n_open++;
-                n_connected++;
                 ep_mod(c, idx, EPOLLIN | EPOLLET);
-                if (o_irc) irc_nick(idx); /* after ep_mod: a short write re-arms EPOLLOUT */
-                else if (o_ws) ws_upgrade(idx);
-                else n_ready++;
+                if (c->stormed) { /* back after the storm: resume, nothing else */
+                    storm_connected++;
+                    storm_resume(idx);
+                    if (!(e & EPOLLIN)) continue;
+                } else {
+                    n_connected++;
+                    if (o_irc) irc_nick(idx); /* after ep_mod: a short write re-arms EPOLLOUT */
+                    else if (o_ws) ws_upgrade(idx);
+                    else {
+                        n_ready++;
+                        if (o_ids) conn_write(idx, "/ids\n", 5);
+                    }
+                }
                 if (!(e & EPOLLIN)) continue;
             }
             if (c->state != C_OPEN) continue;
@@ -942,6 +1080,24 @@ int main(int argc, char **argv) {
            ",\"self_echo\":%" PRIu64 ",\"unexpected\":%" PRIu64 ",\"duplicates\":%" PRIu64 ",\"out_of_order\":%" PRId64 ",",
            malformed, merged_lines, ignored_lines, overlong, self_echo, unexpected, duplicates,
            last_seq ? (int64_t)out_of_order : (int64_t)-1);
+    printf("\"ids\":%s,\"ids_seen\":%" PRIu64 ",\"id_missing\":%" PRIu64 ",\"id_errors\":%" PRIu64
+           ",\"id_mismatch\":%" PRIu64 ",", o_ids ? "true" : "false", ids_seen, id_missing, id_errors, id_mismatch);
+    if (o_storm_after > 0) {
+        int64_t *backs = malloc(sizeof(int64_t) * (storm_members + 1));
+        uint64_t nb = 0;
+        for (int i = 0; i < o_clients; i++)
+            if (conns[i].stormed && conns[i].t_back > 0) backs[nb++] = conns[i].t_back - t_storm;
+        qsort(backs, nb, sizeof *backs, cmp_i64);
+        printf("\"storm_members\":%" PRIu64 ",\"storm_connected\":%" PRIu64 ",\"storm_connect_failed\":%" PRIu64
+               ",\"storm_complete\":%" PRIu64 ",\"storm_incomplete\":%" PRIu64 ",\"storm_no_id\":%" PRIu64
+               ",\"storm_replayed_lines\":%" PRIu64 ",\"storm_back\":%" PRIu64 ",",
+               storm_members, storm_connected, storm_failed, storm_complete, storm_incomplete, storm_no_id,
+               storm_replayed, nb);
+        printf("\"storm_all_back_s\":%.3f,\"storm_p50_s\":%.3f,\"storm_p99_s\":%.3f,",
+               nb == storm_members && nb ? backs[nb - 1] / 1e9 : -1.0, nb ? backs[nb / 2] / 1e9 : -1.0,
+               nb ? backs[(size_t)((double)(nb - 1) * 0.99)] / 1e9 : -1.0);
+        free(backs);
+    }
     printf("\"disconnects_by_server\":%" PRIu64 ",\"first_disconnect_s\":%.3f,", n_disconnects,
            t_first_disconnect >= 0 ? (double)(t_first_disconnect - t_begin) / 1e9 : -1.0);
     printf("\"deliveries_per_s\":%.1f,\"delivery_window_s\":%.3f,\"window_s\":%.3f,", dwin > 0 ? (double)delivered / dwin : 0.0,

@@ -93,7 +93,12 @@ class Chatload:
         connect_rate: float = 2000,
         duration: float | None = None,
         drain: float | None = None,
+        ids: bool = False,
+        senders: int | None = None,
+        storm_after: float | None = None,
     ) -> dict[str, Any]:
+        """One run; ``ids``: members send /ids and every id is checked; ``storm_after`` (two ports):
+        the first port's members drop at once that many seconds into sending and resume on the second."""
         duration = self.timing.duration if duration is None else duration
         drain = self.timing.drain if drain is None else drain
         cmd = [str(self.path), "--port", ",".join(str(p) for p in ports), "--clients", str(members),
@@ -102,6 +107,12 @@ class Chatload:
                "--server-pid", ",".join(str(p) for p in pids), "--label", label]  # fmt: skip
         if idle:
             cmd.append("--idle")
+        if ids:
+            cmd.append("--ids")
+        if senders is not None:
+            cmd += ["--senders", str(senders)]
+        if storm_after is not None:
+            cmd += ["--storm-after", f"{storm_after:g}"]
         budget = members / connect_rate + 15 + self.timing.warmup + duration + drain + 30
         r = run_pinned(self.pin, cmd, budget)
         if r.returncode != 0 or not r.stdout.strip():

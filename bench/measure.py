@@ -109,6 +109,10 @@ class Run(Figures):
     out_of_order: int | None
     disconnects: int | None
     steal_s: float | None
+    # --ids: load lines without an id, ids that did not grow per member, one line with two ids
+    id_missing: int | None = None
+    id_errors: int | None = None
+    id_mismatch: int | None = None
     # interference: busy time of the two cores not spent by our processes, and the time our
     # processes were runnable while another task had their core (the direct measure); the
     # external generator reports no per-core window, so its runs are judged by chatload's
@@ -218,7 +222,8 @@ class Run(Figures):
         )
 
     def correct(self) -> bool:
-        return not self.malformed and not self.duplicates and not self.out_of_order
+        ids_wrong = self.id_missing or self.id_errors or self.id_mismatch
+        return not self.malformed and not self.duplicates and not self.out_of_order and not ids_wrong
 
 
 def _alike(raw: dict[str, Any]) -> dict[str, Any]:
@@ -241,6 +246,9 @@ def _alike(raw: dict[str, Any]) -> dict[str, Any]:
         "duplicates": raw.get("duplicates"),
         "out_of_order": raw.get("out_of_order"),
         "disconnects": raw.get("disconnects_by_server"),
+        "id_missing": raw.get("id_missing") if raw.get("ids") else None,
+        "id_errors": raw.get("id_errors") if raw.get("ids") else None,
+        "id_mismatch": raw.get("id_mismatch") if raw.get("ids") else None,
         "server_rss_mb": round(raw.get("server_rss_kb_end", 0) / 1024, 1),
         "server_rss_mb_max": round(raw.get("server_rss_kb_max_sampled", 0) / 1024, 1),
     }
@@ -394,7 +402,7 @@ def measure(
             else:
                 raw = bench.chatload.run(
                     [srv.port], [srv.pid], members - observers, rate, label, protocol=k.protocol, idle=idle,
-                    connect_rate=3000 if idle else k.connect_rate, drain=10.0 if idle else None,
+                    connect_rate=3000 if idle else k.connect_rate, drain=10.0 if idle else None, ids=k.ids,
                 )  # fmt: skip
                 run = Run.from_chatload(raw, kind, attempt, pre)
             run.server_alive = srv.alive()

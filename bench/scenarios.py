@@ -244,6 +244,101 @@ def redis(bench: Bench, members: int, rates: Sequence[float], repeat: int) -> Re
     return result
 
 
+# ----------------------------------------------------------------------------- reconnect storm
+
+STORM_SENDERS = 10
+
+
+@dataclass
+class Storm:
+    """Members of one instance drop at once and resume on another (two instances + Redis).
+
+    ``all_back_s``: from the drop until the last member had its resume's answer; ``plain_connect_s``:
+    the same number of plain connects (no resume) to one fresh instance, all at once, until every
+    member heard a broadcast: the reference measured in the same run."""
+
+    members: int
+    rate: float
+    all_back_s: float | None = None
+    p50_s: float | None = None
+    p99_s: float | None = None
+    back: int | None = None
+    complete: int | None = None
+    incomplete: int | None = None
+    connect_failed: int | None = None
+    replayed_lines: int | None = None
+    run: Run | None = None
+    plain_connect_s: float | None = None
+    skipped: str = ""
+
+    @property
+    def problems(self) -> list[str]:
+        """What makes the storm a failure whatever its timing: lost, repeated or reordered lines, incomplete."""
+        out = []
+        run = self.run
+        if run is None:
+            return [self.skipped or "not run"]
+        if self.back != self.members:
+            out.append(f"{self.back} of {self.members} members back")
+        if self.incomplete:
+            out.append(f"{self.incomplete} resumes incomplete")
+        if run.lost:
+            out.append(f"lost {run.lost} of {run.expected} deliveries")
+        for key in ("duplicates", "out_of_order", "malformed", "id_missing", "id_errors", "id_mismatch"):
+            if getattr(run, key):
+                out.append(f"{key} = {getattr(run, key)}")
+        return out
+
+
+def storm(bench: Bench, members: int, rate: float, after: float = 3.0) -> Storm:
+    """``members`` on instance a with ids; ``after`` s into sending (STORM_SENDERS senders on b) they
+    all drop and reconnect to b with /resume; then the plain-connect reference on a fresh instance."""
+    log(f"== reconnect storm: {members} members of one instance resume on another, {rate:g} msg/s flowing")
+    result = Storm(members, rate)
+    if shutil.which("redis-server") is None:
+        result.skipped = "redis-server is not installed"
+        return result
+    bench.quiet()
+    rport = free_port()
+    rsrv = bench.start("redis-server", redis_argv(rport), rport)
+    try:
+        rsrv.wait_ready(timeout=10)
+        extra = ["--redis-url", f"redis://127.0.0.1:{rport}/0", "--max-clients", str(members + 1000)]
+        with bench.server("chat-svc", extra) as a, bench.server("chat-svc", extra) as b:
+            ok, why = wait_backplane([a.port, b.port])
+            if not ok:
+                result.skipped = f"backplane not up: {why}"
+                return result
+            raw = bench.chatload.run(
+                [a.port, b.port], [a.pid, b.pid], members + STORM_SENDERS, rate, f"storm-{members}",
+                connect_rate=2000, ids=True, senders=STORM_SENDERS, storm_after=after, duration=after + 8,
+            )  # fmt: skip
+    finally:
+        bench.stop(rsrv)
+    run = Run.from_chatload(raw, "chat-svc x2 + redis (storm)")
+    bench.record(run)
+    result.run = run
+
+    def seconds(key: str) -> float | None:
+        value = raw.get(key)
+        return None if value is None or value < 0 else float(value)
+
+    result.all_back_s, result.p50_s, result.p99_s = seconds("storm_all_back_s"), seconds("storm_p50_s"), seconds(
+        "storm_p99_s"
+    )
+    result.back, result.complete = raw.get("storm_back"), raw.get("storm_complete")
+    result.incomplete, result.connect_failed = raw.get("storm_incomplete"), raw.get("storm_connect_failed")
+    result.replayed_lines = raw.get("storm_replayed_lines")
+    with bench.server("chat-svc", ["--max-clients", str(members + 1000)]) as plain:
+        ref = bench.chatload.run(
+            [plain.port], [plain.pid], members, 0, f"plain-connects-{members}", idle=True, connect_rate=1e9,
+            duration=0.5, drain=10.0,
+        )  # fmt: skip
+    if ref.get("ramp_s", -1) >= 0 and ref.get("sync_s", -1) >= 0 and ref.get("sync_ok"):
+        result.plain_connect_s = round(ref["ramp_s"] + ref["sync_s"], 3)
+    return result
+
+
 # ----------------------------------------------------------------------------- cross-check
 
 OBSERVERS = 20
@@ -383,11 +478,13 @@ def analyse_profile(text: str) -> tuple[int, list[tuple[str, float]], list[tuple
 # (members, msg/s): a few seconds each, enough for every member to get every line
 SMOKE_POINTS = {
     "chat-svc": (50, 100),
+    "chat-svc-ids": (50, 100),
     "chat-svc-ws": (50, 100),
     "seed": (30, 30),
     "c-epoll": (50, 100),
     "ngircd": (30, 30),
 }
+SMOKE_STORM = 200
 
 
 @dataclass
@@ -395,6 +492,7 @@ class Smoke:
     runs: dict[str, Run]
     skipped: dict[str, str]
     problems: list[str]
+    storm: Storm | None = None
 
 
 def smoke(bench: Bench, servers: Sequence[str], required: Sequence[str]) -> Smoke:
@@ -413,7 +511,8 @@ def smoke(bench: Bench, servers: Sequence[str], required: Sequence[str]) -> Smok
         if run.lost:
             result.problems.append(f"{kind}: lost {run.lost} of {run.expected} deliveries")
         if kind != "seed":  # the seed relays raw recv() chunks: torn lines are what it does
-            for key in ("malformed", "duplicates", "out_of_order", "disconnects", "join_failed"):
+            for key in ("malformed", "duplicates", "out_of_order", "disconnects", "join_failed", "id_missing",
+                        "id_errors", "id_mismatch"):  # fmt: skip
                 if getattr(run, key):
                     result.problems.append(f"{kind}: {key} = {getattr(run, key)}")
             if run.p99_ms is None or run.p99_ms > 2000:
@@ -428,6 +527,12 @@ def smoke(bench: Bench, servers: Sequence[str], required: Sequence[str]) -> Smok
         if probe is None or not probe.probe_expected or probe.probe_delivered != probe.probe_expected:
             got = (probe.probe_delivered, probe.probe_expected) if probe else (None, None)
             result.problems.append(f"{name}: probe reached {got[0]} of {got[1]}")
+    if "chat-svc" in servers:
+        result.storm = storm(bench, SMOKE_STORM, 100, after=2.0)
+        if result.storm.skipped and "chat-svc" not in required:
+            result.skipped["storm"] = result.storm.skipped
+        else:
+            result.problems += [f"storm: {problem}" for problem in result.storm.problems]
     result.problems += [f"{kind}: {why}" for kind, why in result.skipped.items() if kind in required]
     result.problems += bench.server_problems
     return result

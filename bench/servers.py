@@ -220,6 +220,7 @@ class Kind:
     exit_codes: tuple[int, ...] = (0,)
     search: tuple[float, float, float] = (2000, 50, 12000)
     missing: str = ""  # why it cannot run on this machine; "" when it can
+    ids: bool = False  # the members turn message ids on (/ids) and the generator checks every id
 
 
 def find_ngircd() -> str | None:
@@ -258,7 +259,10 @@ def ngircd_config(port: int, workdir: Path) -> Path:
 
 def kinds(ours_cmd: Sequence[str], workdir: Path, broadcaster: Path | None, ngircd: str | None) -> dict[str, Kind]:
     def ours(port: int, extra: Sequence[str]) -> list[str]:
-        return [*ours_cmd, "--host", "127.0.0.1", "--port", str(port), "--flood-rate", "0", *extra]
+        # no lame-duck drain when the bench stops it (environment variables: a --snapshot of a
+        # version without the drain settings ignores them)
+        return ["env", "CHAT_DRAIN_DELAY=0", "CHAT_DRAIN_SPREAD=0", *ours_cmd, "--host", "127.0.0.1",
+                "--port", str(port), "--flood-rate", "0", *extra]  # fmt: skip
 
     def seed(port: int, extra: Sequence[str]) -> list[str]:
         return [sys.executable, str(SEED), str(port), "127.0.0.1"]
@@ -271,6 +275,8 @@ def kinds(ours_cmd: Sequence[str], workdir: Path, broadcaster: Path | None, ngir
 
     return {
         "chat-svc": Kind("chat-svc", ours, connect_rate=2000, http_ready=True),
+        # the same server, every member with message ids on (issue 12): what ids cost, side by side
+        "chat-svc-ids": Kind("chat-svc-ids", ours, connect_rate=2000, http_ready=True, ids=True),
         # the same server, every member on WebSocket (GET /ws) instead of raw TCP
         "chat-svc-ws": Kind("chat-svc-ws", ours, connect_rate=2000, protocol="ws", http_ready=True),
         # the seed accepts one connection per select() round and announces each to everybody;

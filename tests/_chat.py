@@ -410,6 +410,9 @@ class ServerProcess:
         argv = [*prefix, sys.executable, "-m", "chat_svc", "--host", self.host, "--port", str(self.port), *args]
         if "--log-format" not in args:
             argv += ["--log-format", "json"]
+        for drain in ("--drain-delay", "--drain-spread"):  # a test's teardown need not wait out a drain
+            if drain not in args:
+                argv += [drain, "0"]
         directory = log_dir if log_dir is not None else Path(tempfile.gettempdir())
         self.log_path = directory / f"chat-svc-{next(_log_numbers)}-{self.port}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115
@@ -420,6 +423,7 @@ class ServerProcess:
         self.expected_exit = 0
         self.expected_events: set[str] = set()
         self.killed = False
+        self.draining = False  # the test sent SIGTERM or SIGINT itself
         self.stop_timed_out = False
         if learn_port:
             started = self._started()
@@ -528,6 +532,8 @@ class ServerProcess:
     def signal(self, signum: int = signal.SIGTERM) -> None:
         if signum == signal.SIGKILL:
             self.killed = True
+        if signum in (signal.SIGTERM, signal.SIGINT):
+            self.draining = True
         self.proc.send_signal(signum)
 
     def kill(self) -> None:
@@ -539,6 +545,11 @@ class ServerProcess:
         """SIGTERM and wait (SIGKILL after 10 s); the exit status."""
         for client in self.clients:
             client.close()
+        if self.draining:  # the test signalled it: let its drain end (another signal would cut it short, status 1)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                pass
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
             try:

@@ -18,7 +18,7 @@ import pytest
 import redis as redis_client
 from _chat import LineClient, ServerProcess, free_port, wait_for
 from _redis import RedisServer
-from chat_svc.backplane import RedisBackplane, publisher
+from chat_svc.backplane import RedisBackplane, keys, publisher
 
 pytestmark = pytest.mark.redis
 
@@ -125,7 +125,8 @@ def test_an_instance_subscribes_only_to_rooms_with_local_members(redis_server: R
     store = redis_client.Redis.from_url(redis_server.url)
 
     def subscribers(room: str) -> int:
-        return int(dict(store.pubsub_numsub(f"chat:room:{room}"))[f"chat:room:{room}".encode()])
+        channel = keys.room_channel(room)
+        return int(dict(store.pubsub_numsub(channel))[channel.encode()])
 
     alice = joined(a, "alice", "shared")
     joined(b, "bob", "shared")
@@ -302,7 +303,7 @@ def test_instance_starts_degraded_without_redis_and_connects_later(chat_server: 
         assert metrics(srv)["chat_backplane_up"] == 1
         assert metrics(srv)["chat_backplane_reconnects_total"] == 0  # first connection
         store = redis_client.Redis.from_url(redis.url)
-        wait_for(lambda: store.zcard("chat:who:lobby") == 2, 5, "presence written to Redis")
+        wait_for(lambda: store.zcard(keys.who("lobby")) == 2, 5, "presence written to Redis")
     finally:
         redis.stop()
 
@@ -330,35 +331,54 @@ def test_without_redis_url_there_is_no_backplane(chat_server: Start) -> None:
 # ----------------------------------------------------------------------------- in-process
 
 
+class _Room:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.waiting = 0
+
+
 def _offline_backplane(**rooms: Any) -> RedisBackplane:
     """A backplane on an unused port over a stand-in hub: no Redis call is made."""
-    hub = SimpleNamespace(rooms=rooms, members={}, history=20, delivered=[])
-    hub.deliver_local = lambda room, data, sender, history: hub.delivered.append((room.name, data, history))
+    hub = SimpleNamespace(rooms=rooms, members={}, history=20, delivered=[], logs=[])
+    hub.deliver_local = lambda room, data, sender, t_read, chat, on_id: hub.delivered.append((room.name, data, "local"))
+    hub.deliver_remote = lambda room, epoch, offset, data, chat, sender, t_read: hub.delivered.append(
+        (room.name, data, (epoch, offset, chat, sender))
+    )
     return RedisBackplane(f"redis://127.0.0.1:{free_port()}/0", hub, instance_id="me")
 
 
-def test_publish_queue_is_bounded_and_counts_what_it_drops(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_publish_queue_is_bounded_and_says_so_and_lines_in_flight_stay_here_when_redis_goes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr(publisher, "QUEUE_MAX_ITEMS", 50)
-    plane = _offline_backplane()
+    plane = _offline_backplane(r=_Room("r"))
     plane.subscriber.up = True
-    for k in range(60):
-        plane.publish("r", f"[x] {k}\n".encode(), True)
-    assert plane.publisher.queued == 50 and plane.publisher.errors["queue_full"] == 10
-    plane.subscriber.up = False  # an outage: nothing more is queued, what was queued is dropped
-    plane.publish("r", b"[x] late\n", True)
-    plane.publisher._discard()
-    assert plane.publisher.queued == 0 and plane.publisher._queued_bytes == 0
+    taken = [plane.publish("r", f"[x] {k}\n".encode(), True, None, 0.0, None) for k in range(60)]
+    assert taken == [True] * 50 + [False] * 10  # the hub delivers those locally
+    assert plane.congested and plane.publisher.queued == 50 and plane.publisher.errors["queue_full"] == 10
+    assert plane.publisher.broken == {"r"}  # its Redis log is missing lines: a new epoch once Redis answers
+    plane.subscriber.lost("test", RuntimeError("gone"))  # the 50 queued are delivered here, in order
+    assert [data for _, data, _ in plane.hub.delivered] == [f"[x] {k}\n".encode() for k in range(50)]
+    assert plane.publisher.queued == 0 and plane.publisher._queued_bytes == 0 and not plane.congested
+    assert not plane.publish("r", b"[x] late\n", True, None, 0.0, None)
     assert plane.publisher.errors["down"] == 51
 
 
-def test_received_messages_skip_our_own_and_mirror_chat_lines() -> None:
-    room = SimpleNamespace(name="r", waiting=0)
-    plane = _offline_backplane(r=room)
-    channel = b"chat:room:r"
-    plane.subscriber.receive(channel, b"me\0h[a] mine\n")  # our own echo from Redis
-    plane.subscriber.receive(channel, b"other\0h[b] theirs\n")
-    plane.subscriber.receive(channel, b"other\0n* c joined r\n")
-    plane.subscriber.receive(b"chat:room:elsewhere", b"other\0h[b] no local room\n")
-    # chat lines go to the room's history, notices only out live
-    assert plane.hub.delivered == [("r", b"[b] theirs\n", True), ("r", b"* c joined r\n", False)]
-    assert plane.subscriber.received == 2
+def test_received_lines_carry_their_id_and_our_own_come_back_to_their_sender() -> None:
+    plane = _offline_backplane(r=_Room("r"))
+    plane.subscriber.up = True
+    sender = object()
+    plane.publish("r", b"[a] mine\n", True, sender, 1.5, None)  # type: ignore[arg-type]
+    plane.publisher._pending[1] = plane.publisher._queue.popleft()  # as _send_batch does
+    channel = keys.room_channel("r").encode()
+    plane.subscriber.receive(channel, b"other\0h7 E1:41 [b] theirs\n")
+    plane.subscriber.receive(channel, b"me\0h1 E1:42 [a] mine\n")  # our own, back from Redis
+    plane.subscriber.receive(channel, b"other\0n8 E1:43 * c joined r\n")
+    plane.subscriber.receive(keys.room_channel("elsewhere").encode(), b"other\0h9 E1:1 [b] no room here\n")
+    plane.subscriber.receive(channel, b"other\0hbroken")
+    assert plane.hub.delivered == [
+        ("r", b"[b] theirs\n", (b"E1", 41, True, None)),
+        ("r", b"[a] mine\n", (b"E1", 42, True, sender)),
+        ("r", b"* c joined r\n", (b"E1", 43, False, None)),
+    ]
+    assert plane.subscriber.received == 2 and plane.publisher._pending == {}

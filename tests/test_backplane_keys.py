@@ -13,29 +13,53 @@ from chat_svc.backplane import keys
 def test_every_key_and_channel_is_under_the_service_prefix() -> None:
     names = [
         keys.room_channel("r"),
-        keys.inbox("i-1"),
-        keys.history("r"),
-        keys.nick("alice"),
+        keys.meta("r"),
+        keys.log("r"),
         keys.who("r"),
+        keys.inbox("i-1"),
+        keys.nick("alice"),
         keys.room_counts("i-1"),
         keys.INSTANCES,
     ]
     assert names == [
-        "chat:room:r",
+        "chat:{r}:ch",
+        "chat:{r}:meta",
+        "chat:{r}:log",
+        "chat:{r}:who",
         "chat:inst:i-1",
-        "chat:history:r",
         "chat:nick:alice",
-        "chat:who:r",
         "chat:rooms:i-1",
         "chat:instances",
     ]
     assert keys.nick_of(keys.nick("alice")) == "alice"
 
 
+def test_every_key_of_a_room_hashes_to_the_rooms_slot() -> None:
+    """Redis Cluster hashes only what is between the first { and the next }: the room name."""
+    for room in ("r", "#dev", "a.b-c_d"):
+        tags = {name[name.index("{") + 1 : name.index("}")] for name in (keys.room_channel(room), keys.meta(room),
+                                                                           keys.log(room), keys.who(room))}
+        assert tags == {room}
+
+
 def test_room_of_reads_room_channels_only() -> None:
-    assert keys.room_of(b"chat:room:#dev") == "#dev"
-    assert keys.room_of(b"chat:room:bad\xff") == "bad\ufffd"
+    assert keys.room_of(keys.room_channel("#dev").encode()) == "#dev"
+    assert keys.room_of(b"chat:{bad\xff}:ch") == "bad\ufffd"
     assert keys.room_of(b"chat:inst:i-1") is None
+    assert keys.room_of(keys.meta("r").encode()) is None
+
+
+def test_room_lines_carry_tag_and_id() -> None:
+    assert keys.open_line(b"17 Ab3:1042 [alice] hi there\n") == (17, b"Ab3", 1042, b"[alice] hi there\n")
+    assert keys.open_line(b"garbage") is None
+    assert keys.open_line(b"x Ab3:1 line") is None
+
+
+def test_a_nick_is_held_until_its_expiry() -> None:
+    assert keys.nick_owner(b"2000 inst a", 1999) == "inst a"
+    assert keys.nick_owner(b"2000 inst a", 2001) is None
+    assert keys.nick_owner(None, 0) is None
+    assert keys.nick_owner(b"inst-from-an-older-version", 0) is None
 
 
 def test_envelopes_carry_origin_kind_and_payload_unchanged() -> None:

@@ -56,7 +56,13 @@ def test_bench_smoke_every_member_gets_every_line(smoke: SmokeRun) -> None:
     assert seed["delivered"] > 0 and seed["lost"] == 0
     idle = runs["idle"]["idle"]
     assert idle["probe_expected"] and idle["probe_delivered"] == idle["probe_expected"]
-    assert len(results["runs"]) == len(runs)
+    ids = runs["chat-svc-ids"]
+    assert ids["delivered"] > 0 and ids["lost"] == 0
+    assert ids["id_missing"] == ids["id_errors"] == ids["id_mismatch"] == 0
+    storm = results["smoke"]["storm"]
+    assert storm["back"] == storm["complete"] == storm["members"] > 0, storm
+    assert storm["run"]["lost"] == 0 and storm["run"]["duplicates"] == 0 and storm["run"]["out_of_order"] == 0
+    assert len(results["runs"]) == len(runs) + 1  # the storm's run
 
 
 @pytest.mark.slow

@@ -5,6 +5,7 @@ The end-to-end tests (test_chat.py) send the same commands over real sockets.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 
 import pytest
@@ -15,6 +16,7 @@ from chat_svc.directory import Directory
 from chat_svc.hub import Hub, Member
 from chat_svc.identity import Authenticator, ExpiryWatch
 from chat_svc.metrics import Counters
+from chat_svc.roomlog import RoomLogs
 
 
 @dataclass(frozen=True)
@@ -25,15 +27,23 @@ class Context:
     expiry: ExpiryWatch
     bans: BanList = field(default_factory=BanList)
     listings: commands.Listings = field(default_factory=commands.Listings)
+    new_rooms: tuple[int, float] = (20, 0.0)
 
 
 class Room:
     """A hub with members on recording sinks, and a way to run a command line."""
 
-    def __init__(self, *nicks: str, history: int = 20, token_required: bool = False) -> None:
-        self.hub = Hub(Counters(), history=history)
+    def __init__(
+        self,
+        *nicks: str,
+        history: int = 20,
+        token_required: bool = False,
+        new_rooms: tuple[int, float] = (20, 0.0),
+        resume_lines: int = 1000,
+    ) -> None:
+        self.hub = Hub(Counters(), history=history, logs=RoomLogs(max_lines=resume_lines))
         auth = Authenticator("secret" if token_required else None, None)
-        self.ctx = Context(self.hub, self.hub, auth, ExpiryWatch(lambda member: None))
+        self.ctx = Context(self.hub, self.hub, auth, ExpiryWatch(lambda member: None), new_rooms=new_rooms)
         self.sinks: dict[str, RecordingSink] = {}
         self.members: dict[str, Member] = {}
         for nick in nicks:
@@ -67,6 +77,8 @@ def test_help_lists_every_listed_command_one_per_line() -> None:
         "* /who  list who is in your room",
         "* /me ACTION  tell your room what you are doing",
         "* /msg NICK TEXT  send TEXT to NICK alone",
+        "* /ids  prefix every line of a room's log with its id @EPOCH:OFFSET",
+        "* /resume ROOM EPOCH:OFFSET  enter ROOM and get every line after that id",
         "* /help  show the commands",
         "* /quit  say goodbye and disconnect",
         "* //text  send /text as a chat line",
@@ -276,3 +288,144 @@ def test_replies_come_after_the_room_lines_the_member_is_owed() -> None:
     room.hub.say(room.members["bob"], protocol.chat_line("bob", "first"), 0.0)
     room.run("alice", "/who")  # before the sweeper has run
     assert room.heard()["alice"] == ["[bob] first", "* in lobby (2): alice, bob"]
+
+
+# ----------------------------------------------------------------------------- ids and resume
+
+
+def _id(line: str) -> tuple[str, int]:
+    """(epoch, offset) of an id-prefixed line."""
+    match = re.match(r"@([A-Za-z0-9]{1,16}):(\d+) ", line)
+    assert match, line
+    return match[1], int(match[2])
+
+
+def test_ids_prefix_every_line_of_the_room_log_and_nothing_else() -> None:
+    room = Room("alice", "bob", "carol")
+    assert room.run("alice", "/ids") is None
+    assert room.heard()["alice"] == ["* ids on"]
+    room.hub.say(room.members["bob"], protocol.chat_line("bob", "hi"), 0.0)
+    room.run("bob", "/me waves")
+    room.run("carol", "/nick caroline")
+    room.run("bob", "/msg alice psst")
+    room.run("alice", "/who")
+    room.run("alice", "/join nowhere!")
+    heard = room.heard()
+    ids = [_id(line) for line in heard["alice"][:3]]
+    assert [line.split(" ", 1)[1] for line in heard["alice"][:3]] == [
+        "[bob] hi", "* [bob] waves", "* carol is now known as caroline"
+    ]  # fmt: skip
+    assert heard["alice"][3:] == [
+        "[bob -> alice] psst",
+        "* in lobby (3): alice, bob, caroline",
+        "! invalid room name: use 1-32 letters, digits, _ - . (optional leading #)",
+    ]
+    assert len({epoch for epoch, _ in ids}) == 1
+    assert [offset for _, offset in ids] == [ids[0][1], ids[0][1] + 1, ids[0][1] + 2]
+    assert heard["bob"] == ["* carol is now known as caroline", "[bob -> alice] psst"]
+    assert heard["carol"] == ["[bob] hi", "* [bob] waves", "* carol is now known as caroline"]
+
+
+def test_history_carries_each_lines_own_id() -> None:
+    room = Room("alice", "bob")
+    room.run("alice", "/ids")
+    room.hub.say(room.members["bob"], protocol.chat_line("bob", "one"), 0.0)
+    room.hub.say(room.members["bob"], protocol.chat_line("bob", "two"), 0.0)
+    live = room.heard()["alice"][1:]
+    room.run("alice", "/join dev")
+    room.run("alice", "/join lobby")
+    heard = room.heard()["alice"]
+    assert heard[-2:] == [line.replace(" [bob]", " [history] [bob]") for line in live]
+
+
+def test_resume_replays_exactly_what_came_after_the_id_then_says_how_many() -> None:
+    room = Room("alice", "bob")
+    room.run("alice", "/ids")
+    room.hub.say(room.members["bob"], protocol.chat_line("bob", "seen"), 0.0)
+    epoch, offset = _id(room.heard()["alice"][1])
+    for n in range(5):
+        room.hub.say(room.members["bob"], protocol.chat_line("bob", f"missed {n}"), 0.0)
+    room.heard()
+    newcomer = room.add("alice2")
+    room.heard()
+    assert room.run("alice2", f"/resume lobby {epoch}:{offset}") is None
+    room.hub.say(room.members["bob"], protocol.chat_line("bob", "live"), 0.0)
+    heard = room.heard()["alice2"]
+    # every line after the id, its own arrival in lobby included
+    assert [_id(line) for line in heard[:6]] == [(epoch, offset + 1 + n) for n in range(6)]
+    assert [line.split(" ", 1)[1] for line in heard[:6]] == [
+        *(f"[bob] missed {n}" for n in range(5)), "* alice2 joined lobby"
+    ]
+    assert heard[6] == "* resumed lobby: 6 lines"
+    assert heard[7].endswith(" [bob] live") and _id(heard[7]) == (epoch, offset + 7)
+    assert len(heard) == 8 and newcomer.ids
+    assert (room.hub.counters.resumes_complete, room.hub.counters.resume_lines) == (1, 6)
+
+
+def test_resume_into_another_room_moves_with_notices_and_no_history() -> None:
+    room = Room("alice", "bob")
+    room.add("carol", room="dev")
+    room.run("carol", "/ids")
+    room.run("bob", "/join dev")
+    room.hub.say(room.members["bob"], protocol.chat_line("bob", "in dev"), 0.0)
+    epoch, offset = _id(room.heard()["carol"][-1])
+    room.run("alice", f"/resume #Dev {epoch}:{offset}")  # the room as /join names it: dev
+    heard = room.heard()
+    assert heard["alice"] == ["* resumed dev: 0 lines"]
+    assert heard["bob"] == ["* alice joined dev"]
+    assert heard["carol"] == [f"@{epoch}:{offset + 1} * alice joined dev"]
+    assert room.members["alice"].room is room.hub.rooms["dev"]
+
+
+@pytest.mark.parametrize(
+    ("since", "reason"),
+    [
+        ("Zz9:1", "epoch changed"),
+        ("{epoch}:1", "2 lines no longer retained"),
+        ("{epoch}:99", "offset 99 is ahead of the log (latest {last})"),
+    ],
+)
+def test_resume_says_why_it_is_incomplete_then_sends_the_history(since: str, reason: str) -> None:
+    room = Room("alice", "bob", "alice2", resume_lines=3)
+    room.run("alice", "/ids")
+    for n in range(3):
+        room.hub.say(room.members["bob"], protocol.chat_line("bob", f"line {n}"), 0.0)
+    lines = room.heard()["alice"][1:]
+    epoch, last = _id(lines[-1])  # the log holds offsets 4..6; 1..3 (three join notices) are gone
+    assert last == 6
+    room.run("alice2", "/resume lobby " + since.format(epoch=epoch))
+    heard = room.heard()["alice2"]
+    assert heard[0] == "! resume incomplete lobby: " + reason.format(last=last)
+    assert heard[1:] == [line.replace(" [bob]", " [history] [bob]") for line in lines]
+    assert room.hub.counters.resumes_incomplete == 1
+
+
+def test_resume_in_the_same_room_replays_without_repeating_what_is_pending() -> None:
+    room = Room("alice", "bob")
+    room.run("alice", "/ids")
+    room.hub.say(room.members["bob"], protocol.chat_line("bob", "zero"), 0.0)
+    epoch, offset = _id(room.heard()["alice"][1])
+    room.hub.say(room.members["bob"], protocol.chat_line("bob", "one"), 0.0)
+    room.run("alice", f"/resume lobby {epoch}:{offset}")  # "one" is still waiting for the sweeper
+    assert [line.split(" ", 1)[1] for line in room.heard()["alice"]] == ["[bob] one", "resumed lobby: 1 lines"]
+
+
+@pytest.mark.parametrize("arg", ["", "lobby", "lobby abc", "lobby abc:-1", "lobby a_b:1", "lobby x:1 extra"])
+def test_resume_needs_a_room_and_an_id(arg: str) -> None:
+    room = Room("alice")
+    room.run("alice", f"/resume {arg}")
+    assert room.heard()["alice"] == ["! usage: /resume ROOM EPOCH:OFFSET"]
+
+
+def test_a_member_may_bring_only_so_many_rooms_into_being() -> None:
+    room = Room("alice", "bob", new_rooms=(2, 0.001))
+    for name in ("r1", "r2", "r3", "lobby"):
+        room.run("alice", f"/join {name}")
+    room.run("alice", "/resume r4 abc:1")
+    room.add("carol", room="r9")
+    room.run("alice", "/join r9")  # a room with members is not brought into being
+    heard = room.heard()["alice"]
+    assert heard[:2] == ["* you joined r1", "* you joined r2"]
+    assert re.fullmatch(r"! too many new rooms: try again in \d+ s", heard[2])
+    assert heard[3:] == ["* you joined lobby", heard[2], "* you joined r9"]
+    assert room.hub.counters.rooms_refused == 2

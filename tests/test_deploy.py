@@ -237,8 +237,8 @@ def test_deployment_contract() -> None:
     assert pod["securityContext"]["runAsUser"] != 0
     assert container["securityContext"]["readOnlyRootFilesystem"] is True
     assert container["securityContext"]["allowPrivilegeEscalation"] is False
-    # grace period > preStop sleep + drain timeout
-    drain = float(cm["data"]["CHAT_SHUTDOWN_TIMEOUT"])
+    # grace period > preStop sleep + the whole drain (delay + spread + flush)
+    drain = sum(float(cm["data"][key]) for key in ("CHAT_DRAIN_DELAY", "CHAT_DRAIN_SPREAD", "CHAT_SHUTDOWN_TIMEOUT"))
     pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("exec", {}).get("command", [])
     pre_stop_s = float(pre_stop[1]) if pre_stop[:1] == ["sleep"] else 0.0
     assert pod["terminationGracePeriodSeconds"] > drain + pre_stop_s

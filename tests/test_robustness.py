@@ -164,10 +164,10 @@ def test_shutdown_delivers_what_is_queued_before_closing(chat_server):
     talker.send("".join(line + "\n" for line in sent))
     wait_for(lambda: scrape(srv.port)["chat_sendq_max_bytes"] > 0, 10, "lines queued for the slow reader")
     srv.signal(signal.SIGTERM)
-    srv.wait_log("shutdown_started")
+    srv.wait_log("drain_started")
     lines = slow.lines_until_closed(10)  # reading only now, during the drain
     assert [line for line in lines if line.startswith("[talker]")] == [f"[talker] {line}" for line in sent]
-    assert lines[-1] == "* server shutting down"
+    assert lines[-1] == "* server restarting, reconnect"
     assert srv.proc.wait(10) == 0
 
 
@@ -177,7 +177,7 @@ def test_sigterm_tells_twenty_members_closes_them_and_exits_zero(chat_server):
     started = time.monotonic()
     srv.signal(signal.SIGTERM)
     for member in members:
-        assert member.expect("* server shutting down") == "* server shutting down"
+        assert member.expect("* server restarting") == "* server restarting, reconnect"
         assert member.closed(10)
     assert srv.proc.wait(10) == 0
     assert time.monotonic() - started < 10
@@ -194,7 +194,7 @@ def test_second_signal_exits_at_once_with_status_1(chat_server):
     talker.send(("y" * 8000 + "\n") * 300)
     wait_for(lambda: scrape(srv.port)["chat_sendq_max_bytes"] > 0, 10, "a queue the drain waits for")
     srv.signal(signal.SIGTERM)
-    srv.wait_log("shutdown_started")  # draining for up to 30 s
+    srv.wait_log("drain_started")  # draining for up to 30 s
     assert srv.proc.poll() is None
     srv.expect_exit(1)
     srv.signal(signal.SIGINT)

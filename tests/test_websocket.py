@@ -128,7 +128,7 @@ def test_shutdown_says_so_and_closes_with_1001(chat_server):
     members = [ws(srv, f"m{n}") for n in range(5)]
     srv.signal(signal.SIGTERM)
     for member in members:
-        assert member.expect("* server") == "* server shutting down"
+        assert member.expect("* server") == "* server restarting, reconnect"
         assert member.wait_closed() == (1001, "server shutting down")
     assert srv.proc.wait(10) == 0
 
@@ -247,7 +247,7 @@ def test_wss_on_the_tls_port(chat_server, tmp_path: Path):
     with pytest.raises(OSError):
         WsClient(srv.host, srv.port, timeout=2)  # plain ws:// to the TLS port
     srv.signal(signal.SIGTERM)
-    assert alice.expect("* server") == "* server shutting down"
+    assert alice.expect("* server") == "* server restarting, reconnect"
     assert alice.wait_closed() == (1001, "server shutting down")
     assert srv.proc.wait(10) == 0
 

@@ -28,6 +28,7 @@ from .idempotency import IdempotencyStore, LocalIdempotency
 from .identity import Authenticator, ExpiryWatch
 from .logs import Coalesced
 from .metrics import Counters, Metrics
+from .roomlog import RoomLogs
 from .session import Session, SessionContext, SessionLimits
 from .throttle import AddressBuckets, Networks
 from .transport import ChatServer
@@ -39,6 +40,10 @@ if TYPE_CHECKING:
 
 LOOP_TICK = 1.0
 LOOP_STALL = 10.0
+# Seconds of the drain's last phase kept for flushing the backplane's queue and presence,
+# and for closing what is left and exiting.
+BACKPLANE_RESERVE = 0.5
+EXIT_RESERVE = 0.3
 # Refusals, failed /auth and accept pauses are logged at most once per key per interval.
 LOG_INTERVAL = 10.0
 
@@ -57,6 +62,13 @@ class Service:
             history=config.history,
             notice_threshold=config.notice_threshold,
             observe_latency=self.metrics.observe_latencies,
+            logs=RoomLogs(
+                config.resume_lines,
+                config.resume_bytes,
+                config.history_budget_bytes,
+                config.resume_keep,
+                local=not config.redis_url,
+            ),
             notice_rate=config.notice_rate,
         )
         self.budget = OutboundBudget(config.outbound_budget_bytes)
@@ -69,12 +81,14 @@ class Service:
         idempotency: IdempotencyStore = LocalIdempotency()
         if config.redis_url:
             from .backplane import RedisBackplane
+            from .backplane.instance import RoomBounds
 
             self.backplane = RedisBackplane(
                 config.redis_url,
                 self.hub,
                 instance_id=config.instance_id,
                 presence_ttl=config.presence_ttl,
+                rooms=RoomBounds(config.resume_lines, config.resume_bytes, config.resume_keep),
                 bans=self.bans,
             )
             self.hub.backplane = self.backplane
@@ -140,6 +154,7 @@ class Service:
             lambda: self._ready()[0],
             self.descriptors.members,
             self.budget,
+            self.hub.logs,
         )
         # The operator API (--api-keys-file) is served where /metrics is: on the chat
         # port, or only on --metrics-port when there is one.
@@ -295,45 +310,94 @@ class Service:
         )
 
     def shutdown(self) -> None:
-        """Stop accepting, tell everyone, flush for up to --shutdown-timeout, close.
+        """The lame-duck drain: stay up a while unready, then close members spread out, then stop.
 
         Whatever goes wrong on the way, the process still stops (status 1 then).
         """
         try:
-            self._close_gracefully()
+            self._drain()
         except Exception:
             self.exit_code = 1
             self.log.exception("shutdown_failed")
         finally:
             self.stopped.set()
 
-    def _close_gracefully(self) -> None:
+    def _drain(self) -> None:
+        """SIGTERM: /readyz 503 at once; serve --drain-delay; tell and close members over --drain-spread.
+
+        Each member is told ``* server restarting, reconnect`` at its own
+        time, after every line it is owed; from then on it gets no room lines,
+        the connection is half-closed once that is written, and its input is
+        still read until it closes, so a line it sent before it saw the notice
+        still reaches the room.  No leave notices while draining.  Whatever is
+        left at delay + spread + --shutdown-timeout is closed.
+        """
+        config = self.config
         started = time.monotonic()
         self.shutting_down = True
+        self.metrics.drain_seconds.set_function(lambda: time.monotonic() - started)
+        self.log.info("drain_started", members=len(self.hub.members), delay_s=config.drain_delay,
+                      spread_s=config.drain_spread)  # fmt: skip
+        gevent.sleep(config.drain_delay)
         self.accepting = False
-        self.member_slots.close("server shutting down")
+        self.member_slots.close("server restarting")
         self.server.close()
+        self.hub.draining = True
         members = len(self.hub.members)
-        self.log.info("shutdown_started", members=members)
-        notice = protocol.info_line("server shutting down")
-        for session in list(self.sessions):
-            if session.member is not None and session.member.room is not None:
-                self.hub.send_to(session.member, notice)
-        # Everyone has been told; who leaves after that (in whatever order the sessions
-        # end) is not news, and "shutting down" stays each member's last line.
-        self.hub.notice_threshold = 0
-        deadline = started + self.config.shutdown_timeout
-        while time.monotonic() < deadline and any(s.outbox.size for s in self.sessions):
-            gevent.sleep(0.02)
+        order = [session for session in self.sessions if session.member is not None]
+        for session in self.sessions.difference(order):
+            session.kill("shutdown")  # not a member yet (authenticating): nothing to resume
+        spread_from = time.monotonic()
+        # Told members get --shutdown-timeout after the last notice to close (the promise: an exit
+        # by spread end + --shutdown-timeout); a little of it is kept for closing the rest,
+        # flushing the backplane and exiting.
+        reserve = EXIT_RESERVE + (BACKPLANE_RESERVE if self.backplane is not None else 0.0)
+        grace = max(0.0, config.shutdown_timeout - reserve)
+        deadline = spread_from + config.drain_spread + grace
+        told: list[Session] = []
+        next_up = 0
+        while next_up < len(order) or told:
+            now = time.monotonic()
+            # member i is told at spread_from + spread * i / n
+            due = len(order)
+            if config.drain_spread > 0:
+                due = min(due, int((now - spread_from) / config.drain_spread * len(order)) + 1)
+            for session in order[next_up:due]:
+                if not session.finished:
+                    session.tell_to_go(protocol.RESTARTING)
+                    told.append(session)
+            if next_up < len(order) <= due:  # the last one told now: the grace counts from here
+                deadline = min(deadline, now + grace)
+            next_up = max(next_up, due)
+            told = [session for session in told if _still_writing(session)]
+            if now >= deadline:
+                break
+            gevent.sleep(0.01)
+        while self.sessions and time.monotonic() < deadline:
+            gevent.sleep(0.01)
         for session in list(self.sessions):
             session.kill("shutdown")
-        while self.sessions and time.monotonic() < deadline + 1.0:
-            gevent.sleep(0.01)
         if self.backplane is not None:
-            self.backplane.stop()
+            self.backplane.stop(timeout=BACKPLANE_RESERVE)
         if self.metrics_server is not None:
             self.metrics_server.close()
-        self.log.info("shutdown_complete", members=members, seconds=round(time.monotonic() - started, 3))
+        seconds = round(time.monotonic() - started, 3)
+        self.metrics.drain_seconds.set_function(lambda: seconds)
+        self.log.info("drain_complete", members=members, seconds=seconds)
+
+
+def _still_writing(session: Session) -> bool:
+    """A told member whose notice (and what it was owed before it) is still being written.
+
+    Once it is written the connection is half-closed and the session reads
+    on until the client closes: it is no longer the drain's to watch.
+    """
+    if session.finished:
+        return False
+    if session.outbox.size:
+        return True
+    session.half_close()
+    return False
 
 
 def _raise_fd_limit() -> int:

@@ -26,6 +26,7 @@ import structlog
 from . import protocol
 from .bans import BanList
 from .directory import Directory
+from .flood import TokenBucket
 from .hub import Hub, Member
 from .identity import NICK_TAKEN, WRONG_SUB, Authenticator, ExpiryWatch
 from .jwtauth import AuthFailed, looks_like_jwt
@@ -108,6 +109,11 @@ class Context(Protocol):
     @property
     def bans(self) -> BanList: ...
 
+    @property
+    def new_rooms(self) -> tuple[int, float]:
+        """Rooms a member may bring into being at once, and per second after that (0: no limit)."""
+        ...
+
 
 Handler = Callable[[Context, Member, str], str | None]
 
@@ -143,17 +149,46 @@ def nick(ctx: Context, member: Member, arg: str) -> str | None:
     return None
 
 
-def join(ctx: Context, member: Member, arg: str) -> str | None:
-    assert member.room is not None
-    if not arg:
-        _usage(ctx, member, "join")
-        return None
+def _may_bring_into_being(ctx: Context, member: Member, room: str) -> bool:
+    """Whether ``member`` may enter ``room``: a room this process holds nothing of costs a token.
+
+    Every room brought into being costs memory here and keys in Redis until
+    it expires; one client must not mint them without bound.
+    """
+    burst, rate = ctx.new_rooms
+    if rate <= 0 or ctx.hub.knows_room(room):
+        return True
+    bucket = member.new_rooms
+    if not isinstance(bucket, TokenBucket):
+        bucket = member.new_rooms = TokenBucket(burst, rate)
+    if bucket.try_take():
+        return True
+    ctx.hub.counters.rooms_refused += 1
+    _reply(ctx, member, protocol.error_line(f"too many new rooms: try again in {max(1, round(bucket.wait()))} s"))
+    log.info("room_creation_refused", nick=member.nick, room=room)
+    return False
+
+
+def _may_enter(ctx: Context, member: Member, arg: str) -> str | None:
+    """/join and /resume: the room ``arg`` names, if it is valid, allowed by the member's JWT and
+    not one new room too many; else None, and the member is told why."""
     name = protocol.room_name(arg)
     if name is None:
         _reply(ctx, member, protocol.error_line(f"invalid room name: {ROOM_RULE}"))
         return None
     if member.identity is not None and not member.identity.allows(name):
         _reply(ctx, member, protocol.error_line(f"not allowed in {name}"))
+        return None
+    return name if _may_bring_into_being(ctx, member, name) else None
+
+
+def join(ctx: Context, member: Member, arg: str) -> str | None:
+    assert member.room is not None
+    if not arg:
+        _usage(ctx, member, "join")
+        return None
+    name = _may_enter(ctx, member, arg)
+    if name is None:
         return None
     if member.room.name == name:
         _reply(ctx, member, protocol.info_line(f"you are already in {name}"))
@@ -221,6 +256,27 @@ def msg(ctx: Context, member: Member, arg: str) -> str | None:
 
 def _usage(ctx: Context, member: Member, name: str) -> None:
     _reply(ctx, member, protocol.error_line(f"usage: {BY_NAME[name].usage}"))
+
+
+def ids(ctx: Context, member: Member, _: str) -> str | None:
+    ctx.hub.enable_ids(member)
+    _reply(ctx, member, protocol.IDS_ON)
+    return None
+
+
+def resume(ctx: Context, member: Member, arg: str) -> str | None:
+    parsed = protocol.parse_resume(arg)
+    if parsed is None:
+        _usage(ctx, member, "resume")
+        return None
+    arg_room, epoch, offset = parsed
+    room = _may_enter(ctx, member, arg_room)
+    if room is None:
+        return None
+    complete, _ = ctx.hub.resume(member, room, epoch, offset)
+    if not complete:
+        log.info("resume_incomplete", nick=member.nick, room=room, since=f"{epoch.decode()}:{offset}")
+    return None
 
 
 def help_(ctx: Context, member: Member, _: str) -> str | None:
@@ -302,6 +358,9 @@ TABLE: tuple[Command, ...] = (
     Command("who", "/who", "list who is in your room", who, cost=3),
     Command("me", "/me ACTION", "tell your room what you are doing", me),
     Command("msg", "/msg NICK TEXT", "send TEXT to NICK alone", msg),
+    Command("ids", "/ids", "prefix every line of a room's log with its id @EPOCH:OFFSET", ids),
+    # As /join, with a replay of up to --resume-lines lines instead of the history block.
+    Command("resume", "/resume ROOM EPOCH:OFFSET", "enter ROOM and get every line after that id", resume, cost=3),
     Command("help", "/help", "show the commands", help_),
     Command("quit", "/quit", "say goodbye and disconnect", quit_),
     # The first line when the server requires it; later only to present or refresh a JWT.

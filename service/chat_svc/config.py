@@ -108,7 +108,37 @@ class Config:
         "port answers /metrics, /healthz, /readyz and /api/ with 404 (bind it to an internal interface "
         "with --metrics-host).",
     )
-    history: int = setting(20, parse_non_negative_int, "Recent room lines replayed to a joiner.")
+    history: int = setting(
+        20, parse_non_negative_int, "Recent chat lines replayed to a joiner (from the room's retained log)."
+    )
+    resume_lines: int = setting(
+        1000, parse_positive_int, "Lines each room retains for /resume (and history), in memory and in Redis."
+    )
+    resume_bytes: int = setting(
+        262144,
+        parse_positive_int,
+        "Bytes of lines each room retains (each line counted with its overhead); the oldest go first.",
+    )
+    resume_keep: float = setting(
+        300.0,
+        parse_non_negative_float,
+        "Seconds the log of a room whose last member left is kept for resumes (in Redis: the TTL "
+        "of a quiet room's keys).",
+    )
+    history_budget_bytes: int = setting(
+        67108864,
+        parse_positive_int,
+        "Bytes all room logs of this process may retain together; past it, emptied rooms' logs go "
+        "first (oldest first), then the largest logs are trimmed.",
+    )
+    room_create_burst: int = setting(
+        20, parse_positive_int, "Rooms a member may bring into being at once (rooms this instance holds nothing of)."
+    )
+    room_create_rate: float = setting(
+        0.2,
+        parse_non_negative_float,
+        "Rooms per second a member may bring into being after the burst; 0 = no limit.",
+    )
     max_line_bytes: int = setting(
         8192,
         parse_positive_int,
@@ -208,8 +238,23 @@ class Config:
     idle_timeout: float = setting(
         0.0, parse_non_negative_float, "Seconds without input before a member is dropped; 0 = off."
     )
+    drain_delay: float = setting(
+        2.0,
+        parse_non_negative_float,
+        "On SIGTERM/SIGINT /readyz turns 503 at once, and the server keeps serving this many "
+        "seconds so load balancers stop sending new connections.",
+    )
+    drain_spread: float = setting(
+        3.0,
+        parse_non_negative_float,
+        "Then each member is told '* server restarting, reconnect' and closed, spread evenly over "
+        "this many seconds, so other instances take the reconnects gradually.",
+    )
     shutdown_timeout: float = setting(
-        5.0, parse_non_negative_float, "Seconds to flush queues on SIGTERM/SIGINT before closing."
+        2.0,
+        parse_non_negative_float,
+        "After the last member is told, seconds left for queued lines to flush before the rest "
+        "are closed; the process exits within drain-delay + drain-spread + this.",
     )
     notice_threshold: int = setting(
         200,

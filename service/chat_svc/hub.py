@@ -1,4 +1,4 @@
-"""Rooms, members, fan-out and history; knows nothing about sockets.
+"""Rooms, members, fan-out, room logs and resume; knows nothing about sockets.
 
 Fan-out works like a sweeper over an append-only room log.  ``broadcast``
 only appends the encoded line to the room's log (O(1), whatever the room
@@ -13,12 +13,20 @@ of the room in that same pass: a line waits at most about one pass.
 Members' positions (``rseq``) only move forward, so each sender's lines
 keep their order, and a line is trimmed from the log once every member
 has been handed it.
+
+Ids: every line of a room's log also goes into its ``RoomLog`` (roomlog.py)
+with an id.  While a room has members with ids on, each line is also kept
+id-prefixed, built once per line; those members share one joined buffer per
+position, the others another, so members without ids pay nothing for them.
+A resume is atomic in one greenlet step: the replay is read from the room
+log, which already holds every line still waiting in the sweep log, and the
+member is placed at the sweep log's end in the same step, so nothing is
+skipped or repeated at the seam.
 """
 
 from __future__ import annotations
 
 import time
-from collections import deque
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Protocol
 
@@ -30,6 +38,7 @@ from . import protocol
 from .metrics import Counters
 from .notices import NoticeLimiter
 from .outbox import Outbox
+from .roomlog import Entry, Gap, RoomLog, RoomLogs, line_id
 
 if TYPE_CHECKING:
     from .identity import Identity
@@ -44,6 +53,15 @@ YIELD_EVERY = 48
 # Bytes a room may have waiting for the sweeper before readers in that room
 # pause (overload backpressure: senders slow down, nothing is dropped).
 ROOM_BACKLOG_LIMIT = 8 * 1024 * 1024
+# How often dormant room logs are looked at for expiry.
+EXPIRE_EVERY = 1.0
+
+# A member's position while a resume is being answered: past every line, so
+# the sweep hands it nothing until the replay is placed.
+HOLD = 1 << 62
+
+# Called with a line's id ("<epoch>:<offset>") once it is known.
+OnId = Callable[[str], None]
 # How often held-back membership notices are summed up (NoticeLimiter's second).
 NOTICE_PERIOD = 1.0
 
@@ -56,13 +74,13 @@ class Owner(Protocol):
 
 
 class Member:
-    """A chat participant as the hub sees it: a nick, a room, a position and an outbox.
+    """A chat participant as the hub sees it: a nick, a room, a position, an outbox, ids on or off.
 
     ``owner`` lets the hub end the connection (kick, ban, token expiry);
     ``identity`` is set once the member proved who it is with a JWT.
     """
 
-    __slots__ = ("identity", "nick", "outbox", "owner", "room", "rseq")
+    __slots__ = ("identity", "ids", "new_rooms", "nick", "outbox", "owner", "room", "rseq")
 
     def __init__(self, nick: str, outbox: Outbox, owner: Owner | None = None) -> None:
         self.nick = nick
@@ -71,22 +89,28 @@ class Member:
         self.identity: Identity | None = None
         self.room: Room | None = None
         self.rseq = 0
+        self.ids = False
+        self.new_rooms: object = None  # the room-creation bucket, made on first use (commands)
 
 
 class Room:
-    """Members of one room, the log of lines not yet handed to all, and recent history."""
+    """Members of one room, its sweep log (lines not yet handed to all) and its RoomLog."""
 
-    __slots__ = ("_snapshot", "base", "history", "lines", "members", "name", "senders", "times", "waiting")
+    __slots__ = ("_snapshot", "base", "id_members", "ided", "lines", "log", "members", "name", "senders", "times",
+                 "waiting")  # fmt: skip
 
-    def __init__(self, name: str, history: int) -> None:
+    def __init__(self, name: str, room_log: RoomLog) -> None:
         self.name = name
+        self.log = room_log
         self.members: dict[Member, None] = {}
         self.lines: list[bytes] = []
+        # the same lines with their id prefix, while members with ids are here (else None)
+        self.ided: list[bytes | None] = []
         self.senders: list[Member | None] = []
         self.times: list[float] = []
         self.base = 0
         self.waiting = 0
-        self.history: deque[bytes] = deque(maxlen=history)
+        self.id_members = 0
         self._snapshot: tuple[Member, ...] | None = None
 
     @property
@@ -97,10 +121,15 @@ class Room:
     def add(self, member: Member) -> None:
         self.members[member] = None
         self._snapshot = None
+        if member.ids:
+            self.id_members += 1
 
     def remove(self, member: Member) -> None:
-        self.members.pop(member, None)
-        self._snapshot = None
+        if member in self.members:
+            del self.members[member]
+            self._snapshot = None
+            if member.ids:
+                self.id_members -= 1
 
     def snapshot(self) -> tuple[Member, ...]:
         """The member list to iterate while the sweep may yield and members may leave."""
@@ -112,14 +141,24 @@ class Room:
 class Backplane(Protocol):
     """Cross-instance relay; the hub works alone when there is none."""
 
-    def publish(self, room: str, data: bytes, history: bool) -> None:
-        """Relay a line to the room on other instances; ``history``: a chat line, kept for joiners."""
+    def publish(
+        self, room: str, data: bytes, chat: bool, sender: Member | None, t_read: float, on_id: OnId | None
+    ) -> bool:
+        """Take a room line for every instance (ids come from Redis); False: deliver it locally now."""
+
+    @property
+    def congested(self) -> bool:
+        """The relay queue is full: senders should wait."""
 
     def room_active(self, room: str, active: bool) -> None:
         """First local member in (``active``) or last one out of ``room``."""
 
-    def joining(self, member: Member, room: str) -> list[bytes] | None:
-        """Before ``member`` enters ``room`` (may block): the cluster's recent lines, None = use local."""
+    def joining(self, member: Member, room: str, want: tuple[bytes, int] | None) -> Gap | None:
+        """Before ``member`` enters ``room`` (may block): bring the room's log up to date.
+
+        ``want``: the id a resume asks to continue from.  Returns a Gap when
+        the resume cannot be answered whatever the log holds.
+        """
 
     def left(self, member: Member) -> None:
         """``member`` left a room (to move or to go)."""
@@ -141,16 +180,21 @@ class Hub:
         history: int = 20,
         notice_threshold: int = 200,
         observe_latency: Callable[[Iterable[float]], None] | None = None,
+        logs: RoomLogs | None = None,
         notice_rate: int = 0,
     ) -> None:
         self.counters = counters
         self.history = history
         self.notice_threshold = notice_threshold
+        self.logs = logs if logs is not None else RoomLogs()
         self.members: dict[str, Member] = {}
         # Identified members renamed away from their ``sub``: the sub stays theirs while they are here.
         self.reserved: dict[str, Member] = {}
         self.rooms: dict[str, Room] = {}
         self.backplane: Backplane | None = None
+        # Set by the lame-duck drain: members leaving then cause no leave notices
+        # (every member leaving every other's room is N² lines at the worst moment).
+        self.draining = False
         self.generation = 0
         self.notices = NoticeLimiter(notice_rate)
         self._notice_ticker: gevent.Greenlet | None = None
@@ -158,6 +202,7 @@ class Hub:
         self._busy: dict[Room, None] = {}
         self._wake = gevent.event.Event()
         gevent.spawn(self._sweep_forever)
+        gevent.spawn(self._expire_forever)
 
     # -- membership -------------------------------------------------------
 
@@ -196,6 +241,47 @@ class Hub:
             self._leave(member, room)
         self._enter(member, room_name)
 
+    def resume(self, member: Member, room_name: str, epoch: bytes, offset: int) -> tuple[bool, int]:
+        """/resume: enter (or stay in) ``room_name`` and replay what came after ``epoch:offset``.
+
+        Returns (complete, lines replayed).  Incomplete: the member is told
+        why, then gets the history block, as a joiner does.
+        """
+        room = member.room
+        if room is not None and room.name != room_name:
+            self._leave(member, room)
+        elif room is not None:
+            # Staying: what the room still owes the member is in the replay (or,
+            # when incomplete, the history), so nothing more is handed to it now.
+            member.rseq = HOLD
+        self._turn_on_ids(member)
+        return self._enter(member, room_name, (epoch, offset))
+
+    def release(self, member: Member) -> None:
+        """Hand ``member`` nothing more from its room, not even when it leaves; it may still speak there (the drain)."""
+        room = member.room
+        if room is not None:
+            room.remove(member)
+            member.rseq = HOLD
+
+    def enable_ids(self, member: Member) -> None:
+        """/ids: from the next line on, lines of the room log reach ``member`` with their id."""
+        room = member.room
+        if room is not None and not member.ids:
+            self._catch_up(member, room)  # lines already owed go out as they were queued
+        self._turn_on_ids(member)
+
+    def _turn_on_ids(self, member: Member) -> None:
+        """Count ``member`` among its room's id members; its position must be past every plain-only line."""
+        if member.ids:
+            return
+        room = member.room
+        if room is not None:
+            room.remove(member)
+        member.ids = True
+        if room is not None:
+            room.add(member)
+
     def reserve(self, nick: str) -> str | None:
         """Before a member joins as ``nick``: an error text when it is taken here."""
         return f"nick {nick} is taken" if self.holder(nick) is not None else None
@@ -229,26 +315,57 @@ class Hub:
             self.send_to(member, line)
         return None
 
-    def _enter(self, member: Member, room_name: str) -> None:
-        # The backplane may block here (subscribe, read Redis history): before any state changes.
-        recent = self.backplane.joining(member, room_name) if self.backplane is not None else None
+    def knows_room(self, room_name: str) -> bool:
+        """Whether this process holds anything of ``room_name`` (members or a retained log)."""
+        return room_name in self.rooms or self.logs.get(room_name) is not None
+
+    def _enter(self, member: Member, room_name: str, want: tuple[bytes, int] | None = None) -> tuple[bool, int]:
+        room_log = self.logs.open(room_name)
+        gap: Gap | None = None
+        if self.backplane is not None:
+            # May block (subscribe, read Redis): before anything here changes.
+            gap = self.backplane.joining(member, room_name, want)
+            if self.member(member.nick) is not member:  # disconnected meanwhile
+                if room_name not in self.rooms:
+                    self.logs.dormant(room_log)
+                return False, 0
+        # From here on nothing yields: the replay and the member's place in the sweep log agree.
         room = self.rooms.get(room_name)
         if room is None:
-            room = self.rooms[room_name] = Room(room_name, self.history)
-            if recent:
-                room.history.extend(recent)  # a new room's local mirror starts from the cluster's history
+            room = self.rooms[room_name] = Room(room_name, room_log)
             if self.backplane is not None:
                 self.backplane.room_active(room_name, True)
-        if recent is None:
-            recent = list(room.history)
-        if recent:
-            member.outbox.push(protocol.history_block(recent))
-        room.add(member)
-        member.room = room
+        outcome = (False, 0)
+        if want is not None:
+            answer = gap if gap is not None else self._since(room_log, *want)
+            if isinstance(answer, Gap):
+                member.outbox.push(protocol.resume_incomplete_line(room_name, answer.reason))
+                self.counters.resumes_incomplete += 1
+            else:
+                replay = [line_id(entry) + entry[2] for entry in answer]
+                replay.append(protocol.resumed_line(room_name, len(answer)))
+                member.outbox.push(b"".join(replay))
+                self.counters.resumes_complete += 1
+                self.counters.resume_lines += len(answer)
+                outcome = (True, len(answer))
+        if want is None or not outcome[0]:
+            recent = room_log.history(self.history)
+            if recent:
+                member.outbox.push(protocol.history_block(recent, member.ids))
+        staying = member.room is room
         member.rseq = room.end
-        self.generation += 1
-        if len(room.members) <= self.notice_threshold:
-            self._notice(room, protocol.joined_line(member.nick, room_name), member, "joined")
+        if not staying:
+            room.add(member)
+            member.room = room
+            self.generation += 1
+            if len(room.members) <= self.notice_threshold:
+                self._notice(room, protocol.joined_line(member.nick, room_name), member, "joined")
+        return outcome
+
+    def _since(self, room_log: RoomLog, epoch: bytes, offset: int) -> list[Entry] | Gap:
+        if not (room_log.local or room_log.synced) and epoch == room_log.epoch:
+            return Gap("backplane down")
+        return room_log.since(epoch, offset)
 
     def _leave(self, member: Member, room: Room) -> None:
         # Out of the room first: handing over what it is owed may fail the
@@ -257,10 +374,13 @@ class Hub:
         member.room = None
         self.generation += 1
         self._catch_up(member, room)
-        if len(room.members) < self.notice_threshold:
+        if len(room.members) < self.notice_threshold and not self.draining:
             self._notice(room, protocol.left_line(member.nick, room.name), member, "left")
         if not room.members and self.rooms.get(room.name) is room:
             del self.rooms[room.name]
+            if not room.log.local:
+                room.log.synced = False  # the subscription ends: the mirror stops following
+            self.logs.dormant(room.log)
             if self.backplane is not None:
                 self.backplane.room_active(room.name, False)
         if self.backplane is not None:
@@ -287,36 +407,73 @@ class Hub:
         finally:
             self._notice_ticker = None
 
+    def _expire_forever(self) -> None:
+        while True:
+            gevent.sleep(EXPIRE_EVERY)
+            self.logs.expire()
+
     # -- fan-out ----------------------------------------------------------
 
-    def say(self, member: Member, data: bytes, t_read: float) -> None:
+    def say(self, member: Member, data: bytes, t_read: float, on_id: OnId | None = None) -> None:
         """A chat line or /me action from ``member`` to the rest of its room."""
         room = member.room
         if room is None:
             return
-        while room.waiting > ROOM_BACKLOG_LIMIT and member.room is room:
+        backplane = self.backplane
+        while (room.waiting > ROOM_BACKLOG_LIMIT or (backplane is not None and backplane.congested)) and (
+            member.room is room
+        ):
             gevent.sleep(0.005)
-        self.broadcast(room, data, member, t_read, history=True)
+        self.broadcast(room, data, member, t_read, chat=True, on_id=on_id)
 
     def broadcast(
-        self, room: Room, data: bytes, sender: Member | None, t_read: float | None = None, history: bool = False
+        self,
+        room: Room,
+        data: bytes,
+        sender: Member | None,
+        t_read: float | None = None,
+        chat: bool = False,
+        on_id: OnId | None = None,
     ) -> None:
         """Queue ``data`` for everyone in ``room`` but ``sender``, on every instance.
 
-        ``history`` marks a chat line (kept and replayed to joiners) as opposed
-        to a notice (joins, leaves, renames), which only goes out live.
+        ``chat`` marks a chat line (replayed to joiners as history) as opposed
+        to a notice (joins, leaves, renames).  Both are lines of the room's log
+        and get an id; ``on_id`` hears it once it is known (with Redis, once
+        Redis has assigned it).
         """
-        if self.backplane is not None:
-            self.backplane.publish(room.name, data, history)
-        self.deliver_local(room, data, sender, t_read, history)
+        t_read = time.perf_counter() if t_read is None else t_read
+        backplane = self.backplane
+        if backplane is not None and backplane.publish(room.name, data, chat, sender, t_read, on_id):
+            return  # Redis assigns the id; the line comes back to every instance, this one included
+        self.deliver_local(room, data, sender, t_read, chat, on_id)
 
     def deliver_local(
-        self, room: Room, data: bytes, sender: Member | None, t_read: float | None = None, history: bool = False
+        self,
+        room: Room,
+        data: bytes,
+        sender: Member | None,
+        t_read: float | None = None,
+        chat: bool = False,
+        on_id: OnId | None = None,
     ) -> None:
-        """Append ``data`` to the room log for this process's members (no relay)."""
-        if history:
-            room.history.append(data)
+        """A line whose id this process assigns (single instance, or Redis away), into the room."""
+        entry = room.log.append(data, chat)
+        self.deliver(room, entry, sender, t_read)
+        if on_id is not None:
+            on_id(f"{entry[0].decode()}:{entry[1]}")
+
+    def deliver_remote(
+        self, room: Room, epoch: bytes, offset: int, data: bytes, chat: bool, sender: Member | None, t_read: float
+    ) -> None:
+        """A line with the id Redis gave it (from the subscription), into the room."""
+        self.deliver(room, room.log.add(epoch, offset, data, chat), sender, t_read)
+
+    def deliver(self, room: Room, entry: Entry, sender: Member | None, t_read: float | None) -> None:
+        """Append a line of the room log to the sweep log for this process's members."""
+        data = entry[2]
         room.lines.append(data)
+        room.ided.append(line_id(entry) + data if room.id_members else None)
         room.senders.append(sender)
         room.times.append(time.perf_counter() if t_read is None else t_read)
         room.waiting += len(data)
@@ -344,12 +501,16 @@ class Hub:
         self.counters.deliveries += 1
         return True
 
-    def post(self, room_name: str, data: bytes) -> bool:
-        """A line from outside the room (the operator API) to its members here; False when no such room."""
+    def post(self, room_name: str, data: bytes, on_id: OnId | None = None) -> bool:
+        """A line from outside the room (the operator API) to its members here; False when no such room.
+
+        ``on_id`` hears the line's id once it is known (at once on a single
+        instance; with Redis, once Redis has given it).
+        """
         room = self.rooms.get(room_name)
         if room is None:
             return False
-        self.broadcast(room, data, None, history=True)
+        self.broadcast(room, data, None, chat=True, on_id=on_id)
         return True
 
     def kick(self, nick: str, notice: bytes) -> bool:
@@ -390,10 +551,11 @@ class Hub:
     def _sweep(self, room: Room) -> None:
         """One pass over a room: every member gets what it is owed, in one push each."""
         target = room.end
-        cache: dict[int, tuple[int, bytes, set[Member | None], int]] = {}
+        plain: dict[int, tuple[int, bytes, set[Member | None], int]] = {}
+        ided: dict[int, tuple[int, bytes, set[Member | None], int]] = {}
         for index, member in enumerate(room.snapshot(), 1):
             if member.rseq < room.end and member.room is room:
-                self._catch_up(member, room, cache)
+                self._catch_up(member, room, ided if member.ids else plain)
             if not index % YIELD_EVERY:
                 gevent.idle()
         self._trim(room, target)
@@ -410,21 +572,22 @@ class Hub:
         if start >= end:
             return
         offset = start - room.base
+        source: list[bytes] | list[bytes | None] = room.ided if member.ids else room.lines
         entry = cache.get(start) if cache is not None else None
         if entry is None or entry[0] != end:
-            lines = room.lines[offset:]
-            entry = (end, b"".join(lines), set(room.senders[offset:]), len(lines))
+            lines = source[offset:]
+            entry = (end, b"".join(lines), set(room.senders[offset:]), len(lines))  # type: ignore[arg-type]
             if cache is not None:
                 cache[start] = entry
         _, data, senders, count = entry
         member.rseq = end
         if member in senders:
-            others = [line for line, sender in zip(room.lines[offset:], room.senders[offset:], strict=True)
+            others = [line for line, sender in zip(source[offset:], room.senders[offset:], strict=True)
                       if sender is not member]
             if not others:
                 return
             count = len(others)
-            data = b"".join(others)
+            data = b"".join(others)  # type: ignore[arg-type]
         self.counters.deliveries += count
         member.outbox.push(data)
 
@@ -437,7 +600,7 @@ class Hub:
             now = time.perf_counter()
             self._observe_latency([now - t for t in room.times[:cut]])
         room.waiting -= sum(len(line) for line in room.lines[:cut])
-        del room.lines[:cut], room.senders[:cut], room.times[:cut]
+        del room.lines[:cut], room.ided[:cut], room.senders[:cut], room.times[:cut]
         room.base = upto
 
     # -- queries ----------------------------------------------------------

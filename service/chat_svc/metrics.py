@@ -92,6 +92,10 @@ class Counters:
     commands: int = 0
     private_messages: int = 0
     flood_delayed: int = 0
+    resumes_complete: int = 0
+    resumes_incomplete: int = 0
+    resume_lines: int = 0
+    rooms_refused: int = 0
     notices_held_back: int = 0
 
 
@@ -156,6 +160,11 @@ class Metrics:
             buckets=LOOP_LAG_BUCKETS,
             registry=r,
         )
+        self.drain_seconds = Gauge(
+            "chat_drain_seconds",
+            "Seconds since the lame-duck drain began (0 while not draining).",
+            registry=r,
+        )
         self.auth_failures = Counter(
             "chat_auth_failures", "Refused /auth attempts, by reason.", ["reason"], registry=r
         )
@@ -186,10 +195,12 @@ class Metrics:
         ready: Callable[[], bool],
         max_clients: int,
         outbound: Outbound,
+        retention: Retention,
     ) -> None:
         self.registry.register(
             _HubCollector(hub, counters, open_connections, pending_connections, ready, max_clients, outbound)
         )
+        self.registry.register(_RetentionCollector(retention, counters))
 
 
 class Population(Protocol):
@@ -211,6 +222,72 @@ class Outbound(Protocol):
     @property
     def used(self) -> int:
         """Held bytes plus the kernel buffers of backlogged members: what the budget charges."""
+
+
+class Retention(Protocol):
+    """What the collector asks the room logs at scrape time (``RoomLogs`` implements it)."""
+
+    bytes: int
+    budget: int
+    dropped_lines: dict[str, int]
+    dropped_logs: dict[str, int]
+
+    @property
+    def dormant_count(self) -> int:
+        """Logs of rooms without members, kept for resumes."""
+
+    def __len__(self) -> int:
+        """Logs retained, with members or dormant."""
+
+
+# Every reason a retained line or log can be dropped, exported at 0 before the first.
+LINE_DROP_REASONS = ("lines", "bytes", "budget", "expired")
+LOG_DROP_REASONS = ("budget", "expired")
+
+
+@dataclass(eq=False)
+class _RetentionCollector(Collector):
+    """Room logs, resumes and the bounds that drop retained lines, read at scrape time."""
+
+    logs: Retention
+    counters: Counters
+
+    def collect(self) -> Iterator[Metric]:
+        logs, stats = self.logs, self.counters
+        resumes = CounterMetricFamily("chat_resumes", "/resume answered, by outcome.", labels=["outcome"])
+        resumes.add_metric(["complete"], stats.resumes_complete)
+        resumes.add_metric(["incomplete"], stats.resumes_incomplete)
+        yield resumes
+        yield CounterMetricFamily(
+            "chat_resume_lines", "Lines replayed by complete resumes.", value=stats.resume_lines
+        )
+        yield GaugeMetricFamily(
+            "chat_history_bytes", "Bytes retained by all room logs (lines with their overhead).", value=logs.bytes
+        )
+        yield GaugeMetricFamily(
+            "chat_history_budget_bytes", "Configured --history-budget-bytes.", value=logs.budget
+        )
+        rooms = GaugeMetricFamily("chat_room_logs", "Room logs retained, by state.", labels=["state"])
+        rooms.add_metric(["active"], len(logs) - logs.dormant_count)
+        rooms.add_metric(["dormant"], logs.dormant_count)
+        yield rooms
+        lines = CounterMetricFamily(
+            "chat_history_dropped_lines", "Retained lines dropped from room logs, by reason.", labels=["reason"]
+        )
+        for reason in LINE_DROP_REASONS:
+            lines.add_metric([reason], logs.dropped_lines.get(reason, 0))
+        yield lines
+        dropped = CounterMetricFamily(
+            "chat_room_logs_dropped", "Whole room logs dropped, by reason.", labels=["reason"]
+        )
+        for reason in LOG_DROP_REASONS:
+            dropped.add_metric([reason], logs.dropped_logs.get(reason, 0))
+        yield dropped
+        yield CounterMetricFamily(
+            "chat_room_creations_refused",
+            "Joins refused because the member brought too many rooms into being.",
+            value=stats.rooms_refused,
+        )
 
 
 @dataclass(eq=False)  # the registry keys collectors by identity

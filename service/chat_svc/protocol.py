@@ -16,6 +16,7 @@ words are reserved as nicks.  Nicks are unique regardless of case, as on IRC.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 NICK_RE = re.compile(r"[A-Za-z0-9_.\-]{1,32}")
@@ -80,6 +81,17 @@ def room_name(name: str) -> str | None:
     return name.removeprefix("#").lower()
 
 
+RESUME_RE = re.compile(r"(\S+) ([A-Za-z0-9]{1,16}):([0-9]{1,18})")
+
+
+def parse_resume(arg: str) -> tuple[str, bytes, int] | None:
+    """``ROOM EPOCH:OFFSET`` of a /resume; None when it is not that shape."""
+    match = RESUME_RE.fullmatch(arg)
+    if match is None:
+        return None
+    return match[1], match[2].encode(), int(match[3])
+
+
 def encode(text: str) -> bytes:
     """One server line as bytes; the single place lines get their terminator."""
     return (text + "\n").encode("utf-8", "replace")
@@ -130,9 +142,23 @@ def error_line(text: str) -> bytes:
     return encode(f"! {text}")
 
 
+def resumed_line(room: str, count: int) -> bytes:
+    """After a complete replay; the count is always followed by "lines", so clients match one pattern."""
+    return encode(f"* resumed {room}: {count} lines")
+
+
+def resume_incomplete_line(room: str, reason: str) -> bytes:
+    return error_line(f"resume incomplete {room}: {reason}")
+
+
+RESTARTING = encode("* server restarting, reconnect")
+IDS_ON = encode("* ids on")
+
 HISTORY_PREFIX = b"[history] "
 
 
-def history_block(lines: list[bytes]) -> bytes:
-    """Recent room lines, each marked so clients can tell them from live ones."""
-    return b"".join(HISTORY_PREFIX + line for line in lines)
+def history_block(entries: Sequence[tuple[bytes, int, bytes, bool]], ids: bool = False) -> bytes:
+    """Recent room lines, each marked so clients can tell them from live ones; with ids, each keeps its own."""
+    if ids:
+        return b"".join(b"@%b:%d [history] %b" % (epoch, offset, line) for epoch, offset, line, _ in entries)
+    return b"".join(HISTORY_PREFIX + entry[2] for entry in entries)

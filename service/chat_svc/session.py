@@ -91,6 +91,8 @@ class SessionLimits:
     flood_kick_after: float
     auth_timeout: float
     log_messages: bool
+    room_create_burst: int = 20
+    room_create_rate: float = 0.0
 
     @classmethod
     def from_config(cls, config: Config) -> SessionLimits:
@@ -103,6 +105,8 @@ class SessionLimits:
             flood_kick_after=config.flood_kick_after,
             auth_timeout=config.auth_timeout,
             log_messages=config.log_messages,
+            room_create_burst=config.room_create_burst,
+            room_create_rate=config.room_create_rate,
         )
 
 
@@ -139,6 +143,10 @@ class SessionContext:
     budget: OutboundBudget
     # /rooms and /who answers shared by everyone asking within a moment.
     listings: commands.Listings
+
+    @property
+    def new_rooms(self) -> tuple[int, float]:
+        return self.limits.room_create_burst, self.limits.room_create_rate
 
 
 class Framing(Protocol):
@@ -196,6 +204,7 @@ class Session:
         "bytes_in",
         "conn_id",
         "ctx",
+        "draining",
         "finished",
         "first_line",
         "framer",
@@ -246,6 +255,7 @@ class Session:
         self.watcher: Any = None
         self.busy = True
         self.finished = False
+        self.draining = False
         self.bytes_in = len(head)
         ctx.counters.bytes_in += len(head)
         self.admitted = False
@@ -363,9 +373,42 @@ class Session:
         self._serve(b"")
 
     def end(self, reason: str) -> None:
-        """Record why the session ends (the first reason wins)."""
+        """Record why the session ends (the first reason wins; once told to go, the drain is why)."""
         if self.reason is None:
-            self.reason = reason
+            self.reason = "shutdown" if self.draining and reason in ("eof", "error") else reason
+
+    def tell_to_go(self, notice: bytes) -> None:
+        """The drain reached this member: say ``notice`` and hand it no more room lines.
+
+        Its input is still read (a line sent before it saw the notice is not
+        lost) until it closes, or ``half_close`` and the drain's deadline end it.
+        """
+        self.draining = True
+        member = self.member
+        if member is not None and member.room is not None:
+            self.ctx.hub.send_to(member, notice)
+            self.ctx.hub.release(member)
+        else:
+            self.outbox.push(notice)
+
+    def half_close(self) -> bool:
+        """Everything owed is written: send FIN so the client sees the end, keep reading.
+
+        Plain TCP only (TLS and WebSocket sessions are closed instead); False
+        when the session was ended instead.
+        """
+        if self.finished:
+            return False
+        if self.raw is None or self.framing is not None:  # TLS; a WebSocket ends with its close frame
+            self.kill("shutdown")
+            return False
+        self.outbox.closed = True  # nothing more is queued once the FIN is on its way
+        try:
+            self.raw.shutdown(socket.SHUT_WR)
+        except OSError:
+            self.kill("shutdown")
+            return False
+        return True
 
     def kill(self, reason: str) -> None:
         """End the session from outside its own flow (hub, sweeper, shutdown); never blocks.

@@ -7,10 +7,12 @@ this instance's own view (the hub's), so commands keep working, locally.
 
 from __future__ import annotations
 
+import time
+
 import redis
 
 from .. import protocol
-from ..hub import Member
+from ..hub import Member, OnId
 from . import keys
 from .connection import ERRORS
 from .instance import Instance
@@ -35,7 +37,9 @@ class RedisDirectory:
         if nick == member.nick or hub.holder(nick) is not None or not self._subscriber.up:
             return hub.claim_nick(member, nick)
         try:
-            taken = self._claim(keys=[keys.nick(nick)], args=[self._instance_id, self._ttl])
+            taken = self._claim(
+                keys=[keys.nick(nick)], args=[self._instance_id, self._publisher.now_ms(), self._ttl * 1000]
+            )
         except ERRORS as exc:
             self.log.info("backplane_query_failed", query="claim_nick", error=str(exc))
             return hub.claim_nick(member, nick)
@@ -55,7 +59,9 @@ class RedisDirectory:
         if error or not self._subscriber.up:
             return error
         try:
-            taken = self._claim(keys=[keys.nick(nick)], args=[self._instance_id, self._ttl])
+            taken = self._claim(
+                keys=[keys.nick(nick)], args=[self._instance_id, self._publisher.now_ms(), self._ttl * 1000]
+            )
         except ERRORS as exc:
             self.log.info("backplane_query_failed", query="reserve", error=str(exc))
             return hub.reserve(nick)
@@ -85,14 +91,16 @@ class RedisDirectory:
         self._publisher.send_kick(owner, nick, notice)
         return True
 
-    def post(self, room: str, line: bytes) -> bool:
-        """An API line into ``room``: through the hub when it has members here, else straight to Redis."""
-        if self.hub.post(room, line):
+    def post(self, room: str, line: bytes, on_id: OnId | None = None) -> bool:
+        """An API line into ``room``: through the hub when it has members here, else straight to Redis.
+
+        ``on_id`` hears the line's id once Redis has given it.
+        """
+        if self.hub.post(room, line, on_id):
             return True
         if self.room_size(room) == 0:
             return False
-        self._publisher.publish(room, line, True)
-        return True
+        return self._publisher.publish(room, line, True, None, time.perf_counter(), on_id)
 
     def room_size(self, room: str) -> int:
         """Members of ``room`` here plus the counts other live instances published."""
@@ -115,13 +123,13 @@ class RedisDirectory:
         if not self._subscriber.up:
             return None
         try:
-            owner = self._redis.get(keys.nick(nick))
+            owner = keys.nick_owner(self._redis.get(keys.nick(nick)), self._publisher.now_ms())
         except ERRORS as exc:
             self.log.info("backplane_query_failed", query=query, error=str(exc))
             return None
-        if owner is None or owner.decode() == self._instance_id:
+        if owner is None or owner == self._instance_id:
             return None
-        return str(owner.decode())
+        return owner
 
     def _other_instances(self) -> list[str]:
         live = self._redis.zrangebyscore(keys.INSTANCES, self._publisher.now(), "+inf")

@@ -5,6 +5,13 @@ cluster's ``directory``, ``bans`` and ``idempotency`` (for the operator API)
 and a metrics ``collector`` out; the work is done by the subscriber's, the
 publisher's and the ban mirror's greenlets.  Only ``joining`` may
 block (in the joiner's greenlet); the other hooks only queue.
+
+``joining`` keeps each room's mirror (the hub's RoomLog of the room) a copy
+of the room's Redis log: it subscribes first (confirmed), then, only when
+the mirror does not follow Redis yet, reads the log once and splices it with
+what arrived meanwhile.  One read per room at a time, however many members
+wait for it: a storm of reconnects into one room costs Redis one read, and
+every resume after it is answered from memory.
 """
 
 from __future__ import annotations
@@ -19,13 +26,14 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from ..bans import BanList
-from ..hub import Hub, Member
+from ..hub import Hub, Member, OnId
+from ..roomlog import Gap, RoomLog
 from . import keys
 from .bans import RedisBans
 from .connection import ERRORS, pool
 from .directory import RedisDirectory
 from .idempotency import RedisIdempotency
-from .instance import Instance, default_instance_id
+from .instance import Instance, RoomBounds, default_instance_id
 from .publisher import Publisher
 from .subscriber import Subscriber
 
@@ -43,12 +51,13 @@ class RedisBackplane:
         *,
         instance_id: str | None = None,
         presence_ttl: int = 15,
+        rooms: RoomBounds | None = None,
         bans: BanList | None = None,
     ) -> None:
         self.hub = hub
         instance_id = instance_id or default_instance_id()
         log = structlog.get_logger("chat_svc.backplane").bind(instance=instance_id)
-        self.instance = instance = Instance(instance_id, hub, presence_ttl, log)
+        self.instance = instance = Instance(instance_id, hub, presence_ttl, log, rooms or RoomBounds())
         self.log = log
         self._pool = pool(url, POOL_SIZE)
         self._writer_pool = pool(url, 1)
@@ -57,7 +66,12 @@ class RedisBackplane:
         wake = gevent.event.Event()  # the publisher's greenlet: work is waiting
         self.subscriber = Subscriber(instance, self._pool, (self._queries, writer), wake)
         self.publisher = Publisher(instance, writer, self.subscriber, wake)
+        self.subscriber.sender_of = self.publisher.sender_of
+        self.subscriber.on_lost = self.publisher.strand
         self.directory = RedisDirectory(instance, self._queries, self.subscriber, self.publisher)
+        self._read = self._queries.register_script(keys.READ)
+        self._syncing: dict[str, gevent.event.Event] = {}
+        self.reads = 0
         mirror = bans if bans is not None else BanList()
         self.bans = RedisBans(instance, self._queries, self.subscriber, self.publisher, mirror)
         self.idempotency = RedisIdempotency(instance, self._queries, self.subscriber)
@@ -82,7 +96,7 @@ class RedisBackplane:
         self.bans.stop()
         if self.up:
             self.publisher.withdraw()
-        gevent.killall(self._greenlets, timeout=1.0)
+        gevent.killall(self._greenlets, timeout=timeout)
         self.subscriber.close()
         self._pool.disconnect()
         self._writer_pool.disconnect()
@@ -92,32 +106,66 @@ class RedisBackplane:
 
     # -- hub hooks ------------------------------------------------------------------
 
-    def publish(self, room: str, data: bytes, history: bool) -> None:
-        """Relay a room line (``history``: also kept in Redis) or notice; queued, or dropped and counted."""
-        self.publisher.publish(room, data, history)
+    def publish(
+        self, room: str, data: bytes, chat: bool, sender: Member | None, t_read: float, on_id: OnId | None
+    ) -> bool:
+        """A room line or notice for every instance; False: Redis cannot take it, deliver it locally."""
+        return self.publisher.publish(room, data, chat, sender, t_read, on_id)
+
+    @property
+    def congested(self) -> bool:
+        return self.publisher.congested
 
     def room_active(self, room: str, active: bool) -> None:
         """First local member in (subscribe) or last one out (unsubscribe)."""
         if self.up:
             self.subscriber.check(room)
 
-    def joining(self, member: Member, room: str) -> list[bytes] | None:
-        """Before ``member`` enters ``room``: subscribe, then read the room's recent lines.
+    def joining(self, member: Member, room: str, want: tuple[bytes, int] | None) -> Gap | None:
+        """Before ``member`` enters ``room``: subscribe, and bring the room's mirror up to date.
 
         Runs in the joiner's greenlet and may block for a round trip or two.
-        None means "use the hub's local history" (backplane down).
+        With Redis away the mirror is used as it is (the hub answers a resume
+        from an unsynced mirror as incomplete).
         """
         if not self.up:
             return None
-        lines: list[bytes] | None = None
         try:
             with self.subscriber.joining(room):
-                history = self.hub.history
-                lines = list(self._queries.lrange(keys.history(room), -history, -1)) if history else []
+                room_log = self.hub.logs.open(room)
+                if self._stale(room_log, want):
+                    self._sync(room, room_log)
         except ERRORS as exc:
             self.log.info("backplane_join_degraded", room=room, error=str(exc))
         self.publisher.touch(member)
-        return lines
+        return None
+
+    @staticmethod
+    def _stale(room_log: RoomLog, want: tuple[bytes, int] | None) -> bool:
+        """Whether the mirror must be read from Redis first; only when it cannot answer itself."""
+        if room_log.local:
+            return False  # Redis came back, no line since: this instance's own lines are the room's newest
+        if not room_log.synced:
+            return True
+        # synced, yet older than the mirror holds (trimmed by our budget) or newer (in flight to us)
+        return want is not None and want[0] == room_log.epoch and not room_log.first - 1 <= want[1] <= room_log.last
+
+    def _sync(self, room: str, room_log: RoomLog) -> None:
+        """Read the room's Redis log and splice it into the mirror; one read per room at a time."""
+        running = self._syncing.get(room)
+        if running is not None:
+            running.wait()
+            return
+        done = self._syncing[room] = gevent.event.Event()
+        try:
+            before = (room_log.epoch, room_log.next)
+            reply = self._read(keys=[keys.meta(room), keys.log(room)], args=[room_log.epoch, room_log.last])
+            self.reads += 1
+            epoch, seq, entries = keys.read_reply(reply)
+            room_log.merge(epoch, entries, seq, before)
+        finally:
+            del self._syncing[room]
+            done.set()
 
     def left(self, member: Member) -> None:
         """``member`` left a room (moving or disconnecting): update presence soon."""
@@ -164,4 +212,9 @@ class _Collector(Collector):
             "chat_backplane_queue",
             "Messages waiting for the publisher greenlet.",
             value=publisher.queued,
+        )
+        yield CounterMetricFamily(
+            "chat_backplane_log_reads",
+            "Room logs read from Redis to bring a room's mirror up to date (joins and resumes after it are free).",
+            value=bp.reads,
         )

@@ -1,20 +1,32 @@
-"""The backplane's writer: relayed lines, presence and the heartbeat, from one greenlet.
+"""The backplane's writer: room lines, presence and the heartbeat, from one greenlet.
 
 That greenlet is the only writer of messages and presence, so those writes
 stay ordered: it sends a FIFO in pipelines over a connection of its own
 (a burst of joins on the query pool cannot starve the relay).  Publishing
 never blocks the fan-out path: the hub only appends to the queue, which is
-bounded; past its bounds lines are relayed no more (local delivery goes on).
+bounded; a sender waits while it is full (``congested``), and a notice that
+finds it full is delivered locally instead.
+
+A room line is published by the ``PUBLISH`` script, which gives it the
+room's next offset in the same step; every instance, this one included,
+delivers it when it comes back on the room's channel.  The line's sender
+waits in ``_pending`` under its tag until then, so it does not hear itself.
+
+When Redis cannot take a line (down, queue full, the script failed) the line
+is delivered locally with an id of a local epoch, and the room's Redis log
+is marked broken: it is deleted once Redis answers again, so a later resume
+across the gap gets a new epoch and answers incomplete, never silently.
 
 Presence expires: entries carry an expiry score refreshed every TTL/3, so
 the members of a SIGKILLed instance vanish from /who, /rooms and the nick
-registry within --presence-ttl.  While Redis is away nothing is queued and
-what was queued is dropped (at-most-once): memory stays bounded whatever
-the outage length.
+registry within --presence-ttl, and the survivors delete what it left.
+While Redis is away nothing is queued (at-most-once): memory stays bounded
+whatever the outage length.
 """
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
@@ -24,13 +36,14 @@ import gevent
 import gevent.event
 import redis
 
-from ..hub import Member
+from ..hub import Member, OnId
+from ..roomlog import new_epoch
 from . import keys
 from .connection import ERRORS
 from .instance import Instance
 from .subscriber import BACKOFF_MAX, Subscriber
 
-# Bounds of the publish queue; past either, lines are relayed no more (local delivery goes on).
+# Bounds of the publish queue; past either, senders wait and notices are delivered locally.
 QUEUE_MAX_ITEMS = 10_000
 QUEUE_MAX_BYTES = 8 * 1024 * 1024
 # Queued messages per pipeline round trip.
@@ -44,6 +57,23 @@ def _chunks(items: list[str]) -> Iterator[list[str]]:
         yield items[start : start + CHUNK]
 
 
+class RoomLine:
+    """A room line on its way through Redis; ``tag`` finds it again when it comes back."""
+
+    __slots__ = ("chat", "data", "on_id", "room", "sender", "t_read", "tag")
+
+    def __init__(
+        self, room: str, data: bytes, chat: bool, sender: Member | None, t_read: float, on_id: OnId | None, tag: int
+    ) -> None:
+        self.room = room
+        self.data = data
+        self.chat = chat
+        self.sender = sender
+        self.t_read = t_read
+        self.on_id = on_id
+        self.tag = tag
+
+
 class Publisher:
     """The queue of messages to relay and the presence this instance has written."""
 
@@ -54,29 +84,37 @@ class Publisher:
         self.hub = instance.hub
         self.log = instance.log
         self.ttl = instance.ttl
+        self.rooms = instance.rooms
         self.instance_id = instance_id
         self._writer = writer
         self._subscriber = subscriber
         self._wake = wake
         self._claim = writer.register_script(keys.CLAIM)
         self._release = writer.register_script(keys.RELEASE)
-        self._line = keys.envelope_prefix(instance_id, keys.LINE)
-        self._notice = keys.envelope_prefix(instance_id, keys.NOTICE)
+        self._publish_sha = hashlib.sha1(keys.PUBLISH.encode()).hexdigest()  # what SCRIPT LOAD answers
+        self._prefixes = {True: keys.envelope_prefix(instance_id, keys.LINE),
+                          False: keys.envelope_prefix(instance_id, keys.NOTICE)}  # fmt: skip
         self._private = keys.envelope_prefix(instance_id, keys.PRIVATE)
         self._kick = keys.envelope_prefix(instance_id, keys.KICK)
         # read by the collector
         self.published = 0
         self.errors = {"redis_error": 0, "down": 0, "queue_full": 0}
-        # (channel, envelope, room whose history keeps the line or None, line)
-        self._queue: deque[tuple[str, bytes, str | None, bytes]] = deque()
+        # room lines and (channel, envelope) private messages, in order
+        self._queue: deque[RoomLine | tuple[str, bytes]] = deque()
         self._queued_bytes = 0
         self._full = False
+        self._tag = 0
+        # room lines sent, by tag, until they come back on the room's channel
+        self._pending: dict[int, RoomLine] = {}
+        # rooms whose Redis log missed a line: deleted once Redis answers
+        self.broken: set[str] = set()
         # presence: members changed since last written, what was written, nicks to release
         self._dirty: dict[Member, None] = {}
         self._shown: dict[Member, tuple[str, str]] = {}
         self._orphans: set[str] = set()
         self._synced = 0  # the subscriber's ``connects`` when presence was last rewritten
         self._offset = 0.0
+        self._next_room_refresh = 0.0
         self._stopped = False
 
     @property
@@ -84,22 +122,70 @@ class Publisher:
         """Messages waiting for the publisher's greenlet."""
         return len(self._queue)
 
+    @property
+    def congested(self) -> bool:
+        """Full: a sender waits (Redis away is not congestion: lines are then delivered locally)."""
+        return self._subscriber.up and self._over_bounds()
+
+    def _over_bounds(self) -> bool:
+        return len(self._queue) >= QUEUE_MAX_ITEMS or self._queued_bytes >= QUEUE_MAX_BYTES
+
     # -- asked by other greenlets (never block) -------------------------------------
 
-    def publish(self, room: str, data: bytes, history: bool) -> None:
-        """A room line (``history``: also kept in Redis) or notice for the other instances."""
-        if history:
-            self._enqueue(keys.room_channel(room), self._line + data, room, data)
-        else:
-            self._enqueue(keys.room_channel(room), self._notice + data, None, data)
+    def publish(
+        self, room: str, data: bytes, chat: bool, sender: Member | None, t_read: float, on_id: OnId | None
+    ) -> bool:
+        """A room line for every instance; False: not taken, the caller delivers it locally."""
+        if not self._subscriber.up:
+            self.errors["down"] += 1
+            self.broken.add(room)
+            return False
+        if self._over_bounds():
+            self._refuse_full(room)
+            return False
+        self._tag += 1
+        self._queue.append(RoomLine(room, data, chat, sender, t_read, on_id, self._tag))
+        self._queued_bytes += len(data)
+        if not self._wake.is_set():
+            self._wake.set()
+        return True
 
     def send_private(self, owner: str, target: str, line: bytes) -> None:
         """A /msg line for ``target``, a member of the instance ``owner``."""
-        self._enqueue(keys.inbox(owner), self._private + keys.private_payload(target, line), None, line)
+        self._to_inbox(owner, self._private + keys.private_payload(target, line))
 
     def send_kick(self, owner: str, target: str, notice: bytes) -> None:
         """Kick ``target``, a member of the instance ``owner``: it gets ``notice``, then is disconnected."""
-        self._enqueue(keys.inbox(owner), self._kick + keys.private_payload(target, notice), None, notice)
+        self._to_inbox(owner, self._kick + keys.private_payload(target, notice))
+
+    def _to_inbox(self, owner: str, envelope: bytes) -> None:
+        if not self._subscriber.up:
+            self.errors["down"] += 1
+            return
+        if self._over_bounds():
+            self._refuse_full(None)
+            return
+        self._queue.append((keys.inbox(owner), envelope))
+        self._queued_bytes += len(envelope)
+        self._wake.set()
+
+    def _refuse_full(self, room: str | None) -> None:
+        self.errors["queue_full"] += 1
+        if room is not None:
+            self.broken.add(room)
+        if not self._full:
+            self._full = True
+            self.log.warning("backplane_queue_full", items=len(self._queue), bytes=self._queued_bytes)
+
+    def sender_of(self, tag: int) -> RoomLine | None:
+        """Our line ``tag`` came back: it, and forget older tags (they are not coming: failed or unsubscribed)."""
+        pending = self._pending
+        while pending:
+            first = next(iter(pending))
+            if first >= tag:
+                break
+            del pending[first]
+        return pending.pop(tag, None)
 
     def touch(self, member: Member) -> None:
         """``member`` joined, left or was renamed: write its presence soon."""
@@ -116,20 +202,29 @@ class Publisher:
         """Wall time on Redis' clock, so instances with skewed clocks agree on expiry."""
         return time.time() + self._offset
 
-    def _enqueue(self, channel: str, envelope: bytes, history_room: str | None, data: bytes) -> None:
-        if not self._subscriber.up:
-            self.errors["down"] += 1
-            return
-        if len(self._queue) >= QUEUE_MAX_ITEMS or self._queued_bytes >= QUEUE_MAX_BYTES:
-            self.errors["queue_full"] += 1
-            if not self._full:
-                self._full = True
-                self.log.warning("backplane_queue_full", items=len(self._queue), bytes=self._queued_bytes)
-            return
-        self._queue.append((channel, envelope, history_room, data))
-        self._queued_bytes += len(envelope)
-        if not self._wake.is_set():
-            self._wake.set()
+    def now_ms(self) -> int:
+        return int(self.now() * 1000)
+
+    def strand(self) -> None:
+        """Redis is gone: deliver here, with local ids, every line sent but not back and every one queued.
+
+        Runs in the step that marks the backplane down, before any later line
+        is delivered locally, so each sender's lines keep their order.
+        """
+        lines = [*self._pending.values(), *(item for item in self._queue if isinstance(item, RoomLine))]
+        self.errors["down"] += len(self._pending) + len(self._queue)
+        self._pending.clear()
+        self._queue.clear()
+        self._queued_bytes = 0
+        self._full = False
+        for line in lines:
+            self._deliver_here(line)
+
+    def _deliver_here(self, line: RoomLine) -> None:
+        self.broken.add(line.room)
+        room = self.hub.rooms.get(line.room)
+        if room is not None:
+            self.hub.deliver_local(room, line.data, line.sender, line.t_read, line.chat, line.on_id)
 
     # -- the writing greenlet ---------------------------------------------------------
 
@@ -150,7 +245,7 @@ class Publisher:
                 if self._synced != subscriber.connects or time.monotonic() >= next_beat:
                     self._heartbeat()
                     next_beat = time.monotonic() + beat
-                while subscriber.up and (self._queue or self._dirty or self._orphans):
+                while subscriber.up and (self._queue or self._dirty or self._orphans or self.broken):
                     self._send_batch()
             except ERRORS as exc:
                 subscriber.lost("publisher", exc)
@@ -185,51 +280,55 @@ class Publisher:
             self.log.warning("backplane_withdraw_failed", error=str(exc))
 
     def _discard(self) -> None:
-        """Backplane down: what was queued is not relayed (at-most-once)."""
-        if self._queue:
-            self.errors["down"] += len(self._queue)
-            self._queue.clear()
-            self._queued_bytes = 0
-        self._full = False
+        """Backplane down: presence changes are rewritten in full once it is back."""
         self._dirty.clear()
         self._orphans.clear()
         self._subscriber.pending.clear()
 
     def _send_batch(self) -> None:
-        """One pipeline: presence changes first, then up to PIPELINE_BATCH messages in order."""
+        """One pipeline: presence changes, broken rooms' logs, then up to PIPELINE_BATCH messages in order."""
         pipe = self._writer.pipeline(transaction=False)
         if self._dirty or self._orphans:
             members = list(self._dirty)
             self._dirty.clear()
             self._presence(pipe, members, self.now() + self.ttl)
-        batch: list[tuple[str, bytes, str | None, bytes]] = []
+        if self.broken:
+            # DEL before the lines queued after the break: they start the room's next epoch
+            for room in self.broken:
+                pipe.delete(keys.meta(room), keys.log(room))
+            self.broken.clear()
+        batch: list[RoomLine | tuple[str, bytes]] = []
         while self._queue and len(batch) < PIPELINE_BATCH:
             item = self._queue.popleft()
-            self._queued_bytes -= len(item[1])
+            self._queued_bytes -= len(item.data) if isinstance(item, RoomLine) else len(item[1])
             batch.append(item)
         if not self._queue:
             self._full = False
-        histories: dict[str, list[bytes]] = {}
-        for _, _, room, data in batch:
-            if room is not None:
-                histories.setdefault(room, []).append(data)
-        for room, lines in histories.items():
-            history_key = keys.history(room)
-            pipe.rpush(history_key, *lines)
-            pipe.ltrim(history_key, -self.hub.history, -1)
-            pipe.expire(history_key, keys.HISTORY_TTL)
         first = len(pipe)
-        for channel, envelope, _, _ in batch:
-            pipe.publish(channel, envelope)
-        try:
-            results = pipe.execute(raise_on_error=False)
-        except ERRORS:
-            self.errors["redis_error"] += len(batch)
-            raise
+        rooms, epoch = self.rooms, new_epoch()  # a fresh epoch for any room that has none (one per batch)
+        for item in batch:
+            if isinstance(item, RoomLine):
+                self._pending[item.tag] = item  # before sending: the line may come back before the reply
+                # EVALSHA straight away: a Script object in a pipeline costs a SCRIPT EXISTS round trip per
+                # batch; the script is loaded on every (re)connect (_heartbeat runs first then)
+                pipe.evalsha(self._publish_sha, 2, keys.meta(item.room), keys.log(item.room), epoch,
+                             keys.LINE if item.chat else keys.NOTICE, item.data, self._prefixes[item.chat], item.tag,
+                             rooms.lines, rooms.bytes, rooms.ttl, keys.room_channel(item.room))  # fmt: skip
+            else:
+                pipe.publish(*item)
+        results = pipe.execute(raise_on_error=False)
         failed = [result for result in results if isinstance(result, Exception)]
-        refused = sum(isinstance(result, Exception) for result in results[first:])
-        self.published += len(batch) - refused
-        self.errors["redis_error"] += refused
+        if any(isinstance(result, redis.exceptions.NoScriptError) for result in failed):
+            self._writer.script_load(keys.PUBLISH)  # flushed under us: these lines go out locally, later ones again
+        for item, result in zip(batch, results[first:], strict=True):
+            if isinstance(result, Exception):
+                self.errors["redis_error"] += 1
+                if isinstance(item, RoomLine) and self._pending.pop(item.tag, None) is not None:
+                    self._deliver_here(item)
+                continue
+            self.published += 1
+            if isinstance(item, RoomLine) and item.on_id is not None:
+                item.on_id(f"{result[0].decode()}:{result[1]}")
         if failed:
             self.log.warning("backplane_commands_failed", count=len(failed), error=str(failed[0]))
 
@@ -273,7 +372,6 @@ class Publisher:
             self._release(keys=chunk, args=[me], client=pipe)
         for room, entries in added.items():
             pipe.zadd(keys.who(room), entries)
-            pipe.expire(keys.who(room), self.ttl * 2)
         counts_key = keys.room_counts(me)
         for room in rooms:
             local = hub.rooms.get(room)
@@ -281,25 +379,25 @@ class Publisher:
                 pipe.hset(counts_key, room, len(local.members))
             else:
                 pipe.hdel(counts_key, room)
-        if rooms:
-            pipe.expire(counts_key, self.ttl)
         indexes = []
         for chunk in _chunks(claim):
             indexes.append(len(pipe))
-            self._claim(keys=chunk, args=[me, self.ttl], client=pipe)
+            self._claim(keys=chunk, args=[me, self.now_ms(), self.ttl * 1000], client=pipe)
         return indexes
 
     def _heartbeat(self) -> None:
-        """Refresh everything this instance holds; after a reconnect, rewrite it."""
+        """Refresh everything this instance holds; after a reconnect, rewrite it; clean up after the dead."""
         connects = self._subscriber.connects
         me = self.instance_id
         seconds, micros = self._writer.time()
         self._offset = seconds + micros / 1e6 - time.time()
+        if self._synced != connects:
+            self._writer.script_load(keys.PUBLISH)  # a restarted Redis has no scripts
         now = self.now()
         expires = now + self.ttl
         pipe = self._writer.pipeline(transaction=False)
+        pipe.zrangebyscore(keys.INSTANCES, "-inf", now)
         pipe.zadd(keys.INSTANCES, {me: expires})
-        pipe.zremrangebyscore(keys.INSTANCES, "-inf", now)
         members = [*self._shown, *self.hub.members.values()]
         self._dirty.clear()
         indexes = self._presence(pipe, members, expires)
@@ -311,7 +409,6 @@ class Publisher:
             for chunk in _chunks(entries):
                 pipe.zadd(who_key, dict.fromkeys(chunk, expires))
             pipe.zremrangebyscore(who_key, "-inf", now)
-            pipe.expire(who_key, self.ttl * 2)
         counts_key = keys.room_counts(me)
         pipe.delete(counts_key)
         counts: dict[str | bytes, int] = {
@@ -319,14 +416,43 @@ class Publisher:
         }
         if counts:
             pipe.hset(counts_key, mapping=counts)
-            pipe.expire(counts_key, self.ttl)
         nicks = [keys.nick(nick) for nick, _ in self._shown.values()]
         nicks.extend(keys.nick(sub) for sub in self.hub.reserved)
         for chunk in _chunks(nicks):
             indexes.append(len(pipe))
-            self._claim(keys=chunk, args=[me, self.ttl], client=pipe)
+            self._claim(keys=chunk, args=[me, self.now_ms(), self.ttl * 1000], client=pipe)
+        if time.monotonic() >= self._next_room_refresh or self._synced != connects:
+            # a room with members keeps its log however quiet it is
+            self._next_room_refresh = time.monotonic() + max(1.0, self.rooms.keep / 4)
+            for name in self.hub.rooms:
+                pipe.expire(keys.meta(name), self.rooms.ttl)
+                pipe.expire(keys.log(name), self.rooms.ttl)
         results = pipe.execute(raise_on_error=False)
         self._synced = connects
         taken = sorted({k.decode() for i in indexes if isinstance(results[i], list) for k in results[i]})
         if taken:
             self.log.warning("nick_conflict", nicks=[keys.nick_of(k) for k in taken])
+        dead = results[0] if isinstance(results[0], list) else []
+        for instance in {name.decode() for name in dead} - {me}:
+            self._bury(instance, now)
+
+    def _bury(self, instance: str, now: float) -> None:
+        """Delete what an instance that stopped beating left: its /who entries, nicks and room counts."""
+        rooms = [name.decode("utf-8", "replace") for name in self._writer.hkeys(keys.room_counts(instance))]
+        pipe = self._writer.pipeline(transaction=False)
+        for room in rooms:
+            pipe.zrangebyscore(keys.who(room), "-inf", now)
+        stale = pipe.execute()
+        pipe = self._writer.pipeline(transaction=False)
+        nicks: list[str] = []
+        for room, entries in zip(rooms, stale, strict=True):
+            theirs = [entry for entry in entries if keys.open_who_entry(entry)[1] == instance]
+            if theirs:
+                pipe.zrem(keys.who(room), *theirs)
+                nicks.extend(keys.nick(keys.open_who_entry(entry)[0]) for entry in theirs)
+        for chunk in _chunks(nicks):
+            self._release(keys=chunk, args=[instance], client=pipe)
+        pipe.delete(keys.room_counts(instance))
+        pipe.zrem(keys.INSTANCES, instance)
+        pipe.execute()
+        self.log.info("backplane_instance_buried", dead=instance, rooms=len(rooms), nicks=len(nicks))

@@ -14,7 +14,7 @@ import random
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import gevent
 import gevent.event
@@ -24,6 +24,9 @@ import redis
 from ..hub import ROOM_BACKLOG_LIMIT, Room
 from . import keys
 from .instance import Instance
+
+if TYPE_CHECKING:
+    from .publisher import RoomLine
 
 # A joiner waits at most this long for its room's SUBSCRIBE to be confirmed.
 SUBSCRIBE_WAIT = 1.0
@@ -70,6 +73,9 @@ class Subscriber:
         self._backlog: Room | None = None
         self._reset = False
         self._stopped = False
+        # the publisher's: our own lines on their way, and what to do with them when Redis is lost
+        self.sender_of: Callable[[int], RoomLine | None] = lambda tag: None
+        self.on_lost: Callable[[], None] | None = None
 
     # -- asked by other greenlets -------------------------------------------------
 
@@ -122,11 +128,20 @@ class Subscriber:
             self._send("UNSUBSCRIBE", *(keys.room_channel(room) for room in unsubscribe))
 
     def lost(self, where: str, exc: BaseException) -> None:
-        """Redis failed ``where``: down until the subscriber has reconnected."""
+        """Redis failed ``where``: down until the subscriber has reconnected.
+
+        In the same step: no room mirror follows Redis any more (lines may be
+        missed from now on), and the lines still on their way through Redis
+        are delivered here (``on_lost``) before any later line.
+        """
         if self.up:
             self.log.warning("backplane_down", where=where, error=str(exc))
         self.up = False
         self._reset = True
+        for room_log in self.hub.logs:
+            room_log.synced = False
+        if self.on_lost is not None:
+            self.on_lost()
         self._wake.set()
         for waiter in self._waiters.values():
             waiter.set()
@@ -251,11 +266,11 @@ class Subscriber:
                     waiter.set()
 
     def receive(self, channel: bytes, message: bytes) -> None:
-        """Deliver another instance's message to the local members; skip our own."""
+        """Deliver a room line (ours too: Redis' order is the order) or a private line for a member here."""
         opened = keys.open_envelope(message)
-        if opened is None or opened[0] == self._origin:
+        if opened is None:
             return
-        _, kind, payload = opened
+        origin, kind, payload = opened
         hub = self.hub
         if kind == keys.PRIVATE:
             if hub.deliver_private(*keys.open_private(payload)):
@@ -269,11 +284,19 @@ class Subscriber:
             if self.on_bans_changed is not None:
                 self.on_bans_changed()
             return
+        line = keys.open_line(payload)
         name = keys.room_of(channel)
-        room = hub.rooms.get(name) if name is not None else None
+        if line is None or name is None:
+            return
+        tag, epoch, offset, data = line
+        ours = self.sender_of(tag) if origin == self._origin else None
+        room = hub.rooms.get(name)
         if room is None:
             return
-        self.received += 1
-        hub.deliver_local(room, payload, None, history=kind == keys.LINE)
+        if ours is None:
+            self.received += 1
+            hub.deliver_remote(room, epoch, offset, data, kind == keys.LINE, None, time.perf_counter())
+        else:
+            hub.deliver_remote(room, epoch, offset, data, ours.chat, ours.sender, ours.t_read)
         if room.waiting > ROOM_BACKLOG_LIMIT:
             self._backlog = room
