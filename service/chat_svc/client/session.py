@@ -244,8 +244,7 @@ class Session:
         if self._wanted_room is not None:
             self._wanted_room = self.room
         if incomplete:
-            notes.append(f"* could not resume {self.room} ({incomplete.group(2)}): "
-                         "lines said while you were away may be missing")  # fmt: skip
+            notes.append(f"* could not resume {self.room}: lines may be missing ({incomplete.group(2)})")
             return []
         shown = []
         for line_id, line in replay.replayed(int(found.group(2))):
