@@ -22,7 +22,7 @@ from bench.report import SCHEMA, Params, Results, check_targets, describe, rende
 from bench.servers import default_ours_cmd, export_snapshot, find_ngircd, kinds
 
 SCENARIOS = ("fanout", "search", "idle", "idle-ws", "redis", "storm", "profile", "crosscheck")
-SERVERS = ("chat-svc", "chat-svc-ids", "chat-svc-ws", "seed", "c-epoll", "ngircd")
+SERVERS = ("chat-svc", "chat-svc-base", "chat-svc-ids", "chat-svc-ws", "seed", "c-epoll", "ngircd")
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -55,6 +55,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         metavar="REV",
         help="benchmark chat-svc as committed at git REV (service/ exported to a temp dir), not the working tree",
     )
+    p.add_argument(
+        "--baseline",
+        default="",
+        metavar="REV",
+        help="also measure chat-svc as committed at git REV, as server chat-svc-base, in the same run",
+    )
     p.add_argument("--crosscheck-loadgen", default="", help="path of an independent loadgen binary to cross-check with")
     p.add_argument("--crosscheck-points", default="chat-svc:1000,chat-svc:2000,chat-svc:3000,seed:100")
     p.add_argument("--no-pin", action="store_true", help="do not pin with taskset")
@@ -71,7 +77,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="", help="results file name (default: <mode>.json)")
     p.add_argument("--cc", default="gcc")
     args = p.parse_args(argv)
-    args.server_list = [s.strip() for s in args.servers.split(",") if s.strip()] or list(SERVERS)
+    default_servers = [s for s in SERVERS if s != "chat-svc-base" or args.baseline]
+    args.server_list = [s.strip() for s in args.servers.split(",") if s.strip()] or default_servers
     unknown = set(args.server_list) - set(SERVERS)
     if unknown:
         p.error(f"unknown server(s) {', '.join(sorted(unknown))}; choose from {', '.join(SERVERS)}")
@@ -97,13 +104,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     snapshot = ""
     if args.snapshot:
         ours_cmd, snapshot = export_snapshot(args.snapshot, workdir)
+    baseline_cmd, baseline = export_snapshot(args.baseline, workdir, "baseline") if args.baseline else (None, "")
     chatload = Chatload(build(CHATLOAD_SRC, args.cc), pin, timing)
     broadcaster = build(BROADCASTER_SRC, args.cc) if "c-epoll" in args.server_list else None
     ctx = Bench(
         chatload=chatload,
         pin=pin,
         workdir=workdir,
-        kinds=kinds(ours_cmd, workdir, broadcaster, find_ngircd()),
+        kinds=kinds(ours_cmd, workdir, broadcaster, find_ngircd(), baseline_cmd),
         quiet_wait=0.0 if smoke else args.quiet_wait,
         retries=retries,
         external=Loadgen(Path(args.crosscheck_loadgen).resolve(), pin, timing) if args.crosscheck_loadgen else None,
@@ -124,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             flood_rate=0,
             server_cmd=ours_cmd,
             snapshot=snapshot,
+            baseline=baseline,
             p99_limit_ms=P99_LIMIT_MS,
             gen_cpu_invalid_at=GEN_CPU_LIMIT,
             noisy_if_disturbed_above=NOISE_LIMIT,

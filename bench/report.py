@@ -34,6 +34,7 @@ class Params:
     flood_rate: int
     server_cmd: list[str]
     snapshot: str
+    baseline: str
     p99_limit_ms: float
     gen_cpu_invalid_at: float
     noisy_if_disturbed_above: float

@@ -478,6 +478,7 @@ def analyse_profile(text: str) -> tuple[int, list[tuple[str, float]], list[tuple
 # (members, msg/s): a few seconds each, enough for every member to get every line
 SMOKE_POINTS = {
     "chat-svc": (50, 100),
+    "chat-svc-base": (50, 100),
     "chat-svc-ids": (50, 100),
     "chat-svc-ws": (50, 100),
     "seed": (30, 30),

@@ -257,12 +257,23 @@ def ngircd_config(port: int, workdir: Path) -> Path:
     return path
 
 
-def kinds(ours_cmd: Sequence[str], workdir: Path, broadcaster: Path | None, ngircd: str | None) -> dict[str, Kind]:
-    def ours(port: int, extra: Sequence[str]) -> list[str]:
-        # no lame-duck drain when the bench stops it (environment variables: a --snapshot of a
-        # version without the drain settings ignores them)
-        return ["env", "CHAT_DRAIN_DELAY=0", "CHAT_DRAIN_SPREAD=0", *ours_cmd, "--host", "127.0.0.1",
-                "--port", str(port), "--flood-rate", "0", *extra]  # fmt: skip
+def kinds(
+    ours_cmd: Sequence[str],
+    workdir: Path,
+    broadcaster: Path | None,
+    ngircd: str | None,
+    baseline_cmd: Sequence[str] | None = None,
+) -> dict[str, Kind]:
+    def chat_svc(cmd: Sequence[str]) -> Callable[[int, Sequence[str]], list[str]]:
+        def argv(port: int, extra: Sequence[str]) -> list[str]:
+            # no lame-duck drain when the bench stops it (environment variables: a snapshot of a
+            # version without the drain settings ignores them)
+            return ["env", "CHAT_DRAIN_DELAY=0", "CHAT_DRAIN_SPREAD=0", *cmd, "--host", "127.0.0.1",
+                    "--port", str(port), "--flood-rate", "0", *extra]  # fmt: skip
+
+        return argv
+
+    ours = chat_svc(ours_cmd)
 
     def seed(port: int, extra: Sequence[str]) -> list[str]:
         return [sys.executable, str(SEED), str(port), "127.0.0.1"]
@@ -275,6 +286,14 @@ def kinds(ours_cmd: Sequence[str], workdir: Path, broadcaster: Path | None, ngir
 
     return {
         "chat-svc": Kind("chat-svc", ours, connect_rate=2000, http_ready=True),
+        # chat-svc as committed at --baseline REV, measured in the same run (before/after a change)
+        "chat-svc-base": Kind(
+            "chat-svc-base",
+            chat_svc(baseline_cmd or ()),
+            connect_rate=2000,
+            http_ready=True,
+            missing="" if baseline_cmd else "no --baseline REV given",
+        ),
         # the same server, every member with message ids on (issue 12): what ids cost, side by side
         "chat-svc-ids": Kind("chat-svc-ids", ours, connect_rate=2000, http_ready=True, ids=True),
         # the same server, every member on WebSocket (GET /ws) instead of raw TCP
@@ -317,11 +336,11 @@ def default_ours_cmd() -> list[str]:
     return [sys.executable, "-m", "chat_svc"]
 
 
-def export_snapshot(rev: str, workdir: Path) -> tuple[list[str], str]:
+def export_snapshot(rev: str, workdir: Path, name: str = "snapshot") -> tuple[list[str], str]:
     """chat-svc from service/ as committed at ``rev`` (or the working tree as it is now, for
-    ``worktree``), copied under workdir/snapshot so edits made during the run do not leak into it.
+    ``worktree``), copied under workdir/``name`` so edits made during the run do not leak into it.
     Returns the command that runs it and what it is."""
-    dest = workdir / "snapshot"
+    dest = workdir / name
     cmd = ["env", f"PYTHONPATH={dest / 'service'}", sys.executable, "-m", "chat_svc"]
     if rev == "worktree":
         shutil.copytree(ROOT / "service", dest / "service", ignore=shutil.ignore_patterns("*.pyc"))
