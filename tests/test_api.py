@@ -95,7 +95,8 @@ def test_bodies_must_be_json_objects_of_known_fields_within_64_kib(api: ServerPr
     # Without Content-Length (chunked), the limit holds just the same; broken chunks are the client's error.
     assert chunked(api.port, path, [big[:40000], big[40000:]], encode=True) == (413, {"error": "body over 65536 bytes"})
     assert chunked(api.port, path, [b'{"text": "hi"}'], encode=False) == (400, {"error": "body could not be read"})
-    assert chunked(api.port, path, [b'{"text": ', b'"hi"}'], encode=True) == (200, {})
+    status, answer = chunked(api.port, path, [b'{"text": ', b'"hi"}'], encode=True)
+    assert status == 200 and isinstance(answer, dict) and re.fullmatch(r"[A-Za-z0-9]{1,16}:\d+", answer["id"])
 
 
 def chunked(port: int, path: str, parts: list[bytes], encode: bool) -> tuple[int, object]:
@@ -120,14 +121,19 @@ def chunked(port: int, path: str, parts: list[bytes], encode: bool) -> tuple[int
 def test_publish_reaches_every_member_of_the_room_and_its_history(api: ServerProcess) -> None:
     alice, bob = api.member("alice", "dev"), api.member("bob", "dev")
     carol = api.member("carol")
-    assert call(api.port, "POST", "/api/v1/rooms/dev/messages", {"text": "deploy done", "from": "deploy-bot"})[:2] == (
-        200,
-        {},
-    )
+    bob.send("/ids")
+    bob.expect("* ids on")
+    dev = "/api/v1/rooms/dev/messages"
+    status, answer, _ = call(api.port, "POST", dev, {"text": "deploy done", "from": "deploy-bot"})
+    assert status == 200 and set(answer) == {"id"}
     assert alice.expect("[") == "[deploy-bot] deploy done"
-    assert bob.expect("[") == "[deploy-bot] deploy done"
-    assert call(api.port, "POST", "/api/v1/rooms/dev/messages", {"text": "  tab\there\x1b[31m  "})[:2] == (200, {})
+    # The answer is the id members with /ids see the line under.
+    assert bob.expect("@") == f"@{answer['id']} [deploy-bot] deploy done"
+    second = call(api.port, "POST", dev, {"text": "  tab\there\x1b[31m  "})[1]
     assert alice.expect("[") == "[api] tab\there[31m"
+    assert bob.expect("@") == f"@{second['id']} [api] tab\there[31m"
+    epoch, offset = answer["id"].split(":")
+    assert second["id"] == f"{epoch}:{int(offset) + 1}"
     assert carol.lines_for(0.3) == []
     later = api.connect()
     later.expect("* welcome")
@@ -176,9 +182,10 @@ def test_an_idempotency_key_delivers_once_and_answers_the_same(api: ServerProces
     path = "/api/v1/rooms/lobby/messages"
     first = call(api.port, "POST", path, {"text": "once"}, headers={"Idempotency-Key": "deploy-42"})
     second = call(api.port, "POST", path, {"text": "once"}, headers={"Idempotency-Key": "deploy-42"})
-    assert first[:2] == second[:2] == (200, {})
+    assert first[0] == second[0] == 200
+    assert first[1] == second[1] == {"id": first[1]["id"]}  # the replay answers the first line's id
     other = call(api.port, "POST", path, {"text": "twice"}, headers={"Idempotency-Key": "deploy-43"})
-    assert other[:2] == (200, {})
+    assert other[0] == 200 and other[1]["id"] != first[1]["id"]
     assert [line for line in alice.lines_for(0.5) if line.startswith("[")] == ["[api] once", "[api] twice"]
     assert scrape(api.port)["chat_api_idempotent_replays_total"] == 1
     # A request that delivered nothing does not use up its key.

@@ -32,6 +32,7 @@ from _require import require_module
 from _streams import StreamWatcher
 from chat_svc.client.connection import encode_line
 from chat_svc.client.session import NICK_RETRY_SECONDS, Session
+from test_backplane import cluster, joined
 
 CLIENT = [sys.executable, "-m", "chat_svc.client"]
 # The server's wording may change; the client reads it as loosely (see client/session.py).
@@ -289,7 +290,7 @@ def test_insecure_needs_tls() -> None:
 
 def welcomed(session: Session, nick: str = "10.0.0.1:5", room: str = "lobby") -> Session:
     line = f"* welcome to chat-svc, you are {nick} in room {room}; type /help for commands"
-    assert session.received(line).shown == line
+    assert session.received(line).shown == [line]
     return session
 
 
@@ -351,7 +352,7 @@ def test_session_takes_back_a_taken_nick() -> None:
     assert session.connected() == ["/nick alice"]
     welcomed(session, "10.0.0.1:6")
     refused = session.received("! nick alice is taken")
-    assert refused.shown is None  # answered in plain words instead
+    assert refused.shown == []  # answered in plain words instead
     assert refused.notes == [
         "* could not take back your nick alice: taken",
         f"* trying again every {NICK_RETRY_SECONDS:g} s; /nick NAME picks another nick",
@@ -360,7 +361,7 @@ def test_session_takes_back_a_taken_nick() -> None:
     assert session.next_due() == NICK_RETRY_SECONDS
     now[0] += NICK_RETRY_SECONDS
     assert session.due() == ["/nick alice"]
-    assert session.received("! nick alice is taken") == (None, [])  # said once only
+    assert session.received("! nick alice is taken") == ([], [])  # said once only
     now[0] += NICK_RETRY_SECONDS
     assert session.due() == ["/nick alice"]
     back = session.received("* 10.0.0.1:6 is now known as alice")
@@ -381,7 +382,89 @@ def test_session_stops_asking_when_the_user_picks_another_nick() -> None:
     now[0] += NICK_RETRY_SECONDS
     assert session.due() == []
     # The user's own failures are theirs to see.
-    assert session.received("! nick alice2 is taken").shown == "! nick alice2 is taken"
+    assert session.received("! nick alice2 is taken").shown == ["! nick alice2 is taken"]
+
+
+def test_session_with_ids_strips_them_and_drops_lines_already_shown() -> None:
+    session = Session(ids=True)
+    assert session.connected() == []  # /auth may have to come first: ids once welcomed
+    welcomed(session)
+    assert session.due() == ["/ids"]
+    assert session.received("* ids on") == ([], [])  # the client asked, not the user
+    assert session.received("@k3v9:5 [bob] hi").shown == ["[bob] hi"]
+    assert session.received("@k3v9:5 [bob] hi").shown == []
+    assert session.received("@k3v9:4 [history] [bob] older").shown == []
+    assert session.received("@Z1:1 * carol joined lobby").shown == ["* carol joined lobby"]  # a new epoch
+    session.typed("/ids")
+    assert session.received("* ids on").shown == ["* ids on"]  # the user asked this time
+
+
+def resumed_session() -> Session:
+    """alice in den, having seen den's line k3v9:10, on a new connection that resumes it."""
+    session = welcomed(Session(ids=True))
+    session.due()
+    session.received("* ids on")
+    session.typed("/nick alice")
+    session.received("* 10.0.0.1:5 is now known as alice")
+    session.typed("/join den")
+    session.received("* you joined den")
+    assert session.received("@k3v9:10 [history] [bob] seen").shown == ["[history] [bob] seen"]
+    assert session.connected() == ["/ids", "/nick alice", "/resume den k3v9:10", "/ids"]
+    welcomed(session, "10.0.0.1:6")
+    return session
+
+
+def test_session_resume_shows_the_replay_once_without_the_users_own_lines() -> None:
+    session = resumed_session()
+    assert session.received("[history] [zed] lobby history").shown == []  # lobby's, before ids
+    assert session.received("* ids on") == ([], [])
+    assert session.received("* 10.0.0.1:6 is now known as alice").shown == ["* 10.0.0.1:6 is now known as alice"]
+    assert session.received("@Lb:3 [zed] lobby talk").shown == []  # still lobby
+    replay = ["@k3v9:11 [alice] typed before the drop", "@k3v9:12 * alice left den", "@k3v9:13 [bob] missed",
+              "@k3v9:14 * bob is now known as rob", "@k3v9:15 * [rob] waves"]  # fmt: skip
+    assert all(session.received(line) == ([], []) for line in replay)  # held until the answer
+    assert session.received("* resumed den: 5 lines") == (
+        ["[bob] missed", "* bob is now known as rob", "* [rob] waves"],
+        ["* resumed 3 lines"],
+    )
+    assert session.prompt() == "[alice@den] "
+    assert session.received("* ids on") == ([], [])
+    assert session.received("@k3v9:15 * [rob] waves").shown == []
+    assert session.received("@k3v9:16 [rob] live").shown == ["[rob] live"]
+    assert session.connected()[2] == "/resume den k3v9:16"
+
+
+def test_session_resume_into_the_first_room_drops_its_own_arrival() -> None:
+    session = welcomed(Session(ids=True))
+    session.due()
+    session.received("* ids on")
+    session.received("@Lb:7 [zed] hi")
+    assert session.connected() == ["/ids", "/resume lobby Lb:7", "/ids"]
+    welcomed(session, "10.0.0.1:6")
+    session.received("* ids on")
+    session.received("@Lb:8 * 10.0.0.1:6 joined lobby")
+    session.received("@Lb:9 [zed] while away")
+    assert session.received("* resumed lobby: 2 lines") == (["[zed] while away"], ["* resumed 1 lines"])
+
+
+def test_session_resume_incomplete_says_lines_may_be_missing_then_shows_the_history() -> None:
+    session = resumed_session()
+    session.received("* ids on")
+    assert session.received("! resume incomplete den: epoch changed") == (
+        [],
+        ["* could not resume den: lines may be missing (epoch changed)"],
+    )
+    assert session.received("@New1:1 [history] [bob] after the restart").shown == ["[history] [bob] after the restart"]
+    assert session.prompt() == "[10.0.0.1:6@den] "
+
+
+def test_session_resume_refused_leaves_the_user_where_it_was_welcomed() -> None:
+    session = resumed_session()
+    session.received("* ids on")
+    refusal = "! too many new rooms: try again in 5 s"
+    assert session.received(refusal).shown == [refusal]
+    assert session.received("* ids on") == ([], ["* could not resume den: you are in lobby"])
+    assert session.received("@Lb:4 [zed] lobby talk").shown == ["[zed] lobby talk"]
 
 
 # ---------------------------------------------------------------------------------- pipe mode
@@ -603,6 +686,100 @@ def test_reconnect_takes_back_a_nick_taken_meanwhile(chat_server: Any, pipe_clie
     client.send("me again")
     peer.expect("[alice] me again")
     assert "! nick alice is taken" not in client.out.text, "the refusal of an automatic /nick is explained instead"
+
+
+def said_by(client: PipeClient, nick: str) -> list[str]:
+    """What ``nick`` said, in the order the client printed it."""
+    prefix = f"[{nick}] "
+    return [line[len(prefix) :] for line in client.out.text.splitlines() if line.startswith(prefix)]
+
+
+def test_reconnect_after_a_single_instance_restart_says_lines_may_be_missing(
+    chat_server: Any, pipe_client: Any
+) -> None:
+    """Done-when 4, one instance: its log dies with it, so the resume is incomplete, and the user
+    is told; every line said before and after the restart is shown once, none with its id."""
+    srv, client = reconnecting(chat_server, pipe_client, "alice")
+    bob = srv.member("bob")
+    for n in range(5):
+        bob.send(f"before {n}")
+    client.out.wait_for("[bob] before 4\n")
+    port = srv.port
+    srv.stop()
+    srv2 = chat_server(port=port)
+    client.err.wait_for("* could not resume lobby: lines may be missing (epoch changed)\n", timeout=20)
+    bob2 = srv2.member("bob")
+    for n in range(5):
+        bob2.send(f"after {n}")
+    client.out.wait_for("[bob] after 4\n")
+    assert said_by(client, "bob") == [f"before {n}" for n in range(5)] + [f"after {n}" for n in range(5)]
+    assert "@" not in client.out.text and "ids on" not in client.out.text, client.output()
+    assert "* server restarting, reconnect" in client.out.text
+
+
+class Talker(threading.Thread):
+    """A member that says ``line 0``, ``line 1``, ... every ``interval`` until stopped."""
+
+    def __init__(self, member: LineClient, interval: float = 0.03) -> None:
+        super().__init__(daemon=True)
+        self.member = member
+        self.interval = interval
+        self.said = 0
+        self._stop_talking = threading.Event()
+
+    def run(self) -> None:
+        while not self._stop_talking.wait(self.interval):
+            self.member.send(f"line {self.said}")
+            self.said += 1
+
+    def stop(self) -> int:
+        self._stop_talking.set()
+        self.join(5)
+        return self.said
+
+
+@pytest.mark.redis
+def test_reconnect_resumes_on_a_restarted_instance_with_no_line_missing_or_twice(
+    redis_server: Any, chat_server: Any, pipe_client: Any
+) -> None:
+    """Done-when 4 with Redis: the client is on instance a, the talker on b keeps talking while a
+    is stopped and started again on its port; the new a replays from Redis what the client
+    missed.  Every line is printed exactly once, in order, without its id."""
+    a, b = cluster(chat_server, redis_server, 2)
+    client = pipe_client("--reconnect", a.host, str(a.port))
+    client.nick()
+    client.send("/nick alice")
+    client.send("/join den")
+    client.out.wait_for("* you joined den\n")
+    talker = Talker(joined(b, "talker", "den"))
+    talker.start()
+    client.out.wait_for("[talker] line 20\n")
+    port = a.port
+    a.stop()
+    client.err.wait_for("Disconnected from chat server; reconnecting...")
+    said_while_away = talker.said
+    a2 = restarted(chat_server, redis_server, port)
+    resumed = client.err.wait_for(re.compile(r"\* resumed (\d+) lines\n"), timeout=20)
+    client.out.wait_for(f"[talker] line {talker.said + 20}\n")
+    total = talker.stop()
+    client.out.wait_for(f"[talker] line {total - 1}\n")
+    assert int(resumed[1]) > 0 and talker.said > said_while_away
+    assert said_by(client, "talker") == [f"line {n}" for n in range(total)], client.output()
+    lines = client.out.text.splitlines()
+    assert len(lines) == len(set(lines)), "a line shown twice"
+    assert not [line for line in lines if line.startswith("@")], client.output()
+    assert "could not resume" not in client.err.text
+    # alice is back in den, under her nick, on the new a
+    watcher = joined(a2, "watcher", "den")
+    client.send("back")
+    watcher.expect("[alice] back")
+
+
+def restarted(chat_server: Any, redis_server: Any, port: int) -> Any:
+    """An instance of the cluster started again on ``port``."""
+    srv = chat_server("--redis-url", redis_server.url, "--flood-rate", "0", port=port)
+    wait_for(lambda: srv.scrape()["chat_backplane_up"] == 1, 10, f"backplane up on :{port}")
+    return srv
 
 
 # ----------------------------------------------------------------------------------- pty mode

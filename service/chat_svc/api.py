@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import gevent
+import gevent.event
 import structlog
 from prometheus_client import Counter
 
@@ -43,6 +44,11 @@ MAX_REASON_CHARS = 200
 IDEMPOTENCY_KEY = re.compile(r"[\x21-\x7e]{1,255}")
 # A request finding its Idempotency-Key held by a request still running waits this long for its answer.
 IDEMPOTENCY_WAIT_S = 1.0
+# How long a publish waits for its line's id.  With Redis the id comes back with the publish
+# (a millisecond); when Redis fails the line goes out locally with a local id after the
+# backplane's 1 s timeout.  Past this the line was lost or is stuck, and the caller is told so.
+PUBLISH_ID_WAIT_S = 3.0
+LINE_ID_LATE = f"no id for the line within {PUBLISH_ID_WAIT_S:g} s: it may not have been delivered"
 BAN_ID = re.compile(r"[0-9a-f]{16}")
 
 StartResponse = Callable[..., Any]
@@ -247,17 +253,20 @@ class Api:
             if replayed is not None:
                 self.replays.inc()
                 return 200, json.loads(replayed)
+        assigned: gevent.event.AsyncResult[str] = gevent.event.AsyncResult()
         try:
-            delivered = self.directory.post(room, protocol.chat_line(sender, text))
+            if not self.directory.post(room, protocol.chat_line(sender, text), assigned.set):
+                raise ApiError(404, "no such room")
+            line_id = assigned.get(timeout=PUBLISH_ID_WAIT_S)
+        except gevent.Timeout:
+            if key is not None:
+                self.idempotency.abandon(key)
+            raise ApiError(503, LINE_ID_LATE) from None
         except BaseException:
             if key is not None:
                 self.idempotency.abandon(key)
             raise
-        if not delivered:
-            if key is not None:
-                self.idempotency.abandon(key)
-            raise ApiError(404, "no such room")
-        answer: dict[str, Any] = {}
+        answer = {"id": line_id}
         if key is not None:
             self.idempotency.record(key, json.dumps(answer))
         return 200, answer

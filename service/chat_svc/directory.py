@@ -13,7 +13,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
-    from .hub import Member
+    from .hub import Member, OnId
 
 
 class Directory(Protocol):
@@ -35,8 +35,11 @@ class Directory(Protocol):
     def room_size(self, room: str) -> int:
         """Members of ``room`` on every instance; 0 when there is no such room."""
 
-    def post(self, room: str, line: bytes) -> bool:
-        """The operator API says ``line`` in ``room`` on every instance; False when there is no such room."""
+    def post(self, room: str, line: bytes, on_id: OnId | None = None) -> bool:
+        """The operator API says ``line`` in ``room`` on every instance; False when there is no such room.
+
+        ``on_id`` hears the line's id (``epoch:offset``) once it is known.
+        """
 
     def kick(self, nick: str, notice: bytes) -> bool:
         """``notice`` to the member holding ``nick``, then close it, wherever it is; False when nobody has it."""

@@ -97,12 +97,27 @@ DOCUMENT: dict[str, Any] = {
                     ["text"],
                 ),
                 "responses": {
-                    "200": _ok("Delivered to the room's members.", EMPTY),
+                    "200": _ok(
+                        "Delivered to the room's members. `id` is the line's message id, the one members "
+                        "with `/ids` see it under (`@<epoch>:<offset> [<from>] <text>`), on every instance; "
+                        "a replay of an Idempotency-Key answers the first request's id.",
+                        {
+                            "type": "object",
+                            "properties": {"id": {"type": "string", "pattern": "^[A-Za-z0-9]{1,16}:[0-9]+$"}},
+                            "required": ["id"],
+                            "additionalProperties": False,
+                        },
+                    ),
                     "400": BAD_REQUEST,
                     "401": UNAUTHORIZED,
                     "404": _error("No such room: nobody is in it, on any instance."),
                     "409": _error("A request with the same Idempotency-Key is still running."),
                     "413": TOO_LARGE,
+                    "503": _error(
+                        "With --redis-url, the line's id did not come back within 3 s (Redis stalled or failed "
+                        "and the room has no members on this instance): it may not have been delivered. "
+                        "The Idempotency-Key is released, so a retry may deliver it twice."
+                    ),
                 },
             }
         },

@@ -18,8 +18,10 @@ printed) but fixes what made the seed unpleasant to use:
 * Without a terminal on stdin (a pipe, a file) there is no prompt and nothing but received chat
   lines goes to stdout; client messages go to stderr.
 * ``--reconnect`` survives server restarts: capped, jittered exponential backoff, then the last
-  ``/auth`` and the nick and room the server had confirmed are sent again.  A nick someone took
-  meanwhile is asked for again every few seconds, and the user is told.
+  ``/auth`` and the nick the server had confirmed are sent again, and the room is resumed with
+  message ids (``/ids``, ``/resume``): what was said meanwhile is shown once, or the user is
+  told that lines may be missing.  A nick someone took meanwhile is asked for again every few
+  seconds, and the user is told.  Ids are never shown.
 * Received text has control characters (except tab) stripped before it is printed, so a peer
   can never drive the user's terminal with escape sequences, even if a server forgot to.
 
@@ -34,6 +36,8 @@ one network thread owns the socket.  The modules, in the order data flows:
 * :mod:`~chat_svc.client.connection`: the network thread (socket, TLS, reconnects, send queue);
 * :mod:`~chat_svc.client.session`: nick and room as the server states them, and what to send
   after a reconnect;
+* :mod:`~chat_svc.client.ids`: message ids stripped, the last one per room, the replay of a
+  ``/resume``;
 * :mod:`~chat_svc.client.terminal` and :mod:`~chat_svc.client.display`: output, and readline's
   redraw around it;
 * :mod:`~chat_svc.client.wakeup`: signals that reach the main thread inside readline;

@@ -44,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--reconnect",
         action="store_true",
         help="when the server goes away, reconnect with capped exponential backoff "
-        f"(up to {BACKOFF_MAX_SECONDS:g}s) and restore your /auth, nick and room",
+        f"(up to {BACKOFF_MAX_SECONDS:g}s), restore your /auth and nick, and resume your room: "
+        "lines said while you were away are shown, each once",
     )
     parser.add_argument(
         "--max-line-bytes",
@@ -174,7 +175,7 @@ def run(argv: Sequence[str] | None = None) -> int:
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     display = _load_display() if interactive else None
     wakeup = WakeUp(prompt_mode=interactive)
-    session = Session()
+    session = Session(ids=args.reconnect)
     term = (
         ReadlineTerminal(sys.stdout, sys.stderr, display, session.prompt, wakeup.lines_queued)
         if display is not None

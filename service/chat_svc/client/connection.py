@@ -312,7 +312,7 @@ class Connection:
         # clean() strips control characters (a trailing \r among them), so no peer can drive
         # the user's terminal with escape sequences, even through a server that forgot to.
         shown, notes = self.session.received(clean(raw))
-        if shown is not None:
-            self.term.line(shown)
+        for line in shown:
+            self.term.line(line)
         for note in notes:
             self.term.status(note)

@@ -15,6 +15,12 @@
   let ws = null;
   let nick = null, room = "lobby", count = null;
   let chosenNick = null, chosenRoom = null;   // restored after a reconnect
+  let startRoom = null;                       // the first welcome's room
+  // Message ids (docs/protocol.md): the last id shown per room; the /ids the page sent and not
+  // yet seen answered; whether this connection has them on; the /resume being answered.
+  const lastIds = new Map();
+  let idsAsked = 0, idsOn = false, replay = null;
+  let connNick = null;                        // this connection's first nick: its arrival is ours
   let failures = 0, retryTimer = null;
   let stopped = false, askingToken = false;
   let quietWho = 0;                           // /who replies the page asked for itself
@@ -72,18 +78,108 @@
     send("/who");
   }
 
-  // What the page learns from the server's lines (docs/protocol.md has them all).
-  function receive(line) {
+  function askIds() {
+    idsAsked += 1;
+    send("/ids");
+  }
+
+  const roomKey = (name) => name.replace(/^#/, "").toLowerCase();
+
+  // Record a line's id in its room; false when the line was shown already.
+  function noteId(where, id) {
+    const last = lastIds.get(roomKey(where));
+    if (last && last[0] === id[0] && id[1] <= last[1]) return false;
+    lastIds.set(roomKey(where), id);
+    return true;
+  }
+
+  // A replayed line about this user: what it said (shown as typed), its comings, goings, renames.
+  function ours(line) {
+    const nicks = [nick, chosenNick, connNick].filter(Boolean);
     let m;
+    if ((m = /^(?:\* )?\[([^\]\s]+)\] /.exec(line)) || (m = /^\* (\S+) (?:joined|left) \S+$/.exec(line))) {
+      return nicks.includes(m[1]);
+    }
+    m = /^\* (\S+) is now known as (\S+)$/.exec(line);
+    return m !== null && (nicks.includes(m[1]) || nicks.includes(m[2]));
+  }
+
+  // Every line from the server: ids stripped; room lines held while a /resume is answered.
+  function receive(raw) {
+    const m = /^@([A-Za-z0-9]{1,16}):(\d{1,18}) /.exec(raw);
+    if (!m) {
+      read(raw);
+      return;
+    }
+    const id = [m[1], Number(m[2])], line = raw.slice(m[0].length);
+    if (replay) {
+      if (id[0] === replay.since[0] && id[1] > replay.since[1]) replay.held.push([id, line]);
+    } else if (noteId(room, id)) {
+      read(line);
+    }
+  }
+
+  // The answer to the page's own /resume; false when ``line`` is not it.
+  function answered(line) {
+    const m = /^\* resumed (\S+): (\d+) lines$/.exec(line) || /^! resume incomplete (\S+): (.+)$/.exec(line);
+    if (!m || roomKey(m[1]) !== roomKey(replay.room)) return false;
+    const held = replay.held;
+    replay = null;
+    room = m[1];
+    count = null;
+    if (line.startsWith("!")) {
+      show(`* could not resume ${room}: lines may be missing (${m[2]})`, "error");
+    } else {
+      let shown = 0;
+      for (const [id, text] of Number(m[2]) > 0 ? held.slice(-Number(m[2])) : []) {
+        if (noteId(room, id) && !ours(text)) {
+          read(text);
+          shown += 1;
+        }
+      }
+      show(`* resumed ${shown} lines`, "notice");
+    }
+    askWho();
+    showRoom();
+    return true;
+  }
+
+  // What the page learns from the server's lines (docs/protocol.md has them all).
+  function read(line) {
+    let m;
+    if (line === "* ids on" && idsAsked > 0) {
+      idsAsked -= 1;
+      idsOn = true;
+      if (idsAsked === 0 && replay) {   // its answer follows the /resume's: the server refused it
+        show(`* could not resume ${replay.room}: you are in ${room}`, "error");
+        replay = null;
+      }
+      return;
+    }
+    if (replay && answered(line)) return;
+    if (replay && !idsOn && !line.startsWith("! ")) {
+      return;                           // the first room's history and lines: not where we are going
+    }
     if ((m = /^\* welcome to chat-svc, you are (\S+) in (?:room )?([^\s;,]+)[;,]/.exec(line))) {
-      nick = m[1];
+      nick = connNick = m[1];
       room = m[2];
+      startRoom = startRoom || room;
       count = null;
       failures = 0;
       setState("connected", "connected");
+      askIds();
       if (chosenNick && chosenNick !== nick) send(`/nick ${chosenNick}`);
-      if (chosenRoom && chosenRoom !== room) send(`/join ${chosenRoom}`);
-      else askWho();
+      const target = chosenRoom || startRoom;
+      const since = lastIds.get(roomKey(target));
+      if (since) {                      // resume where we were; /ids again closes a refused /resume
+        replay = { room: target, since, held: [] };
+        send(`/resume ${target} ${since[0]}:${since[1]}`);
+        askIds();
+      } else if (chosenRoom && chosenRoom !== room) {
+        send(`/join ${chosenRoom}`);
+      } else {
+        askWho();
+      }
     } else if ((m = /^\* you joined (\S+)$/.exec(line))) {
       room = chosenRoom = m[1];
       count = null;
@@ -125,6 +221,9 @@
     const sock = new WebSocket(wsUrl());
     ws = sock;
     let partial = "";
+    idsAsked = 0;
+    idsOn = false;
+    replay = null;
     sock.onopen = () => {
       const token = sessionStorage.getItem(TOKEN);
       if (token) sock.send(`/auth ${token}\n`);
@@ -158,7 +257,7 @@
     if (text.startsWith("//") || !text.startsWith("/")) {
       show(`[${nick}] ${text.startsWith("//") ? text.slice(1) : text}`, "mine");
     } else if (/^\/me\s+\S/i.test(text)) {
-      show(`* ${nick} ${text.slice(3).trim()}`, "mine");
+      show(`* [${nick}] ${text.slice(3).trim()}`, "mine");
     } else if (/^\/quit\b/i.test(text)) {
       stopped = true;
     }
