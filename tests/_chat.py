@@ -592,3 +592,20 @@ class ServerProcess:
                 event = str(record.get("event"))
                 return event if event in BUG_EVENTS or "exception" in record else None
         return next((sign for sign in BUG_EVENTS if sign in line), None)
+
+
+def pump(sock: socket.socket, data: bytes, chunk: int = 1 << 16, pause: float = 0.0) -> threading.Thread:
+    """Write ``data`` from a thread (``pause`` s between chunks) until done or cut off."""
+
+    def run() -> None:
+        view = memoryview(data)
+        try:
+            for offset in range(0, len(view), chunk):
+                sock.sendall(view[offset : offset + chunk])
+                time.sleep(pause)
+        except OSError:
+            pass
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread

@@ -11,9 +11,9 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from _backplane import cluster, joined
 from _chat import ServerProcess
 from _require import require_binary, require_module
-from test_backplane import cluster, joined
 
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--no-first-run"]
 XSS = "<img src=x onerror=alert(1)>"

@@ -27,12 +27,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import pytest
+from _backplane import cluster, joined
 from _chat import ROOT, LineClient, free_port, make_cert, wait_for
 from _require import require_module
 from _streams import StreamWatcher
 from chat_svc.client.connection import encode_line
 from chat_svc.client.session import NICK_RETRY_SECONDS, Session
-from test_backplane import cluster, joined
 
 CLIENT = [sys.executable, "-m", "chat_svc.client"]
 # The server's wording may change; the client reads it as loosely (see client/session.py).

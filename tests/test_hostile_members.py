@@ -20,10 +20,9 @@ from pathlib import Path
 from typing import TypeVar
 
 import pytest
-from _chat import ServerProcess, scrape
+from _chat import ServerProcess, pump, scrape
 from _probe import Bystander, Measured
 from _ws import WsClient
-from test_robustness import pump
 
 OTHER_IP = "127.0.0.2"
 T = TypeVar("T")

@@ -13,10 +13,10 @@ from collections.abc import Callable
 
 import pytest
 import redis as redis_client
+from _backplane import cluster, joined, metrics
 from _chat import LineClient, ServerProcess, wait_for
 from _redis import RedisServer
 from chat_svc.backplane import keys
-from test_backplane import cluster, joined, metrics
 
 Start = Callable[..., ServerProcess]
 ID = re.compile(r"@([A-Za-z0-9]{1,16}):(\d+) (.*)")

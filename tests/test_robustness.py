@@ -11,24 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from _chat import LineClient, delta, get, make_cert, scrape, wait_for
-
-
-def pump(sock: socket.socket, data: bytes, chunk: int = 1 << 16, pause: float = 0.0) -> threading.Thread:
-    """Write ``data`` from a thread (``pause`` s between chunks) until done or cut off."""
-
-    def run() -> None:
-        view = memoryview(data)
-        try:
-            for offset in range(0, len(view), chunk):
-                sock.sendall(view[offset : offset + chunk])
-                time.sleep(pause)
-        except OSError:
-            pass
-
-    thread = threading.Thread(target=run, daemon=True)
-    thread.start()
-    return thread
+from _chat import LineClient, delta, get, make_cert, pump, scrape, wait_for
 
 
 def test_member_who_never_reads_is_dropped_while_ten_others_get_every_line_in_order(chat_server):

@@ -9,9 +9,8 @@ import time
 from pathlib import Path
 
 import pytest
-from _chat import LineClient, get, make_cert, scrape
+from _chat import LineClient, get, make_cert, pump, scrape
 from _ws import Refused, WsClient, mask_frame
-from test_robustness import pump
 from wsproto.events import TextMessage
 
 
