@@ -7,9 +7,12 @@ shard, and the global keys (instances, bans, nicks, idem:*) are single keys
 on whichever shard owns them; no command or script spans two slots.
 
 redis-py's cluster pipeline sends each node its share but raises for the
-whole batch when one node cannot be reached; ``ShardedPipeline`` runs one
-pipeline per shard instead, in parallel, so a dead shard fails only its own
-commands and the others' lines keep flowing.
+whole batch when one node cannot be reached (and refuses EVALSHA);
+``ShardedPipeline`` runs one plain pipeline per shard instead, in parallel,
+so a dead shard fails only its own commands and the others' lines keep
+flowing.  A command answered MOVED fails (its line is treated as lost in an
+outage) and moves the slot in the client's map, so the next batch goes to
+the new master.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.cluster import RedisCluster
 from redis.crc import key_slot
-from redis.exceptions import SlotNotCoveredError
+from redis.exceptions import MovedError, SlotNotCoveredError
 from redis.retry import Retry
 
 from .connection import ERRORS, REDIS_TIMEOUT
@@ -107,22 +110,27 @@ class ShardedPipeline:
             groups.setdefault(owner(self._cluster, _first_key(command, args)), []).append(index)
         results: list[Any] = [None] * len(self._commands)
 
-        def run(indexes: list[int]) -> None:
-            pipe = self._cluster.pipeline(transaction=False)
-            for index in indexes:
-                command, args, kwargs = self._commands[index]
-                getattr(pipe, command)(*args, **kwargs)
+        def run(name: str | None, indexes: list[int]) -> None:
             try:
+                node = self._cluster.get_node(node_name=name) if name is not None else None
+                if node is None:
+                    raise SlotNotCoveredError(f"no master known for the slot (node {name})")
+                pipe = self._cluster.get_redis_connection(node).pipeline(transaction=False)
+                for index in indexes:
+                    command, args, kwargs = self._commands[index]
+                    getattr(pipe, command)(*args, **kwargs)
                 answers = pipe.execute(raise_on_error=False)
             except ERRORS as exc:
                 answers = [exc] * len(indexes)
             for index, answer in zip(indexes, answers, strict=True):
                 results[index] = answer
+                if isinstance(answer, MovedError):
+                    self._cluster.nodes_manager.move_slot(answer)  # type: ignore[attr-defined]  # next batch: the new master
 
         if len(groups) == 1:
-            run(next(iter(groups.values())))
+            run(*next(iter(groups.items())))
         else:
-            gevent.joinall([gevent.spawn(run, indexes) for indexes in groups.values()], raise_error=True)
+            gevent.joinall([gevent.spawn(run, name, indexes) for name, indexes in groups.items()], raise_error=True)
         self._commands = []
         if raise_on_error:
             for result in results:

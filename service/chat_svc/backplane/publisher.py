@@ -39,7 +39,7 @@ import redis
 from ..hub import Member, OnId
 from ..roomlog import new_epoch
 from . import keys
-from .cluster import ShardedPipeline, slot_chunks
+from .cluster import ShardedPipeline, owner, slot_chunks
 from .connection import ERRORS, Client
 from .instance import Instance
 from .shards import ShardedSubscriber
@@ -110,6 +110,8 @@ class Publisher:
         self._tag = 0
         # room lines sent, by tag, until they come back on the room's channel
         self._pending: dict[int, RoomLine] = {}
+        # on a cluster: the tags sent to each shard, in order
+        self._lanes: dict[str | None, deque[int]] = {}
         # rooms whose Redis log missed a line: deleted once Redis answers
         self.broken: set[str] = set()
         # presence: members changed since last written, what was written, nicks to release
@@ -181,9 +183,20 @@ class Publisher:
             self._full = True
             self.log.warning("backplane_queue_full", items=len(self._queue), bytes=self._queued_bytes)
 
-    def sender_of(self, tag: int) -> RoomLine | None:
-        """Our line ``tag`` came back: it, and forget older tags (they are not coming: failed or unsubscribed)."""
+    def sender_of(self, tag: int, lane: str) -> RoomLine | None:
+        """Our line ``tag`` came back: it, and forget older tags (they are not coming: failed or unsubscribed).
+
+        On a cluster "older" means older on the same shard (``lane``): each shard's lines come back in
+        order, but one shard's may overtake another's.
+        """
         pending = self._pending
+        if self._sharded is not None:
+            sent = self._lanes.get(lane)
+            while sent and sent[0] <= tag:
+                older = sent.popleft()
+                if older != tag:
+                    pending.pop(older, None)
+            return pending.pop(tag, None)
         while pending:
             first = next(iter(pending))
             if first >= tag:
@@ -222,6 +235,7 @@ class Publisher:
         lines = [*self._pending.values(), *(item for item in self._queue if isinstance(item, RoomLine))]
         self.errors["down"] += len(self._pending) + len(self._queue)
         self._pending.clear()
+        self._lanes.clear()
         self._queue.clear()
         self._queued_bytes = 0
         self._full = False
@@ -333,6 +347,9 @@ class Publisher:
         for item in batch:
             if isinstance(item, RoomLine):
                 self._pending[item.tag] = item  # before sending: the line may come back before the reply
+                if self._sharded is not None:
+                    lane = owner(self._sharded.cluster, keys.meta(item.room))
+                    self._lanes.setdefault(lane, deque()).append(item.tag)
                 # EVALSHA straight away: a Script object in a pipeline costs a SCRIPT EXISTS round trip per
                 # batch; the script is loaded on every (re)connect (_heartbeat runs first then)
                 pipe.evalsha(self._publish_sha, 2, keys.meta(item.room), keys.log(item.room), epoch,

@@ -370,7 +370,7 @@ class ShardedSubscriber(Subscriber):
             return
         kind = reply[0]
         if kind == b"smessage":
-            self.receive(reply[1], reply[2])
+            self.receive(reply[1], reply[2], shard.name)
             return
         channel = reply[1].decode("utf-8", "replace") if isinstance(reply[1], bytes) else None
         if kind == b"ssubscribe" and channel is not None:

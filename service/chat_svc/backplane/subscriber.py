@@ -78,7 +78,7 @@ class Subscriber:
         self._reset = False
         self._stopped = False
         # the publisher's: our own lines on their way, and what to do with them when Redis is lost
-        self.sender_of: Callable[[int], RoomLine | None] = lambda tag: None
+        self.sender_of: Callable[[int, str], RoomLine | None] = lambda tag, lane: None
         # (rooms: which rooms' lines; None: all of them)
         self.on_lost: Callable[[Callable[[str], bool] | None], None] | None = None
         # set when the URL could not be told a cluster node or not at start: checked on connect
@@ -290,8 +290,11 @@ class Subscriber:
                 if waiter is not None:
                     waiter.set()
 
-    def receive(self, channel: bytes, message: bytes) -> None:
-        """Deliver a room line (ours too: Redis' order is the order) or a private line for a member here."""
+    def receive(self, channel: bytes, message: bytes, lane: str = "") -> None:
+        """Deliver a room line (ours too: Redis' order is the order) or a private line for a member here.
+
+        ``lane``: the connection it came on (a cluster's shard); our lines come back in order on each.
+        """
         opened = keys.open_envelope(message)
         if opened is None:
             return
@@ -314,7 +317,7 @@ class Subscriber:
         if line is None or name is None:
             return
         tag, epoch, offset, data = line
-        ours = self.sender_of(tag) if origin == self._origin else None
+        ours = self.sender_of(tag, lane) if origin == self._origin else None
         room = hub.rooms.get(name)
         if room is None:
             return
