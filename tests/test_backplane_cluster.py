@@ -197,4 +197,4 @@ def test_a_promoted_replica_takes_over_without_restarting_chat_svc(
 
 
 def replicates(cluster: RedisCluster, node: ClusterNode, master: ClusterNode) -> bool:
-    return f"master_port:{master.port}\r" in cluster.cmd(node, "INFO", "replication")
+    return re.search(rf"^master_port:{master.port}\s*$", cluster.cmd(node, "INFO", "replication"), re.M) is not None
