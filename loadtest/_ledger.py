@@ -36,6 +36,7 @@ from loadtest._recorder import COUNTER_NAMES
 # Event-loop lag p99 above which a swarm process could not read its sockets in time.
 SWARM_LAG_WARN_MS = 20.0
 SWARM_CPU_WARN_PCT = 90.0
+LOST_SAMPLE = 20
 
 
 @dataclass
@@ -118,6 +119,8 @@ class Ledger:
         # "sender's transport->member's transport" -> [expected, lost]: fan-out across transports
         self.by_transport: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         self.unjudged_messages = 0
+        # the first lost lines, for the JSON summary: which sender, when, who missed it
+        self.lost_sample: list[dict[str, Any]] = []
         self.unknown_receipts = 0
         self.window: tuple[float | None, float | None] = (None, None)
         self.first_send: float | None = None
@@ -257,6 +260,9 @@ class Ledger:
             self.lost_deliveries += len(missing)
             self.lost_late += late
             self.lost_cross_node += cross
+            if len(self.lost_sample) < LOST_SAMPLE:
+                sample = {"sender": sender, "seq": seq, "room": msg.room, "t_send": msg.t_send, "id": msg.line_id}
+                self.lost_sample.append(sample | {"expected": len(expected), "missing": sorted(missing)[:5]})
             never = {n for n in missing if n not in msg.late}
             if never:
                 self.missing[key] = never
@@ -320,6 +326,7 @@ class Ledger:
                 pair: {"expected": e, "lost": lost} for pair, (e, lost) in sorted(self.by_transport.items())
             },
             "unexpected_deliveries": self.unexpected_deliveries,
+            "lost_sample": self.lost_sample,
             "unknown_receipts": self.unknown_receipts,
             "loss_ratio": (self.lost_deliveries / expected) if expected else 0.0,
             "deliveries": self.counters.get("deliveries", 0),

@@ -116,8 +116,16 @@ class RoomLog:
             self.synced = False
         return self._push((self.epoch, self.next, data, chat))
 
-    def add(self, epoch: bytes, offset: int, data: bytes, chat: bool) -> Entry:
-        """A line whose id Redis assigned; a new epoch or a skipped offset starts a new segment."""
+    def add(self, epoch: bytes, offset: int, data: bytes, chat: bool) -> Entry | None:
+        """A line whose id Redis assigned; a new epoch or a skipped offset starts a new segment.
+
+        None for a line the log holds already: a read of the Redis log (``merge``) and the
+        subscription both bring the lines published while the read was on its way, and the
+        one that comes second must neither start a segment (resumes from before it would
+        be refused) nor reach the members again (a joiner had it in its replay).
+        """
+        if not self.local and epoch == self.epoch and self.first <= offset < self.next:
+            return None
         if self.local or epoch != self.epoch or offset != self.next:
             self.local = False
             self._restart(epoch, offset)
@@ -140,19 +148,17 @@ class RoomLog:
             if not self.local and self.epoch and (self.epoch, self.next) == before:
                 self._restart(b"", self.next)  # the Redis log this mirrored is gone: resumes from it fail
             return
-        current = self._entries[self._seg :] if self.epoch == epoch and not self.local else []
-        first = read[0][0] if read else seq + 1
-        older = [(e[1], e[2], e[3]) for e in current if e[1] < first]
-        if older and older[-1][0] != first - 1:
-            older = []
-        newer = [(e[1], e[2], e[3]) for e in current if e[1] > seq]
+        # Every line of this epoch the mirror holds, in any segment (the subscription may have
+        # started one past a hole this read fills), with the read laid over them.
+        held = {} if self.local else {e[1]: (e[1], e[2], e[3]) for e in self.entries() if e[0] == epoch}
+        held.update((entry[0], entry) for entry in read)
         kept = [e for e in self.entries() if e[0] != epoch]
         self._drop(len(self), None)
         self._entries, self._head, self._seg = [], 0, 0
         for entry in kept:
             self._push(entry)
         self.local = False
-        combined = [*older, *read, *newer]
+        combined = [held[offset] for offset in sorted(held)]
         self._restart(epoch, combined[0][0] if combined else seq + 1)
         for offset, data, chat in combined:
             if offset != self.next:  # a hole the subscription left: resumes only from after it

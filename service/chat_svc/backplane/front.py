@@ -16,6 +16,7 @@ every resume after it is answered from memory.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 
 import gevent
@@ -39,6 +40,8 @@ from .subscriber import Subscriber
 
 # Connections for sessions' queries (/who, joins, /nick); the publisher has its own.
 POOL_SIZE = 32
+# Seconds a resume waits for the subscription to bring a line the member saw on another instance.
+CATCH_UP_WAIT = 2.0
 
 
 class RedisBackplane:
@@ -133,12 +136,28 @@ class RedisBackplane:
         try:
             with self.subscriber.joining(room):
                 room_log = self.hub.logs.open(room)
+                self._await_subscription(room_log, want)
                 if self._stale(room_log, want):
                     self._sync(room, room_log)
+                    # a read another joiner had sent may predate the line this member saw
+                    self._await_subscription(room_log, want)
         except ERRORS as exc:
             self.log.info("backplane_join_degraded", room=room, error=str(exc))
         self.publisher.touch(member)
         return None
+
+    @staticmethod
+    def _await_subscription(room_log: RoomLog, want: tuple[bytes, int] | None) -> None:
+        """A resume from a line this synced mirror has not heard yet: it is on its way, wait for it.
+
+        Reading Redis instead would put lines into the mirror that the subscription then
+        brings again, and the members already here must get them from the subscription.
+        """
+        if want is None or not room_log.synced or room_log.local or want[0] != room_log.epoch:
+            return
+        deadline = time.monotonic() + CATCH_UP_WAIT
+        while room_log.synced and room_log.last < want[1] and time.monotonic() < deadline:
+            gevent.sleep(0.005)
 
     @staticmethod
     def _stale(room_log: RoomLog, want: tuple[bytes, int] | None) -> bool:
