@@ -185,6 +185,33 @@ def test_merge_splices_a_redis_read_with_lines_that_arrived_meanwhile() -> None:
     assert store.bytes == log.bytes
 
 
+def test_a_line_the_subscription_brings_after_a_read_had_it_is_not_added_twice() -> None:
+    """The drain/resume seam (found by the rolling restart): a joiner's read of the Redis log
+    and the subscription both carry the lines published while the read was on its way; the
+    second copy must not start a segment (later resumes from before it were refused as
+    "no longer retained") nor reach the members again (the joiner had it in its replay)."""
+    log = RoomLogs(local=False).open("r")
+    log.merge(b"E", [(k, f"[a] {k}\n".encode(), True) for k in range(1, 11)], 10, (log.epoch, log.next))
+    assert log.add(b"E", 9, b"[a] 9\n", True) is None
+    assert log.add(b"E", 10, b"[a] 10\n", True) is None
+    assert log.add(b"E", 11, b"[a] 11\n", True) == (b"E", 11, b"[a] 11\n", True)
+    assert (log.first, log.last) == (1, 11)
+    assert [entry[1] for entry in log.since(b"E", 2)] == list(range(3, 12))  # type: ignore[union-attr]
+
+
+def test_merge_joins_an_older_segment_to_one_the_subscription_started_past_a_hole() -> None:
+    """A dormant mirror (room emptied here) holds 1..5; a joiner reads from 6 while the new
+    subscription already brought 9 (a new segment): the read fills 6..8 and 1..9 resume again."""
+    log = RoomLogs(local=False).open("r")
+    for k in range(1, 6):
+        log.add(b"E", k, f"[a] {k}\n".encode(), True)
+    before = (log.epoch, log.next)
+    log.add(b"E", 9, b"[a] 9\n", True)
+    assert log.since(b"E", 3) == Gap("5 lines no longer retained")
+    log.merge(b"E", [(k, f"[a] {k}\n".encode(), True) for k in range(6, 9)], 8, before)
+    assert [entry[1] for entry in log.since(b"E", 1)] == list(range(2, 10))  # type: ignore[union-attr]
+
+
 def test_merge_with_no_redis_log_forgets_the_epoch_it_mirrored() -> None:
     store = RoomLogs(local=False)
     log = store.open("r")
