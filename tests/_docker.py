@@ -20,6 +20,8 @@ from _require import DOCKER, require_docker, require_image
 BASE_IMAGE = os.environ.get("CHAT_TEST_BASE_IMAGE", "local/python-base:bookworm")
 IMAGE_TAG = os.environ.get("CHAT_TEST_IMAGE", "chat-svc:ci-test")
 LABEL = "chat-svc-test=1"
+# Every container the tests start, alone or through compose, has a name with this prefix.
+TEST_PREFIX = "chatsvc-test-"
 
 STAGE_LABEL = "chat-svc.build-stage"
 
@@ -71,9 +73,7 @@ def build_image() -> tuple[str, float]:
         ]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
         if r.returncode != 0:
-            raise AssertionError(
-                f"docker build failed ({r.returncode}):\n{(r.stdout + r.stderr)[-5000:]}"
-            )
+            raise AssertionError(f"docker build failed ({r.returncode}):\n{(r.stdout + r.stderr)[-5000:]}")
         _built[IMAGE_TAG] = time.monotonic() - t0
         _stages[IMAGE_TAG] = stage_images(r.stdout)
         prune_stale_images(_stages[IMAGE_TAG])
@@ -114,11 +114,34 @@ def prune_stale_images(keep: set[str]) -> None:
     The classic builder keeps every earlier stage as an untagged image, and a rebuild leaves
     the previous final image untagged. The current build's stages are its layer cache and
     stay; the rest are left over from older source trees and would pile up with every change.
+    A test run that was killed can leave its containers behind (all named chatsvc-test-*),
+    and a container pins its image, so those go first; images that other containers still
+    use are left alone (see foreign_images).
     """
     assert keep, "no stage images found in the build log: has its format changed?"
     stale = sorted(untagged_images() - keep)
+    for image in stale:
+        for cid, name in _containers_of(image):
+            if name.startswith(TEST_PREFIX):
+                docker("rm", "-f", "-v", cid, check=False)
     if stale:
         docker("rmi", *stale, check=False)
+
+
+def foreign_images() -> set[str]:
+    """Untagged chat-svc images that containers not made by these tests still use."""
+    return {
+        image
+        for image in untagged_images()
+        if any(not name.startswith(TEST_PREFIX) for _, name in _containers_of(image))
+    }
+
+
+def _containers_of(image: str) -> list[tuple[str, str]]:
+    """(id, name) of every container, running or not, made from `image`."""
+    out = docker("ps", "-a", "--filter", f"ancestor={image}", "--format", "{{.ID}} {{.Names}}")
+    pairs = (line.split(maxsplit=1) for line in out.stdout.splitlines())
+    return [(cid, name) for cid, name in pairs]
 
 
 def image_size(tag: str) -> int:

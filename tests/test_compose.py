@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from _chat import ROOT, free_port, get, prometheus_api, scrape
-from _docker import build_image, docker, member, report, wait_chat_ready
+from _docker import TEST_PREFIX, build_image, docker, member, report, wait_chat_ready
 from _require import require_binary, require_docker, require_image
 
 pytestmark = [pytest.mark.container, pytest.mark.slow]
@@ -64,7 +64,7 @@ def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
     require_image(PROMETHEUS_IMAGE)
     tag, _ = build_image()
     s = Stack(
-        project=f"chatsvc-test-{uuid.uuid4().hex[:8]}",
+        project=f"{TEST_PREFIX}{uuid.uuid4().hex[:8]}",
         a=free_port(),
         b=free_port(),
         prometheus=free_port(),
@@ -98,9 +98,7 @@ def stack(request: pytest.FixtureRequest) -> Iterator[Stack]:
     yield s
     down = s.run("down", "-v", "--remove-orphans", "-t", "5")
     assert down.returncode == 0, down.stderr
-    left = docker(
-        "ps", "-aq", "--filter", f"label=com.docker.compose.project={s.project}"
-    ).stdout.strip()
+    left = docker("ps", "-aq", "--filter", f"label=com.docker.compose.project={s.project}").stdout.strip()
     assert not left, f"containers left behind: {left}"
 
 
@@ -123,11 +121,7 @@ def test_prometheus_reports_both_targets_up(stack: Stack) -> None:
     while time.monotonic() < deadline:
         try:
             targets = stack.prom("targets")["activeTargets"]
-            health = {
-                t["labels"]["instance"]: t["health"]
-                for t in targets
-                if t["labels"]["job"] == "chat-svc"
-            }
+            health = {t["labels"]["instance"]: t["health"] for t in targets if t["labels"]["job"] == "chat-svc"}
             if health == {"chat-a:9009": "up", "chat-b:9009": "up"}:
                 break
         except OSError:

@@ -20,9 +20,11 @@ import pytest
 from _chat import ROOT, free_port, get, scrape
 from _docker import (
     LABEL,
+    TEST_PREFIX,
     build_image,
     built_stages,
     docker,
+    foreign_images,
     image_size,
     inspect,
     member,
@@ -44,7 +46,7 @@ def image(request: pytest.FixtureRequest) -> str:
 
 class Container:
     def __init__(self, image: str, *run_args: str) -> None:
-        self.name = f"chatsvc-test-{uuid.uuid4().hex[:10]}"
+        self.name = f"{TEST_PREFIX}{uuid.uuid4().hex[:10]}"
         self.port = free_port()
         docker(
             "run", "-d", "--name", self.name, "--label", LABEL,
@@ -92,18 +94,17 @@ def test_dockerfile_shape() -> None:
 def test_build_leaves_only_its_own_stage_images(image: str) -> None:
     """The classic builder keeps the wheels and venv stages as untagged images; they carry the
     chat-svc.build-stage label, and build_image prunes those of older builds (and older
-    final images)."""
+    final images), first removing containers an interrupted test run left on them. The last
+    CI run failed here: a leftover container pinned the previous final image."""
     stages = built_stages(image)
     assert len(stages) == 2, stages
-    assert untagged_images() == stages
+    assert untagged_images() - foreign_images() == stages
 
 
 def test_image_config(image: str) -> None:
     cfg = inspect(image)["Config"]
     uid = cfg["User"].split(":")[0]
-    assert uid.isdigit() and int(uid) != 0, (
-        f"image must run as a numeric non-root uid: {cfg['User']!r}"
-    )
+    assert uid.isdigit() and int(uid) != 0, f"image must run as a numeric non-root uid: {cfg['User']!r}"
     assert "9009/tcp" in cfg["ExposedPorts"]
     assert cfg["StopSignal"] == "SIGTERM"
     assert cfg["Cmd"] == ["chat-svc"]
