@@ -248,3 +248,29 @@ def test_a_dropped_line_is_let_go_at_once_not_at_the_next_compaction() -> None:
         log.append(other, True)
     assert len(log) == 3 and line not in [entry[2] for entry in log.entries()]
     assert sys.getrefcount(line) == held - 1  # the log's reference is gone
+
+
+def test_a_read_of_redis_starts_after_the_oldest_run_a_mirror_holds_not_after_its_newest_line() -> None:
+    """The rolling restart's last hole: a line the subscription brought before a joiner's read
+    was sent (a fresh instance, or a room that had emptied here) started a segment, and a read
+    from after that line left the lines between for good."""
+    log = RoomLogs(local=False).open("r")
+    assert log.held_through() == 0  # nothing yet: the read takes all Redis holds (no epoch)
+    for k in range(1, 6):
+        log.add(b"E", k, f"[a] {k}\n".encode(), True)
+    assert log.held_through() == 5
+    log.add(b"E", 9, b"[a] 9\n", True)  # heard while the room had no member here
+    log.add(b"E", 10, b"[a] 10\n", True)
+    assert (log.held_through(), log.last) == (5, 10)
+    log.add(b"F", 3, b"[a] new epoch\n", True)
+    assert log.held_through() == 3  # lines of an older epoch are history only
+
+
+def test_held_through_skips_older_epochs_and_trimmed_lines() -> None:
+    log = RoomLogs(local=False, max_lines=4).open("r")
+    log.add(b"E", 1, b"[a] old\n", True)
+    for k in (7, 8, 9, 11):
+        log.add(b"F", k, f"[a] {k}\n".encode(), True)
+    assert log.held_through() == 9  # E:1 went with the line bound; F's first run is 7..9
+    log.add(b"F", 12, b"[a] 12\n", True)  # 7 goes
+    assert log.held_through() == 9

@@ -106,6 +106,27 @@ class RoomLog:
     def entries(self) -> list[Entry]:
         return self._entries[self._head :]
 
+    def held_through(self) -> int:
+        """The end of the oldest run of its epoch's lines a mirror holds: a read of Redis starts after it.
+
+        Past that run the mirror may have holes: the subscription starts a new segment
+        for a line heard while the mirror did not follow Redis (the room had no member
+        here, or a joiner's read was not sent yet), so a read from after the newest line
+        would leave the hole for good and every resume from inside it would be answered
+        incomplete.  Lines older than the run are older than the mirror, like trimmed
+        ones; a resume that asks for them starts the read at its own id.
+        """
+        offset: int | None = None
+        for entry in self._entries[self._head :]:
+            if offset is None:
+                if entry[0] == self.epoch:
+                    offset = entry[1]
+            elif entry[0] != self.epoch or entry[1] != offset + 1:
+                break
+            else:
+                offset += 1
+        return self.last if offset is None else offset
+
     # -- writing ------------------------------------------------------------
 
     def append(self, data: bytes, chat: bool) -> Entry:
