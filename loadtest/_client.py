@@ -430,7 +430,9 @@ class ChatClient:
                 self._resume_reason = text
                 self.position.entered()
                 self._answered.set()
-            elif not self._synced.is_set():
+            elif not self._synced.is_set() or self._handshake_errors:
+                # A handshake that failed: what follows is its consequence (the sync /msg to a
+                # nick still held by our old connection on a draining instance), not the server's.
                 self._handshake_errors.append(text)
                 self._synced.set()
             else:

@@ -274,3 +274,17 @@ def test_held_through_skips_older_epochs_and_trimmed_lines() -> None:
     assert log.held_through() == 9  # E:1 went with the line bound; F's first run is 7..9
     log.add(b"F", 12, b"[a] 12\n", True)  # 7 goes
     assert log.held_through() == 9
+
+
+def test_a_mirror_members_follow_takes_from_a_read_only_what_it_lacks_below_its_newest_line() -> None:
+    """The rolling restart's one lost delivery: a resume from before what a followed mirror holds
+    reads Redis, and the read also carries lines still on their way through the subscription.
+    Taken from the read, the subscription's copy was dropped as held, so the members already
+    in the room never got them."""
+    log = RoomLogs(local=False).open("r")
+    log.merge(b"E", [(k, f"[a] {k}\n".encode(), True) for k in range(5, 9)], 8, (log.epoch, log.next))
+    read = [(k, f"[a] {k}\n".encode(), True) for k in range(2, 11)]  # 9 and 10 are in flight to us
+    log.merge(b"E", read, 10, (log.epoch, log.next), following=True)
+    assert (log.first, log.last) == (2, 8)
+    assert log.add(b"E", 9, b"[a] 9\n", True) == (b"E", 9, b"[a] 9\n", True)  # reaches the members
+    assert [entry[1] for entry in log.since(b"E", 1)] == list(range(2, 10))  # type: ignore[union-attr]

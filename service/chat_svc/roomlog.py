@@ -153,7 +153,13 @@ class RoomLog:
         return self._push((epoch, offset, data, chat))
 
     def merge(
-        self, epoch: bytes | None, read: list[tuple[int, bytes, bool]], seq: int, before: tuple[bytes, int]
+        self,
+        epoch: bytes | None,
+        read: list[tuple[int, bytes, bool]],
+        seq: int,
+        before: tuple[bytes, int],
+        *,
+        following: bool = False,
     ) -> None:
         """Splice a read of the Redis log with what the mirror holds; the mirror is then synced.
 
@@ -163,7 +169,15 @@ class RoomLog:
         the mirror when the read was sent: lines that arrived since came
         through the subscription, confirmed before the read, so they follow
         it.  Lines of other epochs stay for history, never for resumes.
+
+        ``following``: the room has members here, and they get its lines from the
+        subscription, which hands on only lines the mirror does not hold yet.  The
+        read's lines past the mirror's newest are on their way through it; taken from
+        the read they would reach no member here, so they are left to it.
         """
+        if following and epoch is not None and epoch == self.epoch and not self.local:
+            read = [entry for entry in read if entry[0] <= self.last]
+            seq = min(seq, self.last)
         self.synced = True
         if epoch is None:
             if not self.local and self.epoch and (self.epoch, self.next) == before:

@@ -196,7 +196,7 @@ class RedisBackplane:
             reply = self._read(keys=[keys.meta(room), keys.log(room)], args=[room_log.epoch, after])
             self.reads += 1
             epoch, seq, entries = keys.read_reply(reply)
-            room_log.merge(epoch, entries, seq, before)
+            room_log.merge(epoch, entries, seq, before, following=room in self.hub.rooms)
             return True
         finally:
             del self._syncing[room]
