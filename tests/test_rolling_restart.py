@@ -82,10 +82,10 @@ def test_a_rolling_restart_under_load_loses_no_line(
     (tmp_path / "locust.out").write_text(out)
     print(f"\nROLLING RESTART: {figures}")
     record_property("rolling_restart", figures)
-    assert rc == 0, out[-4000:]
+    assert rc == 0, (out[-4000:], t["lost_late"], t["lost_sample"])
     assert summary["passed"], summary["result"]
     assert rate >= 200, figures
-    assert t["lost_deliveries"] == 0 and t["messages_unjudged"] == 0, figures
+    assert t["lost_deliveries"] == 0 and t["messages_unjudged"] == 0, (figures, t["lost_late"], t["lost_sample"])
     assert t["duplicates"] == 0 and t["out_of_order"] == 0 and t["id_mismatches"] == 0, figures
     assert t["resumes_incomplete"] == 0, figures
     # every user on a drained instance came back: at least the users of one instance each time
