@@ -193,7 +193,11 @@ class ChatServer(PausingServer):
             if timeout is not budget:
                 raise
             return self.refuse(arrival, "admission_timeout")
-        if chat is None:
+        # The waiting room may have dropped the connection (closed its socket) while
+        # it waited.  A wait it was in fails then, but one that ended on its own
+        # timer in the same turn of the event loop (a silent client's sniff window)
+        # does not: the loop runs the accept that drops it first, the timer next.
+        if chat is None or arrival.dropped:
             return False
         # The session keeps to what is left of the budget itself: past it, it is a member.
         head, stream = chat
@@ -285,4 +289,3 @@ class ChatServer(PausingServer):
     def housekeep(self) -> None:
         """Forget refilled connect buckets; the service calls it every few seconds."""
         self.connects.prune()
-
