@@ -165,6 +165,7 @@ class ChatServer(PausingServer):
     def handle_connection(self, sock: Any, address: tuple[str, int], arrival: Arrival) -> None:
         """Pass the connection through the door; close it unless a session owns it."""
         owned = False
+        arrival.serve()
         try:
             if not arrival.dropped:
                 owned = self._pass(arrival)
