@@ -207,6 +207,27 @@ def test_per_ip_cap_and_idle_timeout(chat_server):
     assert scrape(srv.port)["chat_disconnects_total{reason=idle_timeout,transport=tcp}"] == 1
 
 
+def test_a_member_who_keeps_talking_outlives_the_idle_timeout_and_a_listener_does_not(chat_server):
+    """Only input resets the idle clock: lines the silent member is sent do not keep it."""
+    srv = chat_server("--idle-timeout", "2")
+    talker, silent = srv.member("talker"), srv.member("silent")
+    deadline = time.monotonic() + 4.5  # past twice the timeout: at least two scans saw the talker
+    n = 0
+    while time.monotonic() < deadline:
+        try:
+            talker.send(f"still here {n}")
+        except OSError:
+            break  # closed by the server: the count below says so
+        n += 1
+        time.sleep(0.25)
+    heard = silent.lines_until_closed(3)
+    assert heard[-1:] == ["! idle timeout"]
+    assert [line for line in heard if line.startswith("[talker]")], "the listener was sent lines, then dropped"
+    assert scrape(srv.port)["chat_disconnects_total{reason=idle_timeout,transport=tcp}"] == 1
+    talker.send("/who")
+    assert talker.expect("* in lobby") == "* in lobby (1): talker"
+
+
 def test_token_required_wrong_and_right(chat_server, tmp_path: Path):
     token_file = tmp_path / "token"
     token_file.write_text("open-sesame\n")

@@ -244,9 +244,12 @@ class Service:
         while True:
             gevent.sleep(min(1.0, limit / 2))
             cutoff = time.monotonic() - limit
-            for session in [s for s in self.sessions if s.member is not None and s.last_input < cutoff]:
-                session.outbox.push(notice)
-                session.kill("idle_timeout")
+            for session in list(self.sessions):
+                member = session.member
+                if member is not None and session.last_input < cutoff:
+                    # After the room lines it is owed: the reason is the last line before the close.
+                    self.hub.send_to(member, notice)
+                    session.kill("idle_timeout")
 
     def _accept_paused(self, error: str, delay: float) -> None:
         self.metrics.accept_paused.labels(error).inc()

@@ -12,14 +12,15 @@ instance knew of would be undone by the next reload.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import gevent
 import gevent.event
-import redis
+from redis.cluster import RedisCluster
 
 from ..bans import Ban, BanList, Unavailable
 from . import keys
-from .connection import ERRORS
+from .connection import ERRORS, Client
 from .instance import Instance
 from .publisher import Publisher
 from .subscriber import Subscriber
@@ -31,7 +32,7 @@ class RedisBans:
     """The ``BanStore`` of a cluster."""
 
     def __init__(
-        self, instance: Instance, queries: redis.Redis, subscriber: Subscriber, publisher: Publisher, bans: BanList
+        self, instance: Instance, queries: Client, subscriber: Subscriber, publisher: Publisher, bans: BanList
     ) -> None:
         self.log = instance.log
         self._redis = queries
@@ -95,11 +96,17 @@ class RedisBans:
                 self.log.info("backplane_query_failed", query="bans", error=str(exc))
         return self._bans.active()
 
-    def _write(self, change: Callable[[redis.client.Pipeline], object]) -> object:
+    def _write(self, change: Callable[[Any], object]) -> object:
         """``change`` and the notice to the other instances, in one transaction; its result."""
         if not self._subscriber.up:
             raise Unavailable("bans cannot be changed while Redis is unreachable")
         try:
+            if isinstance(self._redis, RedisCluster):  # cluster mode
+                # the hash and the channel live on two shards: no transaction spans them; the
+                # reload every RELOAD_EVERY s catches a notice lost between the two
+                result = change(self._redis)
+                self._redis.spublish(keys.CONTROL, self._changed)  # type: ignore[attr-defined]
+                return result
             pipe = self._redis.pipeline(transaction=True)
             change(pipe)
             pipe.publish(keys.CONTROL, self._changed)

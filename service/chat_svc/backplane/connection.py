@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis
 from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
@@ -29,3 +31,8 @@ def pool(url: str, size: int) -> redis.BlockingConnectionPool:
     if made.connection_kwargs.get("protocol") not in (2, "2"):
         raise ValueError("--redis-url: the backplane speaks RESP2; drop protocol= from the URL")
     return made
+
+
+# What the backplane's parts query: a redis.Redis, or a RedisCluster in cluster mode
+# (types-redis knows little of redis-py's cluster client, hence Any).
+Client = Any

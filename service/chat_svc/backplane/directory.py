@@ -9,19 +9,17 @@ from __future__ import annotations
 
 import time
 
-import redis
-
 from .. import protocol
 from ..hub import Member, OnId
 from . import keys
-from .connection import ERRORS
+from .connection import ERRORS, Client
 from .instance import Instance
 from .publisher import Publisher
 from .subscriber import Subscriber
 
 
 class RedisDirectory:
-    def __init__(self, instance: Instance, queries: redis.Redis, subscriber: Subscriber, publisher: Publisher) -> None:
+    def __init__(self, instance: Instance, queries: Client, subscriber: Subscriber, publisher: Publisher) -> None:
         self.hub = instance.hub
         self.log = instance.log
         self._redis = queries

@@ -17,6 +17,7 @@ every resume after it is answered from memory.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import gevent
 import gevent.event
@@ -30,11 +31,14 @@ from ..hub import Hub, Member, OnId
 from ..roomlog import Gap, RoomLog
 from . import keys
 from .bans import RedisBans
-from .connection import ERRORS, pool
+from .cluster import client as cluster_client
+from .cluster import is_cluster
+from .connection import ERRORS, Client, pool
 from .directory import RedisDirectory
 from .idempotency import RedisIdempotency
 from .instance import Instance, RoomBounds, default_instance_id
 from .publisher import Publisher
+from .shards import ShardedSubscriber
 from .subscriber import Subscriber
 
 # Connections for sessions' queries (/who, joins, /nick); the publisher has its own.
@@ -59,12 +63,26 @@ class RedisBackplane:
         log = structlog.get_logger("chat_svc.backplane").bind(instance=instance_id)
         self.instance = instance = Instance(instance_id, hub, presence_ttl, log, rooms or RoomBounds())
         self.log = log
-        self._pool = pool(url, POOL_SIZE)
-        self._writer_pool = pool(url, 1)
-        self._queries = redis.Redis(connection_pool=self._pool)
-        writer = redis.Redis(connection_pool=self._writer_pool)
         wake = gevent.event.Event()  # the publisher's greenlet: work is waiting
-        self.subscriber = Subscriber(instance, self._pool, (self._queries, writer), wake)
+        mode = is_cluster(url)
+        self.cluster: Any = None  # a RedisCluster in cluster mode
+        self.subscriber: Subscriber
+        self._queries: Client
+        writer: Client
+        if mode:
+            # one client for queries and the writer: it keeps a pool per node
+            self.cluster = self._queries = writer = cluster_client(url, POOL_SIZE)
+            scripts = [keys.SHARDED_PUBLISH, keys.READ, keys.CLAIM, keys.RELEASE]
+            self.subscriber = sharded = ShardedSubscriber(instance, self.cluster, wake, scripts)
+            sharded.on_moved = self._moved
+        else:
+            self._pool = pool(url, POOL_SIZE)
+            self._writer_pool = pool(url, 1)
+            self._queries = redis.Redis(connection_pool=self._pool)
+            writer = redis.Redis(connection_pool=self._writer_pool)
+            self.subscriber = Subscriber(instance, self._pool, (self._queries, writer), wake)
+            self.subscriber.check_mode = mode is None
+        log.info("backplane_mode", mode="cluster" if mode else "single" if mode is False else "unknown")
         self.publisher = Publisher(instance, writer, self.subscriber, wake)
         self.subscriber.sender_of = self.publisher.sender_of
         self.subscriber.on_lost = self.publisher.strand
@@ -98,8 +116,11 @@ class RedisBackplane:
             self.publisher.withdraw()
         gevent.killall(self._greenlets, timeout=timeout)
         self.subscriber.close()
-        self._pool.disconnect()
-        self._writer_pool.disconnect()
+        if self.cluster is not None:
+            self.cluster.close()
+        else:
+            self._pool.disconnect()
+            self._writer_pool.disconnect()
 
     def collector(self) -> Collector:
         return _Collector(self)
@@ -121,6 +142,13 @@ class RedisBackplane:
         if self.up:
             self.subscriber.check(room)
 
+    def _moved(self, room: str) -> None:
+        """``room``'s slot has a new master, maybe a replica without the newest lines: start a new epoch."""
+        self.publisher.broken.add(room)
+        room_log = self.hub.logs.get(room)
+        if room_log is not None:
+            room_log.synced = False
+
     def joining(self, member: Member, room: str, want: tuple[bytes, int] | None) -> Gap | None:
         """Before ``member`` enters ``room``: subscribe, and bring the room's mirror up to date.
 
@@ -128,7 +156,7 @@ class RedisBackplane:
         With Redis away the mirror is used as it is (the hub answers a resume
         from an unsynced mirror as incomplete).
         """
-        if not self.up:
+        if not self.subscriber.room_up(room):
             return None
         try:
             with self.subscriber.joining(room):
@@ -208,6 +236,17 @@ class _Collector(Collector):
         for reason, count in publisher.errors.items():
             errors.add_metric([reason], count)
         yield errors
+        if isinstance(subscriber, ShardedSubscriber):
+            yield GaugeMetricFamily(
+                "chat_backplane_shards",
+                "Masters of the Redis Cluster this instance follows (cluster mode only).",
+                value=subscriber.shards,
+            )
+            yield GaugeMetricFamily(
+                "chat_backplane_shards_up",
+                "Of those, the shards whose sharded pub/sub connection is up; their rooms relay.",
+                value=subscriber.shards_up,
+            )
         yield GaugeMetricFamily(
             "chat_backplane_queue",
             "Messages waiting for the publisher greenlet.",

@@ -7,11 +7,9 @@ then only reaches this instance's members anyway).
 
 from __future__ import annotations
 
-import redis
-
 from ..idempotency import PENDING, TTL_S, LocalIdempotency
 from . import keys
-from .connection import ERRORS
+from .connection import ERRORS, Client
 from .instance import Instance
 from .subscriber import Subscriber
 
@@ -19,7 +17,7 @@ from .subscriber import Subscriber
 class RedisIdempotency:
     """The ``IdempotencyStore`` of a cluster."""
 
-    def __init__(self, instance: Instance, queries: redis.Redis, subscriber: Subscriber) -> None:
+    def __init__(self, instance: Instance, queries: Client, subscriber: Subscriber) -> None:
         self.log = instance.log
         self._redis = queries
         self._subscriber = subscriber

@@ -37,7 +37,7 @@ can never take a nick from its owner.  Besides the room logs, only the API's
 idem:* keys carry a TTL.
 
 A room line's offset and its publication happen in one Lua script
-(``PUBLISH``): every instance, the origin included, delivers the line when
+(``PUBLISH``; ``SHARDED_PUBLISH`` on a Redis Cluster): every instance, the origin included, delivers the line when
 it arrives on the room's channel, so each instance's order is Redis' order.
 A message is ``<origin>\\0<kind><payload>``; a room line's payload is
 ``<tag> <epoch>:<offset> <line>``, the tag telling the origin which of its
@@ -248,6 +248,11 @@ end
 redis.call('PUBLISH', ARGV[9], ARGV[4] .. ARGV[5] .. ' ' .. epoch .. ':' .. seq .. ' ' .. ARGV[3])
 return {epoch, seq}
 """
+
+# The same on a Redis Cluster: SPUBLISH, to the shard of the room's slot only (the
+# channel carries the room's hash tag, so a script may publish to it).
+SHARDED_PUBLISH = PUBLISH.replace("redis.call('PUBLISH',", "redis.call('SPUBLISH',")
+assert SHARDED_PUBLISH != PUBLISH
 
 # KEYS: meta, log.  ARGV: 1 an epoch the caller holds lines of, 2 its last offset.
 # Returns {} when the room has no log, else {epoch, seq, entries}: the entries

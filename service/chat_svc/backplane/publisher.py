@@ -29,7 +29,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import gevent
@@ -39,8 +39,10 @@ import redis
 from ..hub import Member, OnId
 from ..roomlog import new_epoch
 from . import keys
-from .connection import ERRORS
+from .cluster import ShardedPipeline, owner, slot_chunks
+from .connection import ERRORS, Client
 from .instance import Instance
+from .shards import ShardedSubscriber
 from .subscriber import BACKOFF_MAX, Subscriber
 
 # Bounds of the publish queue; past either, senders wait and notices are delivered locally.
@@ -77,9 +79,7 @@ class RoomLine:
 class Publisher:
     """The queue of messages to relay and the presence this instance has written."""
 
-    def __init__(
-        self, instance: Instance, writer: redis.Redis, subscriber: Subscriber, wake: gevent.event.Event
-    ) -> None:
+    def __init__(self, instance: Instance, writer: Client, subscriber: Subscriber, wake: gevent.event.Event) -> None:
         instance_id = instance.id
         self.hub = instance.hub
         self.log = instance.log
@@ -91,7 +91,11 @@ class Publisher:
         self._wake = wake
         self._claim = writer.register_script(keys.CLAIM)
         self._release = writer.register_script(keys.RELEASE)
-        self._publish_sha = hashlib.sha1(keys.PUBLISH.encode()).hexdigest()  # what SCRIPT LOAD answers
+        # On a Redis Cluster: lines by SPUBLISH, one pipeline per shard, nick scripts per slot.
+        self._sharded = subscriber if isinstance(subscriber, ShardedSubscriber) else None
+        self._publish_script = keys.SHARDED_PUBLISH if self._sharded else keys.PUBLISH
+        self._publish_sha = hashlib.sha1(self._publish_script.encode()).hexdigest()  # what SCRIPT LOAD answers
+        self._relay = "spublish" if self._sharded else "publish"
         self._prefixes = {True: keys.envelope_prefix(instance_id, keys.LINE),
                           False: keys.envelope_prefix(instance_id, keys.NOTICE)}  # fmt: skip
         self._private = keys.envelope_prefix(instance_id, keys.PRIVATE)
@@ -106,6 +110,8 @@ class Publisher:
         self._tag = 0
         # room lines sent, by tag, until they come back on the room's channel
         self._pending: dict[int, RoomLine] = {}
+        # on a cluster: the tags sent to each shard, in order
+        self._lanes: dict[str | None, deque[int]] = {}
         # rooms whose Redis log missed a line: deleted once Redis answers
         self.broken: set[str] = set()
         # presence: members changed since last written, what was written, nicks to release
@@ -136,7 +142,7 @@ class Publisher:
         self, room: str, data: bytes, chat: bool, sender: Member | None, t_read: float, on_id: OnId | None
     ) -> bool:
         """A room line for every instance; False: not taken, the caller delivers it locally."""
-        if not self._subscriber.up:
+        if not self._subscriber.room_up(room):
             self.errors["down"] += 1
             self.broken.add(room)
             return False
@@ -159,7 +165,7 @@ class Publisher:
         self._to_inbox(owner, self._kick + keys.private_payload(target, notice))
 
     def _to_inbox(self, owner: str, envelope: bytes) -> None:
-        if not self._subscriber.up:
+        if not self._subscriber.channel_up(keys.inbox(owner)):
             self.errors["down"] += 1
             return
         if self._over_bounds():
@@ -177,9 +183,20 @@ class Publisher:
             self._full = True
             self.log.warning("backplane_queue_full", items=len(self._queue), bytes=self._queued_bytes)
 
-    def sender_of(self, tag: int) -> RoomLine | None:
-        """Our line ``tag`` came back: it, and forget older tags (they are not coming: failed or unsubscribed)."""
+    def sender_of(self, tag: int, lane: str) -> RoomLine | None:
+        """Our line ``tag`` came back: it, and forget older tags (they are not coming: failed or unsubscribed).
+
+        On a cluster "older" means older on the same shard (``lane``): each shard's lines come back in
+        order, but one shard's may overtake another's.
+        """
         pending = self._pending
+        if self._sharded is not None:
+            sent = self._lanes.get(lane)
+            while sent and sent[0] <= tag:
+                older = sent.popleft()
+                if older != tag:
+                    pending.pop(older, None)
+            return pending.pop(tag, None)
         while pending:
             first = next(iter(pending))
             if first >= tag:
@@ -205,18 +222,39 @@ class Publisher:
     def now_ms(self) -> int:
         return int(self.now() * 1000)
 
-    def strand(self) -> None:
-        """Redis is gone: deliver here, with local ids, every line sent but not back and every one queued.
+    def strand(self, rooms: Callable[[str], bool] | None = None) -> None:
+        """Redis (or the shard of ``rooms``) is gone: deliver here, with local ids, every line sent but not
+        back and every one queued.
 
         Runs in the step that marks the backplane down, before any later line
         is delivered locally, so each sender's lines keep their order.
         """
+        if rooms is not None:
+            self._strand_rooms(rooms)
+            return
         lines = [*self._pending.values(), *(item for item in self._queue if isinstance(item, RoomLine))]
         self.errors["down"] += len(self._pending) + len(self._queue)
         self._pending.clear()
+        self._lanes.clear()
         self._queue.clear()
         self._queued_bytes = 0
         self._full = False
+        for line in lines:
+            self._deliver_here(line)
+
+    def _strand_rooms(self, rooms: Callable[[str], bool]) -> None:
+        """``strand`` for the rooms of one lost shard; the other rooms' lines go on."""
+        pending = [tag for tag, line in self._pending.items() if rooms(line.room)]
+        lines = [self._pending.pop(tag) for tag in pending]
+        kept: deque[RoomLine | tuple[str, bytes]] = deque()
+        for item in self._queue:
+            if isinstance(item, RoomLine) and rooms(item.room):
+                lines.append(item)
+                self._queued_bytes -= len(item.data)
+            else:
+                kept.append(item)
+        self.errors["down"] += len(lines)
+        self._queue = kept
         for line in lines:
             self._deliver_here(line)
 
@@ -267,14 +305,14 @@ class Publisher:
     def withdraw(self) -> None:
         """Remove this instance and its members' presence from Redis (a clean shutdown)."""
         try:
-            pipe = self._writer.pipeline(transaction=False)
+            pipe = self._pipeline()
             pipe.zrem(keys.INSTANCES, self.instance_id)
             pipe.delete(keys.room_counts(self.instance_id))
             for nick, room in self._shown.values():
                 pipe.zrem(keys.who(room), keys.who_entry(nick, self.instance_id))
             nicks = [keys.nick(nick) for nick, _ in self._shown.values()]
-            if nicks:
-                self._release(keys=nicks, args=[self.instance_id], client=pipe)
+            for chunk in self._key_chunks(nicks):
+                self._release(keys=chunk, args=[self.instance_id], client=pipe)
             pipe.execute()
         except ERRORS as exc:
             self.log.warning("backplane_withdraw_failed", error=str(exc))
@@ -287,7 +325,7 @@ class Publisher:
 
     def _send_batch(self) -> None:
         """One pipeline: presence changes, broken rooms' logs, then up to PIPELINE_BATCH messages in order."""
-        pipe = self._writer.pipeline(transaction=False)
+        pipe = self._pipeline()
         if self._dirty or self._orphans:
             members = list(self._dirty)
             self._dirty.clear()
@@ -309,17 +347,20 @@ class Publisher:
         for item in batch:
             if isinstance(item, RoomLine):
                 self._pending[item.tag] = item  # before sending: the line may come back before the reply
+                if self._sharded is not None:
+                    lane = owner(self._sharded.cluster, keys.meta(item.room))
+                    self._lanes.setdefault(lane, deque()).append(item.tag)
                 # EVALSHA straight away: a Script object in a pipeline costs a SCRIPT EXISTS round trip per
                 # batch; the script is loaded on every (re)connect (_heartbeat runs first then)
                 pipe.evalsha(self._publish_sha, 2, keys.meta(item.room), keys.log(item.room), epoch,
                              keys.LINE if item.chat else keys.NOTICE, item.data, self._prefixes[item.chat], item.tag,
                              rooms.lines, rooms.bytes, rooms.ttl, keys.room_channel(item.room))  # fmt: skip
             else:
-                pipe.publish(*item)
+                getattr(pipe, self._relay)(*item)
         results = pipe.execute(raise_on_error=False)
         failed = [result for result in results if isinstance(result, Exception)]
         if any(isinstance(result, redis.exceptions.NoScriptError) for result in failed):
-            self._writer.script_load(keys.PUBLISH)  # flushed under us: these lines go out locally, later ones again
+            self._load_script()  # flushed under us: these lines go out locally, later ones again
         for item, result in zip(batch, results[first:], strict=True):
             if isinstance(result, Exception):
                 self.errors["redis_error"] += 1
@@ -368,7 +409,7 @@ class Publisher:
                 claim.append(keys.nick(now[0]))
         release.extend(keys.nick(nick) for nick in self._orphans if hub.holder(nick) is None)
         self._orphans.clear()
-        for chunk in _chunks(release):
+        for chunk in self._key_chunks(release):
             self._release(keys=chunk, args=[me], client=pipe)
         for room, entries in added.items():
             pipe.zadd(keys.who(room), entries)
@@ -380,7 +421,7 @@ class Publisher:
             else:
                 pipe.hdel(counts_key, room)
         indexes = []
-        for chunk in _chunks(claim):
+        for chunk in self._key_chunks(claim):
             indexes.append(len(pipe))
             self._claim(keys=chunk, args=[me, self.now_ms(), self.ttl * 1000], client=pipe)
         return indexes
@@ -389,13 +430,13 @@ class Publisher:
         """Refresh everything this instance holds; after a reconnect, rewrite it; clean up after the dead."""
         connects = self._subscriber.connects
         me = self.instance_id
-        seconds, micros = self._writer.time()
+        seconds, micros = self._sharded.redis_time() if self._sharded else self._writer.time()
         self._offset = seconds + micros / 1e6 - time.time()
-        if self._synced != connects:
-            self._writer.script_load(keys.PUBLISH)  # a restarted Redis has no scripts
+        if self._synced != connects and not self._sharded:
+            self._load_script()  # a restarted Redis has no scripts (each shard loads them on connect)
         now = self.now()
         expires = now + self.ttl
-        pipe = self._writer.pipeline(transaction=False)
+        pipe = self._pipeline()
         pipe.zrangebyscore(keys.INSTANCES, "-inf", now)
         pipe.zadd(keys.INSTANCES, {me: expires})
         members = [*self._shown, *self.hub.members.values()]
@@ -418,7 +459,7 @@ class Publisher:
             pipe.hset(counts_key, mapping=counts)
         nicks = [keys.nick(nick) for nick, _ in self._shown.values()]
         nicks.extend(keys.nick(sub) for sub in self.hub.reserved)
-        for chunk in _chunks(nicks):
+        for chunk in self._key_chunks(nicks):
             indexes.append(len(pipe))
             self._claim(keys=chunk, args=[me, self.now_ms(), self.ttl * 1000], client=pipe)
         if time.monotonic() >= self._next_room_refresh or self._synced != connects:
@@ -434,23 +475,45 @@ class Publisher:
             self.log.warning("nick_conflict", nicks=[keys.nick_of(k) for k in taken])
         dead = results[0] if isinstance(results[0], list) else []
         for instance in {name.decode() for name in dead} - {me}:
-            self._bury(instance, now)
+            try:
+                self._bury(instance, now)
+            except ERRORS as exc:
+                if self._sharded is None:
+                    raise
+                # a shard of the dead instance's keys is down: the next beat tries again
+                self.log.info("backplane_bury_failed", dead=instance, error=str(exc))
+
+    def _pipeline(self) -> Any:
+        """A non-transactional pipeline; on a cluster, one per shard, so a dead shard fails only its commands."""
+        if self._sharded is not None:
+            return ShardedPipeline(self._sharded.cluster)
+        return self._writer.pipeline(transaction=False)
+
+    def _key_chunks(self, names: list[str]) -> Iterator[list[str]]:
+        """Keys for one script call each: on a cluster, one slot per call."""
+        return slot_chunks(names) if self._sharded is not None else _chunks(names)
+
+    def _load_script(self) -> None:
+        if self._sharded is not None:
+            self._sharded.load_scripts()
+        else:
+            self._writer.script_load(keys.PUBLISH)
 
     def _bury(self, instance: str, now: float) -> None:
         """Delete what an instance that stopped beating left: its /who entries, nicks and room counts."""
         rooms = [name.decode("utf-8", "replace") for name in self._writer.hkeys(keys.room_counts(instance))]
-        pipe = self._writer.pipeline(transaction=False)
+        pipe = self._pipeline()
         for room in rooms:
             pipe.zrangebyscore(keys.who(room), "-inf", now)
         stale = pipe.execute()
-        pipe = self._writer.pipeline(transaction=False)
+        pipe = self._pipeline()
         nicks: list[str] = []
         for room, entries in zip(rooms, stale, strict=True):
             theirs = [entry for entry in entries if keys.open_who_entry(entry)[1] == instance]
             if theirs:
                 pipe.zrem(keys.who(room), *theirs)
                 nicks.extend(keys.nick(keys.open_who_entry(entry)[0]) for entry in theirs)
-        for chunk in _chunks(nicks):
+        for chunk in self._key_chunks(nicks):
             self._release(keys=chunk, args=[instance], client=pipe)
         pipe.delete(keys.room_counts(instance))
         pipe.zrem(keys.INSTANCES, instance)

@@ -45,7 +45,11 @@ class Subscriber:
     """
 
     def __init__(
-        self, instance: Instance, pool: redis.ConnectionPool, answering: Sequence[redis.Redis], wake: gevent.event.Event
+        self,
+        instance: Instance,
+        pool: redis.ConnectionPool | None,
+        answering: Sequence[redis.Redis],
+        wake: gevent.event.Event,
     ) -> None:
         self.hub = instance.hub
         self.log = instance.log
@@ -74,8 +78,11 @@ class Subscriber:
         self._reset = False
         self._stopped = False
         # the publisher's: our own lines on their way, and what to do with them when Redis is lost
-        self.sender_of: Callable[[int], RoomLine | None] = lambda tag: None
-        self.on_lost: Callable[[], None] | None = None
+        self.sender_of: Callable[[int, str], RoomLine | None] = lambda tag, lane: None
+        # (rooms: which rooms' lines; None: all of them)
+        self.on_lost: Callable[[Callable[[str], bool] | None], None] | None = None
+        # set when the URL could not be told a cluster node or not at start: checked on connect
+        self.check_mode = False
 
     # -- asked by other greenlets -------------------------------------------------
 
@@ -127,6 +134,13 @@ class Subscriber:
         if unsubscribe:
             self._send("UNSUBSCRIBE", *(keys.room_channel(room) for room in unsubscribe))
 
+    def room_up(self, room: str) -> bool:
+        """Whether ``room``'s lines can be relayed now (one Redis: whether it is up)."""
+        return self.up
+
+    def channel_up(self, channel: str) -> bool:
+        return self.up
+
     def lost(self, where: str, exc: BaseException) -> None:
         """Redis failed ``where``: down until the subscriber has reconnected.
 
@@ -141,7 +155,7 @@ class Subscriber:
         for room_log in self.hub.logs:
             room_log.synced = False
         if self.on_lost is not None:
-            self.on_lost()
+            self.on_lost(None)
         self._wake.set()
         for waiter in self._waiters.values():
             waiter.set()
@@ -205,9 +219,12 @@ class Subscriber:
     def _connect(self) -> Any:
         """A fresh connection with the inbox and every wanted room confirmed."""
         self._reset = False
+        assert self._pool is not None
         conn = self._pool.connection_class(**self._pool.connection_kwargs)
         try:
             conn.connect()
+            if self.check_mode:
+                self._check_mode(conn)
             rooms = set(self.hub.rooms) | set(self._joining)
             self._subscribed = rooms
             self._confirmed = set()
@@ -232,6 +249,14 @@ class Subscriber:
         if self.on_bans_changed is not None:
             self.on_bans_changed()
         return conn
+
+    def _check_mode(self, conn: Any) -> None:
+        """Refuse a cluster node found only now: this instance was built for one Redis at start."""
+        conn.send_command("INFO", "cluster")
+        if b"cluster_enabled:1" in conn.read_response():
+            self.log.error("backplane_is_cluster", hint="--redis-url is a Redis Cluster node: restart chat-svc")
+            raise redis.ConnectionError("--redis-url is a Redis Cluster node; restart to use cluster mode")
+        self.check_mode = False
 
     def _read(self, conn: Any) -> None:
         """Deliver messages in order; pause while a room's backlog is over the hub's limit.
@@ -265,8 +290,11 @@ class Subscriber:
                 if waiter is not None:
                     waiter.set()
 
-    def receive(self, channel: bytes, message: bytes) -> None:
-        """Deliver a room line (ours too: Redis' order is the order) or a private line for a member here."""
+    def receive(self, channel: bytes, message: bytes, lane: str = "") -> None:
+        """Deliver a room line (ours too: Redis' order is the order) or a private line for a member here.
+
+        ``lane``: the connection it came on (a cluster's shard); our lines come back in order on each.
+        """
         opened = keys.open_envelope(message)
         if opened is None:
             return
@@ -289,7 +317,7 @@ class Subscriber:
         if line is None or name is None:
             return
         tag, epoch, offset, data = line
-        ours = self.sender_of(tag) if origin == self._origin else None
+        ours = self.sender_of(tag, lane) if origin == self._origin else None
         room = hub.rooms.get(name)
         if room is None:
             return
