@@ -62,12 +62,13 @@ def cores_between(samples: Sequence[tuple[float, float]], start: float, end: flo
 
 
 class CpuTrace:
-    """Samples the CPU seconds of named processes and of the whole machine every SAMPLE_S in a
-    thread, so their CPU can be read over a window known only afterwards."""
+    """Samples the CPU seconds of named processes, of each core (``core<i>``) and of the whole
+    machine every SAMPLE_S in a thread, so they can be read over a window known only afterwards."""
 
     def __init__(self, pids: Mapping[str, int]) -> None:
         self.pids = dict(pids)
-        self.samples: dict[str, list[tuple[float, float]]] = {name: [] for name in [*self.pids, "machine"]}
+        cores = [f"core{i}" for i in range(len(cpu_busy()))]
+        self.samples: dict[str, list[tuple[float, float]]] = {name: [] for name in [*self.pids, *cores, "machine"]}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="cpu-trace", daemon=True)
 
@@ -87,14 +88,17 @@ class CpuTrace:
         t = time.monotonic()
         for name, pid in self.pids.items():
             self.samples[name].append((t, proc_cpu(pid)))
-        self.samples["machine"].append((t, sum(cpu_busy())))
+        busy = cpu_busy()
+        for i, seconds in enumerate(busy):
+            self.samples[f"core{i}"].append((t, seconds))
+        self.samples["machine"].append((t, sum(busy)))
 
     def _run(self) -> None:
         while not self._stop.wait(SAMPLE_S):
             self._sample()
 
     def cores(self, name: str, start: float, end: float) -> float | None:
-        value = cores_between(self.samples[name], start, end)
+        value = cores_between(self.samples.get(name, []), start, end)
         return None if value is None else round(value, 4)
 
 
@@ -193,6 +197,7 @@ class ShardRun:
     chat_svc_cpu: list[float | None]  # cores, per instance
     shards: list[ShardCpu]  # busiest first
     other_cpu: float | None  # cores the machine spent on processes other than these (shared machine)
+    server_core_busy: float | None  # share of the servers' core busy (every process on it), when pinned
     labels: list[str] = field(default_factory=list)  # the rooms' Runs in ``runs`` of the results
 
     @property
@@ -257,6 +262,7 @@ def measure_backend(bench: Bench, kind: str, members: int, rooms: int, rate: flo
         chat_svc_cpu=chat_cpu,
         shards=shards,
         other_cpu=other,
+        server_core_busy=trace.cores(f"core{bench.pin.server_core}", start, end) if bench.pin.enabled else None,
         labels=[r.label for r in runs],
     )
 
@@ -348,8 +354,7 @@ def shards(bench: Bench, members: int, rooms: int, rates: Sequence[float], repea
                 result.points[kind].setdefault(f"{rate:g}", []).append(got)
     for kind, points in result.points.items():
         if points and kind not in result.skipped:
-            top_rate = max(points, key=float)
-            ex = extrapolate(median_run(points[top_rate]))
+            ex = extrapolate(median_run(points[max(points, key=float)]))
             if ex:
                 result.extrapolation[kind] = ex
     return result
@@ -372,7 +377,7 @@ def summary(run: ShardRun) -> str:
     return (
         f"{run.backend:7} {run.rate:>6g} msg/s: {run.deliveries_per_s:,.0f} deliveries/s, lost {run.lost}, "
         f"p99 {_ms(run.p99_ms)} ms, chat-svc CPU {' / '.join(_f(c) for c in run.chat_svc_cpu)}, "
-        f"redis CPU {shards}, other processes {_f(run.other_cpu)}"
+        f"redis CPU {shards}, other processes {_f(run.other_cpu)}, server core busy {_f(run.server_core_busy)}"
     )
 
 
@@ -400,13 +405,15 @@ def rows(result: Shards) -> list[list[str]]:
                 " / ".join(_f(c) for c in r.chat_svc_cpu),
                 " / ".join(f"{_f(s.cpu, 3)} ({len(s.rooms)})" for s in r.shards),
                 _f(us_per_msg(r), 1),
-                _f(r.gen_cpu), _f(r.other_cpu), "yes" if r.valid and r.sync_ok and r.correct else "NO",
+                _f(r.gen_cpu), _f(r.other_cpu), _f(r.server_core_busy),
+                "yes" if r.valid and r.sync_ok and r.correct else "NO",
             ])  # fmt: skip
     return out
 
 
 HEADER = ["msg/s", "backend", "deliveries/s", "loss", "p50 ms", "p99 ms (worst room)", "chat-svc CPU a / b",
-          "Redis CPU per shard (rooms)", "busiest shard µs per msg/s", "gen CPU", "other CPU", "valid"]  # fmt: skip
+          "Redis CPU per shard (rooms)", "busiest shard µs per msg/s", "gen CPU", "other CPU", "server core busy",
+          "valid"]  # fmt: skip
 
 
 def extrapolation_text(ex: Extrapolation, single: Extrapolation | None = None) -> str:
@@ -417,9 +424,11 @@ def extrapolation_text(ex: Extrapolation, single: Extrapolation | None = None) -
         f"{ex.saturates_at:,.0f} msg/s in total ({ex.even_saturates_at:,.0f} msg/s with the load spread evenly "
         f"over the {ex.shards} shards)"
     )
+
     if single:
         text += (
             f"; one Redis at the same rate used {single.busiest_cpu:.3f} of a core: one core at about "
             f"{single.saturates_at:,.0f} msg/s"
         )
+
     return text + "."

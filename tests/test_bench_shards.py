@@ -39,7 +39,7 @@ def run(backend: str, rate: float, shard_cpu: list[float], lost: int = 0) -> Sha
         backend=backend, rate=rate, members=1000, rooms=10, window_s=5.0, deliveries_per_s=rate * 99,
         expected=int(rate * 99 * 5), delivered=int(rate * 99 * 5) - lost, lost=lost,
         loss_ratio=lost / (rate * 99 * 5), p50_ms=4.0, p99_ms=20.0, sync_ok=True, correct=True, valid=True,
-        gen_cpu=0.3, chat_svc_cpu=[0.4, 0.45], shards=shards, other_cpu=0.2,
+        gen_cpu=0.3, chat_svc_cpu=[0.4, 0.45], shards=shards, other_cpu=0.2, server_core_busy=0.9,
     )  # fmt: skip
 
 
@@ -79,6 +79,7 @@ def test_the_table_puts_both_backends_side_by_side_per_rate_with_every_shard() -
     assert got[3][7] == "0.120 (1) / 0.100 (1) / 0.080 (1)"  # busiest shard first
     assert got[3][8] == "40.0"  # µs of the busiest shard per msg/s
     assert got[0][3] == "0" and got[2][3] == "5 (0.00%)"  # loss: none, and some
+    assert got[3][11] == "0.90"  # the servers' core: full means latency is the core's, not Redis'
     rendered = table(got, HEADER)
     assert "Redis CPU per shard (rooms)" in rendered and len(rendered.splitlines()) == 6
 
