@@ -3,7 +3,7 @@
 #
 # Idempotent: every step checks first and only does what is missing.
 #   1. install Debian's container engine (docker.io 20.10), debootstrap, docker-compose 1.29,
-#      prometheus (for promtool and the scrape test) and redis-server;
+#      prometheus (for promtool and the scrape test), redis-server and haproxy;
 #   2. start dockerd if `docker info` does not answer (removing a stale pid file first);
 #   3. build the offline base images local/python-base:bookworm, local/redis:bookworm and
 #      local/prometheus:bookworm with debootstrap (reused when they already exist).
@@ -25,7 +25,7 @@ trap 'die "failed at line $LINENO: $BASH_COMMAND"' ERR
 
 # --- 1. packages -------------------------------------------------------------------------
 want=(docker.io debootstrap debian-archive-keyring ca-certificates docker-compose prometheus
-      redis-server)
+      redis-server haproxy)
 missing=()
 for p in "${want[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
@@ -42,7 +42,7 @@ else
     log "packages already installed: ${want[*]}"
 fi
 for b in "$DOCKER" /usr/sbin/dockerd /usr/sbin/debootstrap /usr/bin/docker-compose \
-         /usr/bin/promtool /usr/bin/prometheus /usr/bin/redis-server; do
+         /usr/bin/promtool /usr/bin/prometheus /usr/bin/redis-server /usr/sbin/haproxy; do
     [ -x "$b" ] || die "expected binary $b is missing after install"
 done
 

@@ -28,6 +28,12 @@
  * every connection has joined or failed (connect or join within
  * --connect-timeout: `join_failed`).
  *
+ * --max-connecting N: at most N connections started and not ready yet (connected;
+ * joined or upgraded) at once, whatever --connect-rate asks: a burst the server
+ * takes in more slowly than it arrives then waits here, not past the server's
+ * backlog (where the kernel drops the handshake and TCP retries it seconds
+ * later) and not past --connect-timeout.
+ *
  * --protocol ws (chat-svc's WebSocket endpoint, GET /ws): each connection sends
  * the upgrade request and counts as ready on "HTTP/1.1 101"; every line above
  * goes out as one masked text frame (RFC 6455 5.3). Server frames (unmasked) are
@@ -85,6 +91,7 @@
 #include <unistd.h>
 
 #define MAXEV 512
+#define RAMP_BATCH 64 /* connections started at most between two looks at the sockets */
 #define RB_SIZE (256 * 1024)
 #define CARRY_MAX 8192
 #define MAX_PIDS 8
@@ -126,6 +133,7 @@ static int o_ports[MAX_PORTS], o_nports = 0;
 static int o_clients = 10, o_senders = -1, o_size = 64, o_idle = 0, o_rst = 0, o_observe = 0;
 static double o_rate = 10, o_duration = 5, o_warmup = 1, o_drain = 5, o_connect_rate = 1000;
 static double o_connect_timeout = 10, o_sync_timeout = 15;
+static int o_max_connecting = 0;
 static int o_pids[MAX_PIDS], o_npids = 0;
 static const char *o_label = "";
 static int o_verbose = 0, o_irc = 0, o_ws = 0, o_ids = 0;
@@ -279,6 +287,11 @@ static cpu_sample_t cpu_sample(void) {
 }
 
 /* ---------- connections ---------- */
+/* --max-connecting: a connection may start while fewer than that many started are not ready yet */
+static int may_connect(int started) {
+    return !o_max_connecting || (uint64_t)started < n_ready + n_connect_failed + n_join_failed + (uint64_t)o_max_connecting;
+}
+
 static void ep_mod(conn_t *c, int idx, uint32_t evs) {
     struct epoll_event e = {.events = evs, .data.u32 = (uint32_t)idx};
     epoll_ctl(ep, EPOLL_CTL_MOD, c->fd, &e);
@@ -766,7 +779,7 @@ static void usage(void) {
     fprintf(stderr,
             "usage: chatload --port P[,P...] [--host H] [--clients N] [--senders S] [--rate R]\n"
             "  [--duration T] [--warmup W] [--drain D] [--size B] [--connect-rate C]\n"
-            "  [--connect-timeout S] [--sync-timeout S] [--idle | --observe] [--server-pid P[,P...]]\n"
+            "  [--connect-timeout S] [--max-connecting N] [--sync-timeout S] [--idle | --observe] [--server-pid P[,P...]]\n"
             "  [--protocol raw|irc|ws] [--rst] [--label L] [--verbose] [--ids] [--storm-after T] [--room R]\n"
             "  [--join R]\n");
     exit(2);
@@ -787,7 +800,8 @@ int main(int argc, char **argv) {
         {"size", 1, 0, 'b'}, {"connect-rate", 1, 0, 'c'}, {"connect-timeout", 1, 0, 'C'},
         {"sync-timeout", 1, 0, 'Y'}, {"idle", 0, 0, 'I'}, {"observe", 0, 0, 'O'}, {"server-pid", 1, 0, 'P'}, {"rst", 0, 0, 'R'},
         {"label", 1, 0, 'l'}, {"verbose", 0, 0, 'v'}, {"protocol", 1, 0, 'X'}, {"ids", 0, 0, 'i'},
-        {"storm-after", 1, 0, 'T'}, {"room", 1, 0, 'm'}, {"join", 1, 0, 'J'}, {0, 0, 0, 0}};
+        {"storm-after", 1, 0, 'T'}, {"room", 1, 0, 'm'}, {"max-connecting", 1, 0, 'M'}, {"join", 1, 0, 'J'},
+        {0, 0, 0, 0}};
     int opt;
     while ((opt = getopt_long(argc, argv, "", lo, NULL)) != -1) {
         switch (opt) {
@@ -812,6 +826,7 @@ int main(int argc, char **argv) {
         case 'i': o_ids = 1; break;
         case 'T': o_storm_after = atof(optarg); break;
         case 'm': o_room = optarg; break;
+        case 'M': o_max_connecting = atoi(optarg); break;
         case 'J': o_room = optarg; o_join = 1; break;
         case 'X':
             if (!strcmp(optarg, "irc")) o_irc = 1;
@@ -887,7 +902,12 @@ int main(int argc, char **argv) {
         }
         switch (phase) {
         case P_RAMP:
-            while (next_conn < o_clients && t >= t_begin + (int64_t)next_conn * ns_per_conn) conn_start(next_conn++);
+            /* Behind schedule (connect() itself slows down as the ephemeral ports of one source
+               address fill up), catch up a batch at a time: the connections already made must get
+               their first bytes (a WebSocket upgrade) out before the server's sniff window ends. */
+            for (int batch = 0; batch < RAMP_BATCH && next_conn < o_clients && may_connect(next_conn) &&
+                                t >= t_begin + (int64_t)next_conn * ns_per_conn; batch++)
+                conn_start(next_conn++);
             if (t >= t_next_timeout_scan) {
                 for (int i = 0; i < next_conn; i++)
                     if ((conns[i].state == C_CONNECTING || ((o_irc || o_ws) && conns[i].state == C_OPEN && !conns[i].joined)) &&
@@ -897,7 +917,7 @@ int main(int argc, char **argv) {
             }
             if (next_conn < o_clients) {
                 int64_t d = t_begin + (int64_t)next_conn * ns_per_conn;
-                if (d < deadline) deadline = d;
+                if (d < deadline && may_connect(next_conn)) deadline = d; /* else: woken as they get ready */
             } else if (n_ready + n_connect_failed + n_join_failed >= (uint64_t)o_clients) {
                 t_ramp_end = t;
                 for (int i = 0; i < o_clients; i++)

@@ -30,6 +30,11 @@ GEN_CPU_WARN = 0.75
 # a run is noisy when other processes kept the server waiting for its core this share of the
 # window (or the generator twice that); noisy runs are repeated and the least disturbed one kept
 NOISE_LIMIT = 0.05
+# idle runs: most members connecting at once (below chat-svc's --max-pending, 1024). A burst of
+# WebSocket members arrives faster than the server can upgrade them; past its backlog the kernel
+# drops handshakes, TCP retries them seconds later and the generator gives up on them, and the
+# run would measure that instead of what the members cost.
+IDLE_MAX_CONNECTING = 1000
 
 
 @dataclass
@@ -403,6 +408,7 @@ def measure(
                 raw = bench.chatload.run(
                     [srv.port], [srv.pid], members - observers, rate, label, protocol=k.protocol, idle=idle,
                     connect_rate=3000 if idle else k.connect_rate, drain=10.0 if idle else None, ids=k.ids,
+                    max_connecting=IDLE_MAX_CONNECTING if idle else 0,
                 )  # fmt: skip
                 run = Run.from_chatload(raw, kind, attempt, pre)
             run.server_alive = srv.alive()

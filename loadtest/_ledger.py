@@ -12,6 +12,12 @@ join was confirmed by the server before A sent M and B did not start leaving bef
 deadline. Both timestamps come from ``time.time()`` on the swarm side, so distributed
 runs across machines need synchronised clocks (NTP); on one host they share one clock.
 
+In resume mode a member the server dropped stays a member while it reconnects: the replay
+of its resume must bring every line it missed. Only an incomplete resume (the server said
+lines may be missing) excuses it, for the lines whose deadline window overlaps its absence
+(a *gap*). Every member must see a line under the same message id, whichever instance it
+is connected to: ids are cluster-wide.
+
 A lost delivery is either *late* (it arrived, after the deadline) or *never* arrived.
 Both count as loss: the deadline is the delivery contract. Lines are judged at deadline
 + grace, so a receipt that comes later still moves its delivery from never to late.
@@ -30,6 +36,7 @@ from loadtest._recorder import COUNTER_NAMES
 # Event-loop lag p99 above which a swarm process could not read its sockets in time.
 SWARM_LAG_WARN_MS = 20.0
 SWARM_CPU_WARN_PCT = 90.0
+LOST_SAMPLE = 20
 
 
 @dataclass
@@ -41,6 +48,8 @@ class Member:
     join_t: float
     leave_t: float | None = None
     transport: str = "tcp"
+    # (dropped, back) of each incomplete resume: lines around then are not expected
+    gaps: list[tuple[float, float]] = field(default_factory=list)
 
 
 @dataclass
@@ -51,6 +60,7 @@ class _Msg:
     received: set[str] = field(default_factory=set)
     late: set[str] = field(default_factory=set)
     last_recv: float = 0.0
+    line_id: str | None = None
 
 
 @dataclass
@@ -78,9 +88,10 @@ class Ledger:
     from other nodes arrive (a worker flushes every 0.5 s).
     """
 
-    def __init__(self, deadline: float, grace: float) -> None:
+    def __init__(self, deadline: float, grace: float, resume: bool = False) -> None:
         self.deadline = deadline
         self.grace = grace
+        self.resume = resume
         self.members: dict[str, Member] = {}
         self.room_members: dict[str, list[str]] = defaultdict(list)
         self.pending: dict[tuple[str, int], _Msg] = {}
@@ -91,6 +102,7 @@ class Ledger:
         self.hist = LatencyHistogram()
         self.steady_hist = LatencyHistogram()
         self.lag_hist = LatencyHistogram()
+        self.reconnect_hist = LatencyHistogram()
         self.per_sec: dict[int, int] = defaultdict(int)
         self.counters: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
         self.cpu_max: dict[str, float] = {}
@@ -107,6 +119,8 @@ class Ledger:
         # "sender's transport->member's transport" -> [expected, lost]: fan-out across transports
         self.by_transport: dict[str, list[int]] = defaultdict(lambda: [0, 0])
         self.unjudged_messages = 0
+        # the first lost lines, for the JSON summary: which sender, when, who missed it
+        self.lost_sample: list[dict[str, Any]] = []
         self.unknown_receipts = 0
         self.window: tuple[float | None, float | None] = (None, None)
         self.first_send: float | None = None
@@ -140,9 +154,22 @@ class Ledger:
                 self.first_send = t_send
             if self.last_send is None or t_send > self.last_send:
                 self.last_send = t_send
+        for nick, t_off, t_on in batch.get("gaps", ()):
+            m = self.members.get(nick)
+            if m is not None:
+                m.gaps.append((t_off, t_on))
         for in_time, rows in ((True, batch["recv"]), (False, batch["late"])):
             for sender, seq, recipients, last_t in rows:
                 self._receipts((sender, seq), recipients, last_t, in_time, now)
+        for sender, seq, line_id in batch.get("ids", ()):
+            line = self.pending.get((sender, seq))
+            if line is None:
+                continue  # judged already: its id was compared while it was pending
+            if line.line_id is None:
+                line.line_id = line_id
+            elif line.line_id != line_id:
+                self.counters["id_mismatches"] = self.counters.get("id_mismatches", 0) + 1
+        self.reconnect_hist.merge_wire(batch.get("reconnect", []), batch.get("reconnect_max_us", 0))
         self.hist.merge_wire(batch["hist"], batch.get("hist_max_us", 0))
         self.steady_hist.merge_wire(batch.get("steady", []), batch.get("steady_max_us", 0))
         self.lag_hist.merge_wire(batch.get("lag", []), batch.get("lag_max_us", 0))
@@ -180,7 +207,8 @@ class Ledger:
             if nick == sender:
                 continue
             m = self.members[nick]
-            if m.join_t <= msg.t_send and (m.leave_t is None or m.leave_t > horizon):
+            present = m.join_t <= msg.t_send and (m.leave_t is None or m.leave_t > horizon)
+            if present and not any(t_off <= horizon and msg.t_send <= t_on for t_off, t_on in m.gaps):
                 out.append(nick)
         return out
 
@@ -232,6 +260,9 @@ class Ledger:
             self.lost_deliveries += len(missing)
             self.lost_late += late
             self.lost_cross_node += cross
+            if len(self.lost_sample) < LOST_SAMPLE:
+                sample = {"sender": sender, "seq": seq, "room": msg.room, "t_send": msg.t_send, "id": msg.line_id}
+                self.lost_sample.append(sample | {"expected": len(expected), "missing": sorted(missing)[:5]})
             never = {n for n in missing if n not in msg.late}
             if never:
                 self.missing[key] = never
@@ -295,6 +326,7 @@ class Ledger:
                 pair: {"expected": e, "lost": lost} for pair, (e, lost) in sorted(self.by_transport.items())
             },
             "unexpected_deliveries": self.unexpected_deliveries,
+            "lost_sample": self.lost_sample,
             "unknown_receipts": self.unknown_receipts,
             "loss_ratio": (self.lost_deliveries / expected) if expected else 0.0,
             "deliveries": self.counters.get("deliveries", 0),
@@ -315,6 +347,16 @@ class Ledger:
             "disconnects": self.counters.get("disconnects", 0),
             "connect_failures": self.counters.get("connect_failures", 0),
             "join_failures": self.counters.get("join_failures", 0),
+            "resume_mode": self.resume,
+            "server_closes": self.counters.get("server_closes", 0),
+            "resumes_complete": self.counters.get("resumes_complete", 0),
+            "resumes_incomplete": self.counters.get("resumes_incomplete", 0),
+            "reconnect_retries": self.counters.get("reconnect_retries", 0),
+            "deduped": self.counters.get("deduped", 0),
+            "id_mismatches": self.counters.get("id_mismatches", 0),
+            "reconnect_p50_ms": self.reconnect_hist.percentile_ms(0.50),
+            "reconnect_p99_ms": self.reconnect_hist.percentile_ms(0.99),
+            "reconnect_max_ms": self.reconnect_hist.max_us / 1000.0 if self.reconnect_hist.total else None,
             "swarm_cpu_max": cpu,
             "swarm_lag_p99_ms": lag_p99,
             "swarm_lag_max_ms": self.lag_hist.max_us / 1000.0 if self.lag_hist.total else None,

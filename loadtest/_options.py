@@ -47,6 +47,16 @@ class SwarmOptions:
     ws_share: float | None = _opt(
         None, "Share of users on WebSocket, 0 to 1, spread evenly over the rooms; the rest use TCP."
     )
+    resume: str = _opt(
+        "auto",
+        "Resume mode: on, off, or auto (on when --host lists several hosts). A server closing a"
+        " connection is then no failure: the user reconnects to the next host and /resumes by message id."
+        " Use on for a load balancer's address.",
+        str,
+    )
+    max_incomplete_resumes: int | None = _opt(
+        0, "Resume mode: fail if more resumes than this were incomplete (the server said lines may be missing).", int
+    )
     join_timeout: float = _opt(10.0, "Seconds to wait for the welcome line and the /join round trip.")
     room_prefix: str = _opt("swarm", "Prefix of the swarm's room names.", str)
     summary_json: str = _opt("", "Also write the verdict as JSON to this file.", str, ui=False)
@@ -74,7 +84,15 @@ class SwarmOptions:
             "max_p99_ms": self.max_p99_ms,
             "max_loss_ratio": self.max_loss_ratio,
             "min_deliveries_per_s": self.min_deliveries_per_s,
+            "max_incomplete_resumes": self.max_incomplete_resumes,
         }
+
+    def resume_on(self, host: str | None) -> bool:
+        """Whether users resume: ``--resume on``, or ``auto`` with several hosts in ``host``."""
+        mode = (self.resume or "auto").strip().lower()
+        if mode not in ("auto", "on", "off"):
+            raise ValueError(f"--resume must be auto, on or off, not {self.resume!r}")
+        return mode == "on" or (mode == "auto" and "," in (host or "").strip(", "))
 
 
 @events.init_command_line_parser.add_listener

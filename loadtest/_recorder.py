@@ -39,8 +39,9 @@ def parse_probe(body: bytes) -> tuple[int, float] | None:
 class _SenderStream:
     """What one recipient has seen from one sender: highest seq plus the gaps below it.
 
-    This is the one place a receipt is called a duplicate. Resume (message ids) would
-    add its dedup by id here, per recipient, so a replayed line counts once.
+    This is the one place a receipt is called a duplicate. In resume mode the client has
+    already dropped lines whose message id it had seen (``_ids``), so a duplicate here is
+    one that dedup by id did not catch: the same line under two ids.
     """
 
     __slots__ = ("first", "holes", "last")
@@ -80,6 +81,13 @@ COUNTER_NAMES = (
     "disconnects",
     "connect_failures",
     "join_failures",
+    # resume mode
+    "server_closes",
+    "resumes_complete",
+    "resumes_incomplete",
+    "reconnect_retries",
+    "deduped",
+    "id_mismatches",
 )
 
 
@@ -112,6 +120,10 @@ class Recorder:
         self._lag = LatencyHistogram()
         self._per_sec: dict[int, int] = {}
         self._delta: dict[str, int] = dict.fromkeys(COUNTER_NAMES, 0)
+        # resume mode: (sender, seq) -> the line's id; disconnect-to-resume times; incomplete gaps
+        self._ids: dict[tuple[str, int], str] = {}
+        self._reconnect = LatencyHistogram()
+        self._gaps: list[list[Any]] = []
 
     def count(self, name: str, n: int = 1) -> None:
         """Bump a counter (disconnects, failures, ...) that the judge sums over nodes."""
@@ -131,13 +143,30 @@ class Recorder:
         self._leaves.append([nick, t])
         self.streams.pop(nick, None)
 
+    def resumed(self, nick: str, complete: bool, t_off: float, t_on: float) -> None:
+        """Resume mode: ``nick`` was dropped at ``t_off`` and back in its room at ``t_on``.
+
+        A complete resume keeps it a member throughout (the replay brings what it missed);
+        after an incomplete one the server said lines may be missing, so from ``t_off`` to
+        ``t_on`` it is not expected to get any (the ledger's gap), and the verdict counts it.
+        """
+        self.count("resumes_complete" if complete else "resumes_incomplete")
+        self._reconnect.add_us(int(max(0.0, t_on - t_off) * 1_000_000))
+        if not complete:
+            self._gaps.append([nick, t_off, t_on])
+
     def sent(self, room: str, nick: str, seq: int, t_send: float) -> None:
         """``nick`` sent message ``seq`` into ``room`` at ``t_send``."""
         self._sends.append([room, nick, seq, t_send])
         self.count("sent")
 
-    def received(self, recipient: str, sender: str, seq: int, t_send: float, t_recv: float) -> tuple[str, float]:
+    def received(
+        self, recipient: str, sender: str, seq: int, t_send: float, t_recv: float, line_id: str | None = None
+    ) -> tuple[str, float]:
         """Record a chat line seen by ``recipient``; returns (kind, latency_ms).
+
+        ``line_id`` (resume mode) is the message id it came with: every member must see a
+        line under the same id, whichever instance it is on (the ledger compares them).
 
         kind is "ok", "late" (after the deadline: it will count as lost), "dup", "ooo"
         (older than a later line already seen from the same sender) or "echo" (the
@@ -157,6 +186,8 @@ class Recorder:
         if kind == "dup":
             self.count("dup")
             return kind, latency * 1000.0
+        if line_id is not None and self._ids.setdefault((sender, seq), line_id) != line_id:
+            self.count("id_mismatches")
         us = int(latency * 1_000_000)
         self._hist.add_us(us)
         if self.steady_from is not None and t_recv >= self.steady_from:
@@ -199,7 +230,11 @@ class Recorder:
             "per_sec": [[s, n] for s, n in self._per_sec.items()],
             "counters": {k: v for k, v in self._delta.items() if v},
             "cpu_max": self.cpu_max,
+            "ids": [[s, q, i] for (s, q), i in self._ids.items()],
+            "reconnect": self._reconnect.to_wire(),
+            "reconnect_max_us": self._reconnect.max_us,
+            "gaps": self._gaps,
         }
-        empty = not any(batch[k] for k in ("joins", "leaves", "sends", "recv", "late", "hist", "counters"))
+        empty = not any(batch[k] for k in ("joins", "leaves", "sends", "recv", "late", "hist", "counters", "gaps"))
         self._reset_batch()
         return None if empty else batch

@@ -43,6 +43,7 @@ from locust.env import Environment
 from locust.runners import MasterRunner, WorkerRunner
 
 from loadtest import _webui
+from loadtest._client import parse_hosts
 from loadtest._ledger import JudgedLine, Ledger
 from loadtest._options import SwarmOptions
 from loadtest._recorder import Recorder, parse_probe
@@ -96,14 +97,18 @@ class MemberListener:
         if self.swarm.recorder is not None:
             self.swarm.recorder.left(nick, t)
 
-    def failed(self, counter: str) -> None:
+    def count(self, counter: str) -> None:
         if self.swarm.recorder is not None:
             self.swarm.recorder.count(counter)
 
-    def heard(self, nick: str, transport: str, sender: str, body: bytes, t: float) -> None:
+    def resumed(self, nick: str, complete: bool, t_off: float, t_on: float) -> None:
+        if self.swarm.recorder is not None:
+            self.swarm.recorder.resumed(nick, complete, t_off, t_on)
+
+    def heard(self, nick: str, transport: str, sender: str, body: bytes, t: float, line_id: str | None) -> None:
         probe = parse_probe(body)
         if probe is not None and self.swarm.recorder is not None:
-            kind, ms = self.swarm.recorder.received(nick, sender, probe[0], probe[1], t)
+            kind, ms = self.swarm.recorder.received(nick, sender, probe[0], probe[1], t, line_id)
             self.swarm.delivered(kind, ms, len(body), transport)
 
 
@@ -126,6 +131,7 @@ class Swarm:
         self.greenlets: list[gevent.Greenlet] = []
         self.failed_runs = 0
         self.runs = 0
+        self.resume = False
 
     # -- what users call ---------------------------------------------------------
 
@@ -271,6 +277,7 @@ class Swarm:
         self.env = environment
         runner = environment.runner
         self.options = SwarmOptions.read(environment)
+        self.resume = self.options.resume_on(environment.host)
         deadline = self.options.deadline
         self._kill_greenlets()
         self.draining = self.drained = False
@@ -287,11 +294,11 @@ class Swarm:
         self.runs += 1
         if isinstance(runner, MasterRunner):
             self.workers = max(1, runner.worker_count)
-            self.ledger = Ledger(deadline, DISTRIBUTED_GRACE)
+            self.ledger = Ledger(deadline, DISTRIBUTED_GRACE, self.resume)
             runner.send_message("chat_setup", {"run_id": self.run_id, "workers": self.workers})
         else:
             self.workers = 1
-            self.ledger = Ledger(deadline, LOCAL_GRACE)
+            self.ledger = Ledger(deadline, LOCAL_GRACE, self.resume)
             self.recorder = Recorder("local", deadline)
             self._spawn(self._flusher)
             self._spawn(self._lag_monitor)
@@ -373,12 +380,14 @@ class Swarm:
         title = (
             f"chat-svc swarm summary: run {self.run_id}, {users} users, {opts.msg_rate:g} lines/s/user,"
             f" rooms of {opts.room_size}, deadline {opts.deadline:g}s"
+            + (f", resume mode ({len(parse_hosts(environment.host))} host(s))" if self.resume else "")
         )
         settings = {
             "run_id": self.run_id,
             "users": users,
             "msg_rate": opts.msg_rate,
             "room_size": opts.room_size,
+            "resume": self.resume,
             "thresholds": opts.thresholds(),
         }
         checks = evaluate(totals, user_exceptions=exceptions, **opts.thresholds())

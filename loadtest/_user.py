@@ -27,7 +27,12 @@ class ChatUser(User):
         super().__init__(environment)
         self.opts = SWARM.options
         self.base_nick, self.room, self.transport = SWARM.enlist()
-        self.client = ChatClient(environment.events.request, MemberListener(SWARM, self.room), self.opts.join_timeout)
+        self.client = ChatClient(
+            environment.events.request,
+            MemberListener(SWARM, self.room),
+            self.opts.join_timeout,
+            resume=self.opts.resume_on(self.host),
+        )
         self.connects = 0
         self.seq = 0
         self._next_send: float | None = None
@@ -49,9 +54,13 @@ class ChatUser(User):
 
     @task
     def chat(self) -> None:
-        """Join (again, under a fresh nick) if needed, else send one line."""
+        """Join (again, under a fresh nick) if needed, else send one line.
+
+        In resume mode the client reconnects by itself, as the same member, and the line
+        numbers go on where they were.
+        """
         if not self.client.joined:
-            if self.client.retry_in() <= 0:
+            if not self.client.reconnecting and self.client.retry_in() <= 0:
                 self.connects += 1
                 nick = self.base_nick if self.connects == 1 else f"{self.base_nick}r{self.connects - 1}"
                 self.seq, self._next_send = 0, None

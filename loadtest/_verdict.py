@@ -39,9 +39,16 @@ def evaluate(
     max_loss_ratio: float | None,
     min_deliveries_per_s: float | None,
     user_exceptions: int = 0,
+    max_incomplete_resumes: float | None = 0,
 ) -> list[Check]:
-    """Compare the run's totals with the thresholds; unset thresholds are shown, not checked."""
+    """Compare the run's totals with the thresholds; unset thresholds are shown, not checked.
+
+    In resume mode a server that closes a connection is not a failure (the user resumes);
+    an incomplete resume is, beyond ``max_incomplete_resumes``, and so is a line that two
+    members saw under different ids.
+    """
     t = totals
+    resume = bool(t.get("resume_mode"))
     checks = [
         Check(
             "fan-out loss ratio (late + never)",
@@ -72,15 +79,28 @@ def evaluate(
             t["expected_deliveries"] > 0,
         ),
     ]
-    for name, key in (
-        ("duplicates", "duplicates"),
+    always = [
+        ("duplicates" + (" (after dedup by id)" if resume else ""), "duplicates"),
         ("out-of-order", "out_of_order"),
         ("echoed to sender", "echoes"),
         ("server error lines (!)", "server_errors"),
-        ("server disconnects", "disconnects"),
+        ("server disconnects" + (" (not resumed)" if resume else ""), "disconnects"),
         ("connect failures", "connect_failures"),
         ("join failures", "join_failures"),
-    ):
+    ]
+    if resume:
+        incomplete = t["resumes_incomplete"]
+        checks.append(
+            Check(
+                "resumes incomplete",
+                "not set" if max_incomplete_resumes is None else f"<= {max_incomplete_resumes:g}",
+                f"{incomplete} (of {incomplete + t['resumes_complete']} resumes)",
+                max_incomplete_resumes is None or incomplete <= max_incomplete_resumes,
+                max_incomplete_resumes is not None,
+            )
+        )
+        always.append(("line ids differing between members", "id_mismatches"))
+    for name, key in always:
         checks.append(Check(name, "= 0", str(t[key]), t[key] == 0))
     checks.append(Check("user exceptions", "= 0", str(user_exceptions), user_exceptions == 0))
     return checks
@@ -125,6 +145,19 @@ def details(totals: dict[str, Any], deadline: float) -> list[tuple[str, str, str
             f" max {_fmt_ms(t['swarm_lag_max_ms'])}",
         )
     )
+    if t.get("resume_mode"):
+        reconnect = " ".join(f"{q} {_fmt_ms(t['reconnect_' + q + '_ms'])}" for q in ("p50", "p99", "max"))
+        rows += [
+            (
+                "resumes",
+                "resume mode",
+                f"{t['resumes_complete']} complete, {t['resumes_incomplete']} incomplete, after"
+                f" {t['server_closes']} server-initiated disconnects; {t['reconnect_retries']} reconnect"
+                f" attempts failed and were retried",
+            ),
+            ("reconnect time", "disconnect to resumed", reconnect),
+            ("dedup by id", "", f"{t['deduped']} lines dropped as already seen (not counted as deliveries)"),
+        ]
     pairs = t.get("by_transport", {})
     if len(pairs) > 1:
         each = ", ".join(f"{pair} {n['expected'] - n['lost']}/{n['expected']}" for pair, n in pairs.items())

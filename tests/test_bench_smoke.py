@@ -24,6 +24,9 @@ from _require import missing, require_binary
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from bench.machine import Pinning, machine_info
+from bench.report import SCHEMA, Results, check_targets
+from bench.scenarios import Idle
 from bench.servers import find_ngircd
 
 SmokeRun = tuple[subprocess.CompletedProcess[str], dict[str, Any]]
@@ -55,7 +58,7 @@ def test_bench_smoke_every_member_gets_every_line(smoke: SmokeRun) -> None:
     seed = runs["seed"]
     assert seed["delivered"] > 0 and seed["lost"] == 0
     idle = runs["idle"]["idle"]
-    assert idle["probe_expected"] and idle["probe_delivered"] == idle["probe_expected"]
+    assert idle["probe_delivered"] == idle["probe_expected"] == runs["idle"]["members"] - 1
     ids = runs["chat-svc-ids"]
     assert ids["delivered"] > 0 and ids["lost"] == 0
     assert ids["id_missing"] == ids["id_errors"] == ids["id_mismatch"] == 0
@@ -85,7 +88,7 @@ def test_bench_smoke_drives_chat_svc_over_websocket(smoke: SmokeRun) -> None:
     assert run["delivered"] == run["expected"] > 0 and run["lost"] == 0
     assert run["malformed"] == 0 and run["duplicates"] == 0 and run["out_of_order"] == 0
     idle = runs["idle-chat-svc-ws"]["idle"]
-    assert idle["probe_expected"] and idle["probe_delivered"] == idle["probe_expected"]
+    assert idle["probe_delivered"] == idle["probe_expected"] == runs["idle-chat-svc-ws"]["members"] - 1
 
 
 @pytest.mark.slow
@@ -109,3 +112,17 @@ def test_run_py_still_runs_the_benchmark() -> None:
         [sys.executable, str(ROOT / "bench" / "run.py"), "--help"], capture_output=True, text=True, timeout=60
     )
     assert r.returncode == 0 and "python -m bench" in r.stdout, r.stderr
+
+
+def test_the_idle_verdict_counts_the_members_asked_for_not_those_that_got_in() -> None:
+    """A run where 10,116 of 19,000 WebSocket members got in, all reached, printed PASS."""
+
+    def verdict(delivered: int, got_in: int) -> str:
+        idle = Idle("chat-svc-ws", 19000, 1, delivered, got_in, 2.77, 2.7, 9.6, 97.5, 45.0, 379.0, 0.3)
+        results = Results(SCHEMA, "quick", machine_info(), Pinning(False), None, idle_ws=idle)  # type: ignore[arg-type]
+        (target,) = [t for t in check_targets(results) if "members, every one reached" in t.target]
+        return f"{target.status} {target.measured}"
+
+    assert verdict(10116, 10116).startswith("FAIL 10,116/18,999 reached (10,116 got in)")
+    assert verdict(18998, 18999).startswith("FAIL")
+    assert verdict(18999, 18999).startswith("PASS 18,999/18,999 reached")

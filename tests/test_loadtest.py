@@ -26,6 +26,7 @@ from typing import Any
 
 import pytest
 from _chat import ROOT, free_port
+from _locust import LOCUST, headless, run_locust, start_locust
 from _require import require_installed
 
 if str(ROOT) not in sys.path:
@@ -34,9 +35,6 @@ if str(ROOT) not in sys.path:
 from loadtest._ledger import Ledger
 from loadtest._recorder import Recorder, parse_probe, probe_line
 from loadtest._verdict import Verdict, evaluate, to_csv
-
-LOCUST = [sys.executable, "-m", "locust", "-f", str(ROOT / "loadtest")]
-
 
 # ---------------------------------------------------------------------------
 # unit tests of the judge
@@ -319,26 +317,6 @@ def faulty_server() -> Iterator[type[FaultyServer]]:
             srv.stats()
 
 
-def _start_locust(tmp_path: Path, *args: str) -> subprocess.Popen[str]:
-    """``locust -f loadtest ARGS`` in the background; its stdout and stderr in one pipe."""
-    return subprocess.Popen([*LOCUST, *args], cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-def _headless(tmp_path: Path, port: int) -> list[str]:
-    """Flags of a headless run against ``port`` that writes tmp_path/summary.json."""
-    summary = tmp_path / "summary.json"
-    return ["--headless", "--host", f"tcp://127.0.0.1:{port}", "--summary-json", str(summary), "--only-summary"]
-
-
-def _run_locust(tmp_path: Path, port: int, *args: str, timeout: float = 90) -> tuple[int, str, dict]:
-    cmd = [*LOCUST, *_headless(tmp_path, port), *args]
-    proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=timeout)
-    out = proc.stdout + proc.stderr
-    summary = tmp_path / "summary.json"
-    assert summary.exists(), out[-3000:]
-    return proc.returncode, out, json.loads(summary.read_text())
-
-
 def _result_line(out: str) -> str:
     return next(line for line in out.splitlines() if line.startswith("RESULT:"))
 
@@ -347,7 +325,7 @@ def _run_distributed(tmp_path: Path, port: int, *args: str) -> tuple[int, str, d
     """1 master + 2 worker processes talking over Locust's loopback messaging."""
     mport = free_port()
     summary = tmp_path / "summary.json"
-    master = _start_locust(
+    master = start_locust(
         tmp_path,
         "--master",
         "--master-bind-host",
@@ -356,7 +334,7 @@ def _run_distributed(tmp_path: Path, port: int, *args: str) -> tuple[int, str, d
         str(mport),
         "--expect-workers",
         "2",
-        *_headless(tmp_path, port),
+        *headless(tmp_path, port),
         *args,
     )
     workers = [
@@ -397,7 +375,7 @@ def test_smoke_against_real_server(chat_server: Any, tmp_path: Path) -> None:
     """CI smoke: ~50 users for ~15 s, exit 0, every expected delivery arrived."""
     require_installed("locust")
     srv = chat_server("--flood-rate", "0")
-    rc, out, s = _run_locust(tmp_path, srv.port, "-u", "50", "-r", "25", "-t", "15s", "--csv", "run")
+    rc, out, s = run_locust(tmp_path, srv.port, "-u", "50", "-r", "25", "-t", "15s", "--csv", "run")
     t = s["totals"]
     assert rc == 0, out[-3000:]
     assert "RESULT: PASS" in out and s["passed"] is True and s["result"] == "RESULT: PASS"
@@ -422,7 +400,7 @@ def test_smoke_against_real_server(chat_server: Any, tmp_path: Path) -> None:
 def test_faulty_server_fails_the_run_and_names_the_loss(faulty_server: Any, tmp_path: Path) -> None:
     require_installed("locust")
     srv = faulty_server("--drop-every", "40", "--dup-every", "97")
-    rc, out, s = _run_locust(tmp_path, srv.port, "-u", "20", "-r", "20", "-t", "6s", "--deadline", "2")
+    rc, out, s = run_locust(tmp_path, srv.port, "-u", "20", "-r", "20", "-t", "6s", "--deadline", "2")
     fault = srv.stats()
     t = s["totals"]
     assert rc != 0, out[-3000:]
@@ -444,12 +422,12 @@ def test_thresholds_decide_the_exit_code_end_to_end(faulty_server: Any, tmp_path
     require_installed("locust")
     srv = faulty_server("--drop-every", "40")
     quick = ["-u", "10", "-r", "10", "-t", "4s", "--deadline", "1", "--max-loss-ratio", "0.1"]
-    rc, out, s = _run_locust(tmp_path, srv.port, *quick)
+    rc, out, s = run_locust(tmp_path, srv.port, *quick)
     assert rc == 0, out[-3000:]
     assert s["totals"]["lost_deliveries"] > 0 and s["totals"]["loss_ratio"] <= 0.1
     assert _result_line(out) == "RESULT: PASS" and s["passed"] is True
 
-    rc, out, s = _run_locust(tmp_path, srv.port, *quick, "--min-deliveries-per-s", "1e9")
+    rc, out, s = run_locust(tmp_path, srv.port, *quick, "--min-deliveries-per-s", "1e9")
     assert rc == 1, out[-3000:]
     assert _result_line(out).startswith("RESULT: FAIL - deliveries/s ") and "violates >= 1e+09" in out
     assert [c["name"] for c in s["checks"] if not c["ok"]] == ["deliveries/s"]
@@ -463,7 +441,7 @@ def test_server_freeze_counts_late_deliveries_apart_from_lost_ones(chat_server: 
     srv = chat_server("--flood-rate", "0")
     users = 6
     run = ["-u", str(users), "-r", str(users), "-t", "10s", "--deadline", "1"]
-    proc = _start_locust(tmp_path, *_headless(tmp_path, srv.port), *run)
+    proc = start_locust(tmp_path, *headless(tmp_path, srv.port), *run)
     try:
         metrics = f"http://127.0.0.1:{srv.port}/metrics"
         _until(f"{users} members", lambda: f"chat_members {users}.0" in _get(metrics).decode(), timeout=20)
@@ -488,7 +466,7 @@ def test_server_disconnects_fail_the_run_and_users_reconnect(chat_server: Any, t
     """Listen-only users idle past the server's --idle-timeout get dropped by the server."""
     require_installed("locust")
     srv = chat_server("--idle-timeout", "1")
-    rc, out, s = _run_locust(tmp_path, srv.port, "-u", "4", "-r", "4", "-t", "4s", "--msg-rate", "0", "--deadline", "1")
+    rc, out, s = run_locust(tmp_path, srv.port, "-u", "4", "-r", "4", "-t", "4s", "--msg-rate", "0", "--deadline", "1")
     t = s["totals"]
     assert rc != 0, out[-3000:]
     assert "server disconnects" in _result_line(out)
@@ -537,7 +515,7 @@ def test_web_ui_form_runs_the_swarm_and_shows_the_verdict(chat_server: Any, tmp_
     require_installed("locust")
     srv = chat_server("--flood-rate", "0")
     web = free_port()
-    proc = _start_locust(
+    proc = start_locust(
         tmp_path, "--web-host", "127.0.0.1", "--web-port", str(web), "--deadline", "2", "--room-size", "3"
     )
     try:

@@ -17,8 +17,8 @@ from typing import Any
 
 import pytest
 from _chat import ROOT, free_port, wait_port
+from _locust import run_locust
 from _require import require_installed
-from test_loadtest import _run_locust
 
 PAIRS = {"tcp->tcp", "tcp->ws", "ws->tcp", "ws->ws"}
 
@@ -27,7 +27,7 @@ PAIRS = {"tcp->tcp", "tcp->ws", "ws->tcp", "ws->ws"}
 def test_a_mixed_swarm_of_200_users_passes_with_zero_loss_across_transports(chat_server: Any, tmp_path: Path) -> None:
     require_installed("locust")
     srv = chat_server("--flood-rate", "0")
-    rc, out, s = _run_locust(
+    rc, out, s = run_locust(
         tmp_path, srv.port, "-u", "200", "-r", "100", "-t", "15s", "--ws-share", "0.5", "--csv", "run", timeout=120
     )
     t = s["totals"]
@@ -54,7 +54,7 @@ def test_a_server_that_drops_websocket_lines_fails_the_swarm_and_only_ws_members
     server = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
         wait_port("127.0.0.1", port, proc=server)
-        rc, out, s = _run_locust(tmp_path, port, "-u", "40", "-r", "40", "-t", "8s", "--ws-share", "0.5")
+        rc, out, s = run_locust(tmp_path, port, "-u", "40", "-r", "40", "-t", "8s", "--ws-share", "0.5")
     finally:
         server.terminate()
         server.wait(10)

@@ -10,6 +10,7 @@ notices nothing.  Whatever a connection does, it is a member or gone within
 
 from __future__ import annotations
 
+import signal
 import threading
 import time
 
@@ -17,6 +18,8 @@ from _attack import Crowd, connect
 from _chat import LineClient, make_cert, scrape
 from _probe import Bystander
 from _require import require_binary
+
+BUSY = b"! server busy: too many connections waiting, try again\n"
 
 
 def test_header_tricklers_from_one_address_cannot_keep_anyone_else_out(chat_server):
@@ -97,3 +100,41 @@ def test_max_per_ip_counts_connections_from_accept(chat_server):
         sock.close()
     time.sleep(0.2)
     assert scrape(srv.port)["chat_connections_refused_total{reason=max_per_ip}"] == 1
+
+
+def test_a_connection_dropped_as_its_sniff_window_ends_never_gets_a_session(chat_server):
+    """The room drops a stuck silent connection in the same turn of the event loop as its sniff window ends.
+
+    The server is stopped while a newcomer's handshake completes in the kernel and
+    the silent one's window runs out; once it runs again, one turn of its loop
+    usually holds both: the accept that drops the silent one (its socket closed),
+    then its sniff timer (the other order makes it a member: that attempt proves
+    nothing and another is made).  The timer ended its wait, so nothing failed in
+    it: it used to go on and build a session on the closed socket (a Traceback,
+    EBADF), as under a burst of WebSocket members whose first bytes TCP had
+    delayed past the window.
+    """
+    srv = chat_server("--max-pending", "1", "--http-sniff-ms", "1000")
+    told = []
+    while len(told) < 8 and told.count(BUSY) < 2:
+        silent = connect(srv.host, srv.port)  # sniffed for 1 s, stuck (may be dropped) after 0.5 s
+        started = time.monotonic()
+        time.sleep(0.7)
+        srv.signal(signal.SIGSTOP)
+        try:
+            newcomer = connect(srv.host, srv.port, "127.0.0.2")
+            time.sleep(max(0.0, started + 1.3 - time.monotonic()))
+        finally:
+            srv.signal(signal.SIGCONT)
+        silent.settimeout(5)
+        told.append(silent.recv(200))
+        if told[-1] == BUSY:
+            assert silent.recv(200) == b""
+        newcomer.settimeout(5)
+        assert newcomer.recv(200).startswith(b"* welcome")  # silent too: a member after its window
+        silent.close()
+        newcomer.close()
+    print(told)
+    assert BUSY in told
+    assert "Traceback" not in srv.log_text()
+    assert srv.scrape()["chat_connections_refused_total{reason=pending_full}"] == told.count(BUSY)

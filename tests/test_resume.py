@@ -16,7 +16,10 @@ import redis as redis_client
 from _backplane import cluster, joined, metrics
 from _chat import LineClient, ServerProcess, wait_for
 from _redis import RedisServer
-from chat_svc.backplane import keys
+from chat_svc.backplane import RedisBackplane, keys
+from chat_svc.hub import Hub, Member
+from chat_svc.metrics import Counters
+from chat_svc.roomlog import Gap, RoomLogs
 
 Start = Callable[..., ServerProcess]
 ID = re.compile(r"@([A-Za-z0-9]{1,16}):(\d+) (.*)")
@@ -73,7 +76,7 @@ def test_a_member_that_reconnects_gets_exactly_the_lines_it_missed(chat_server: 
     bob.send("live again")
     assert split_id(back.expect_re(r"live again$")) == (epoch, offset + 51, "[bob] live again")
     samples = metrics(srv)
-    assert samples['chat_resumes_total{outcome=complete}'] == 1
+    assert samples["chat_resumes_total{outcome=complete}"] == 1
     assert samples["chat_resume_lines_total"] == 50
 
 
@@ -123,7 +126,7 @@ def test_a_stale_epoch_or_an_id_older_than_retention_is_reported_then_history_fo
     assert [n for _, n, _ in lines] == [offset + 28, offset + 29, offset + 30]  # each history line keeps its own id
     bob.send("after")
     assert late.expect_re(r"after$").endswith(" [bob] after")
-    assert metrics(srv)['chat_resumes_total{outcome=incomplete}'] == 3
+    assert metrics(srv)["chat_resumes_total{outcome=incomplete}"] == 3
 
 
 def test_a_resume_into_a_room_moves_the_member_there(chat_server: Start) -> None:
@@ -187,7 +190,7 @@ def test_an_emptied_rooms_log_is_kept_for_resumes_then_dropped(chat_server: Star
     bob.close()
     alice.close()
     wait_for(lambda: metrics(srv)["chat_members"] == 0, 5, "both gone: the room is empty")
-    assert metrics(srv)['chat_room_logs{state=dormant}'] >= 1
+    assert metrics(srv)["chat_room_logs{state=dormant}"] >= 1
     _, replay, end = resume(srv, "alice2", "quiet", epoch, offset)
     assert [text for _, _, text in map(split_id, replay)] == ["[bob] unheard"] and end.startswith("* resumed quiet")
     carol = srv.member("carol")
@@ -201,7 +204,7 @@ def test_an_emptied_rooms_log_is_kept_for_resumes_then_dropped(chat_server: Star
     epoch2, offset2 = last_id(dave, "[erin] gone soon")
     dave.close()
     erin.close()
-    wait_for(lambda: metrics(srv2)['chat_room_logs_dropped_total{reason=expired}'] == 2, 5, "lobby's and brief's")
+    wait_for(lambda: metrics(srv2)["chat_room_logs_dropped_total{reason=expired}"] == 2, 5, "lobby's and brief's")
     _, _, end = resume(srv2, "dave2", "brief", epoch2, offset2)
     assert end == "! resume incomplete brief: epoch changed"
 
@@ -248,7 +251,8 @@ def test_a_member_resumes_on_the_other_instance_with_nothing_lost(
     watcher.expect("[bob] marker")  # published: every line before it is in Redis
     back, replay, end = resume(b, "alice2", "r", epoch, offset)
     assert [split_id(line) for line in replay] == [
-        *((epoch, offset + 1 + n, f"[bob] missed {n}") for n in range(40)), (epoch, offset + 41, "[bob] marker")
+        *((epoch, offset + 1 + n, f"[bob] missed {n}") for n in range(40)),
+        (epoch, offset + 41, "[bob] marker"),
     ]
     assert end == "* resumed r: 41 lines"
     bob.send("live")
@@ -324,3 +328,68 @@ def test_lines_said_while_redis_cannot_take_them_make_a_later_resume_incomplete(
     assert end == "! resume incomplete r: epoch changed"  # ...and a resume from before it says so
     _, _, end = resume(a, "alice2", "r", local_epoch, local_offset - 1)
     assert end == "! resume incomplete r: epoch changed"  # a's fallback epoch ended when Redis came back
+
+
+# ----------------------------------------------------------------------------- the mirror's seam, in process
+
+
+class RoomWriter:
+    """Lines into a room's Redis log by the service's own PUBLISH script, as an instance publishes them."""
+
+    def __init__(self, url: str, room: str) -> None:
+        self.room = room
+        self.store = redis_client.Redis.from_url(url)
+        self.script = self.store.register_script(keys.PUBLISH)
+
+    def say(self, text: str) -> tuple[bytes, int]:
+        epoch, offset = self.script(
+            keys=[keys.meta(self.room), keys.log(self.room)],
+            args=["E1", keys.LINE, f"[w] {text}\n", keys.envelope_prefix("w", keys.LINE), 1, 1000, 1 << 20, 60,
+                  keys.room_channel(self.room)],
+        )  # fmt: skip
+        return epoch, int(offset)
+
+
+def joining_instance(url: str) -> tuple[RedisBackplane, Hub, Member]:
+    """A real hub and backplane on the real Redis, seen as up and subscribed to ``r``: the
+    subscription's part is played by calling the hub's hook for it (remember_remote), so the
+    order of the seam is fixed instead of left to the scheduler."""
+    hub = Hub(Counters(), logs=RoomLogs(local=False))
+    plane = RedisBackplane(url, hub, instance_id="seam")
+    hub.backplane = plane
+    plane.subscriber.up = True
+    plane.subscriber._subscribed.add("r")
+    plane.subscriber._confirmed.add("r")
+    return plane, hub, Member("m", None)  # type: ignore[arg-type]  # only its presence is touched
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("dormant", [False, True], ids=["fresh-instance", "room-emptied-here"])
+def test_a_line_heard_before_the_joiners_read_leaves_no_hole_in_the_mirror(
+    redis_server: RedisServer, dormant: bool
+) -> None:
+    """Found by the rolling restart (one resume in ~480 was "3 lines no longer retained"): the
+    subscription, confirmed, brings line 8 before the joiner's read of the Redis log is sent. On a
+    fresh instance (or where the room emptied after line 2) the mirror then starts a segment at 8;
+    a read from after 8 left 3..7 (or 1..7) missing for good, so resumes from inside were refused."""
+    writer = RoomWriter(redis_server.url, "r")
+    plane, hub, member = joining_instance(redis_server.url)
+    room_log = hub.logs.open("r")
+    said = [writer.say(f"line {k}") for k in range(1, 11)]
+    epoch = said[0][0]
+    if dormant:  # the mirror followed Redis up to line 2, then the room's last member here left
+        for k in (1, 2):
+            room_log.add(epoch, k, f"[w] line {k}\n".encode(), True)
+        hub.logs.dormant(room_log)
+    hub.remember_remote("r", epoch, 8, b"[w] line 8\n", True)  # heard after the SUBSCRIBE was confirmed
+    assert plane.joining(member, "r", (epoch, 4)) is None
+    assert room_log.synced
+    replay = room_log.since(epoch, 4)
+    assert not isinstance(replay, Gap), replay
+    assert [entry[1] for entry in replay] == [5, 6, 7, 8, 9, 10]
+    # one read, from where the mirror first lacked a line (or from the resume's id, when older)
+    assert (room_log.first, room_log.last, plane.reads) == (1 if dormant else 5, 10, 1)
+    if not dormant:  # a later resume from before what the mirror holds reads again, from its id
+        assert plane.joining(member, "r", (epoch, 1)) is None
+        assert [entry[1] for entry in room_log.since(epoch, 1)] == list(range(2, 11))  # type: ignore[union-attr]
+        assert plane.reads == 2

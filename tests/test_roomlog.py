@@ -185,6 +185,33 @@ def test_merge_splices_a_redis_read_with_lines_that_arrived_meanwhile() -> None:
     assert store.bytes == log.bytes
 
 
+def test_a_line_the_subscription_brings_after_a_read_had_it_is_not_added_twice() -> None:
+    """The drain/resume seam (found by the rolling restart): a joiner's read of the Redis log
+    and the subscription both carry the lines published while the read was on its way; the
+    second copy must not start a segment (later resumes from before it were refused as
+    "no longer retained") nor reach the members again (the joiner had it in its replay)."""
+    log = RoomLogs(local=False).open("r")
+    log.merge(b"E", [(k, f"[a] {k}\n".encode(), True) for k in range(1, 11)], 10, (log.epoch, log.next))
+    assert log.add(b"E", 9, b"[a] 9\n", True) is None
+    assert log.add(b"E", 10, b"[a] 10\n", True) is None
+    assert log.add(b"E", 11, b"[a] 11\n", True) == (b"E", 11, b"[a] 11\n", True)
+    assert (log.first, log.last) == (1, 11)
+    assert [entry[1] for entry in log.since(b"E", 2)] == list(range(3, 12))  # type: ignore[union-attr]
+
+
+def test_merge_joins_an_older_segment_to_one_the_subscription_started_past_a_hole() -> None:
+    """A dormant mirror (room emptied here) holds 1..5; a joiner reads from 6 while the new
+    subscription already brought 9 (a new segment): the read fills 6..8 and 1..9 resume again."""
+    log = RoomLogs(local=False).open("r")
+    for k in range(1, 6):
+        log.add(b"E", k, f"[a] {k}\n".encode(), True)
+    before = (log.epoch, log.next)
+    log.add(b"E", 9, b"[a] 9\n", True)
+    assert log.since(b"E", 3) == Gap("5 lines no longer retained")
+    log.merge(b"E", [(k, f"[a] {k}\n".encode(), True) for k in range(6, 9)], 8, before)
+    assert [entry[1] for entry in log.since(b"E", 1)] == list(range(2, 10))  # type: ignore[union-attr]
+
+
 def test_merge_with_no_redis_log_forgets_the_epoch_it_mirrored() -> None:
     store = RoomLogs(local=False)
     log = store.open("r")
@@ -221,3 +248,43 @@ def test_a_dropped_line_is_let_go_at_once_not_at_the_next_compaction() -> None:
         log.append(other, True)
     assert len(log) == 3 and line not in [entry[2] for entry in log.entries()]
     assert sys.getrefcount(line) == held - 1  # the log's reference is gone
+
+
+def test_a_read_of_redis_starts_after_the_oldest_run_a_mirror_holds_not_after_its_newest_line() -> None:
+    """The rolling restart's last hole: a line the subscription brought before a joiner's read
+    was sent (a fresh instance, or a room that had emptied here) started a segment, and a read
+    from after that line left the lines between for good."""
+    log = RoomLogs(local=False).open("r")
+    assert log.held_through() == 0  # nothing yet: the read takes all Redis holds (no epoch)
+    for k in range(1, 6):
+        log.add(b"E", k, f"[a] {k}\n".encode(), True)
+    assert log.held_through() == 5
+    log.add(b"E", 9, b"[a] 9\n", True)  # heard while the room had no member here
+    log.add(b"E", 10, b"[a] 10\n", True)
+    assert (log.held_through(), log.last) == (5, 10)
+    log.add(b"F", 3, b"[a] new epoch\n", True)
+    assert log.held_through() == 3  # lines of an older epoch are history only
+
+
+def test_held_through_skips_older_epochs_and_trimmed_lines() -> None:
+    log = RoomLogs(local=False, max_lines=4).open("r")
+    log.add(b"E", 1, b"[a] old\n", True)
+    for k in (7, 8, 9, 11):
+        log.add(b"F", k, f"[a] {k}\n".encode(), True)
+    assert log.held_through() == 9  # E:1 went with the line bound; F's first run is 7..9
+    log.add(b"F", 12, b"[a] 12\n", True)  # 7 goes
+    assert log.held_through() == 9
+
+
+def test_a_mirror_members_follow_takes_from_a_read_only_what_it_lacks_below_its_newest_line() -> None:
+    """The rolling restart's one lost delivery: a resume from before what a followed mirror holds
+    reads Redis, and the read also carries lines still on their way through the subscription.
+    Taken from the read, the subscription's copy was dropped as held, so the members already
+    in the room never got them."""
+    log = RoomLogs(local=False).open("r")
+    log.merge(b"E", [(k, f"[a] {k}\n".encode(), True) for k in range(5, 9)], 8, (log.epoch, log.next))
+    read = [(k, f"[a] {k}\n".encode(), True) for k in range(2, 11)]  # 9 and 10 are in flight to us
+    log.merge(b"E", read, 10, (log.epoch, log.next), following=True)
+    assert (log.first, log.last) == (2, 8)
+    assert log.add(b"E", 9, b"[a] 9\n", True) == (b"E", 9, b"[a] 9\n", True)  # reaches the members
+    assert [entry[1] for entry in log.since(b"E", 1)] == list(range(2, 10))  # type: ignore[union-attr]

@@ -95,8 +95,8 @@ class Admission:
         self.closed = reason
 
 
-# A connection that has waited this long (twice the default sniff window) is stuck,
-# not merely queued behind a burst: only such a one is dropped to make room.
+# A connection that has waited this long for its client (twice the default sniff
+# window) since the server got to it is stuck: only such a one is dropped to make room.
 STUCK_AFTER = 0.5
 
 
@@ -104,10 +104,14 @@ class WaitingRoom:
     """Connections accepted but not admitted yet, at most ``limit`` and at most ``room()`` at once.
 
     When the room is full, a newcomer takes the place of the oldest stuck
-    connection (waiting over ``STUCK_AFTER`` seconds) of the address holding
-    the most places: one address trickling headers into every place loses its
-    own first, and a newcomer from anywhere else gets in at once.  While no one
-    is stuck the room is simply ``full``: the listener stops accepting until a
+    connection (served for over ``STUCK_AFTER`` seconds and still not
+    admitted) of the address holding the most places: one address trickling
+    headers into every place loses its own first, and a newcomer from anywhere
+    else gets in at once.  Time a connection spent queued behind the server's
+    own work (its greenlet not started yet, in a burst the server is slower
+    to take in than it arrives) does not count: that one is not stuck, and
+    dropping it would only make the server drop the next.  While no one is
+    stuck the room is simply ``full``: the listener stops accepting until a
     place frees, and the burst waits in the kernel's backlog, where it costs
     nothing (a benchmark or a NAT'd office connecting all at once).
     """
@@ -141,9 +145,9 @@ class WaitingRoom:
         """The oldest stuck arrival of the address holding the most places, if any is stuck."""
         cutoff = time.monotonic() - STUCK_AFTER
         oldest = (next(iter(seated)) for seated in self._by_ip.values())
-        stuck = [arrival for arrival in oldest if arrival.since <= cutoff]
+        stuck = [arrival for arrival in oldest if arrival.served <= cutoff]
         # The address holding the most places first; between equals, the longest waiting.
-        return max(stuck, key=lambda arrival: (len(self._by_ip[arrival.ip]), -arrival.since), default=None)
+        return max(stuck, key=lambda arrival: (len(self._by_ip[arrival.ip]), -arrival.served), default=None)
 
     def move(self, arrival: Arrival, ip: str) -> None:
         """Seat ``arrival`` under another address (the real client's, from a PROXY header)."""
@@ -175,11 +179,9 @@ class Arrival:
     whatever the client does.
     """
 
-    __slots__ = ("_room", "_slots", "_slotted", "deadline", "dropped", "ip", "port", "since", "sock")
+    __slots__ = ("_room", "_slots", "_slotted", "deadline", "dropped", "ip", "port", "served", "since", "sock")
 
-    def __init__(
-        self, address: tuple[str, int], sock: Any, room: WaitingRoom, slots: Admission, budget: float
-    ) -> None:
+    def __init__(self, address: tuple[str, int], sock: Any, room: WaitingRoom, slots: Admission, budget: float) -> None:
         self.ip, self.port = address[0], address[1]
         self.sock = sock
         self._room = room
@@ -187,6 +189,8 @@ class Arrival:
         self._slotted = False
         self.since = time.monotonic()
         self.deadline = self.since + budget if budget else float("inf")
+        # When its greenlet started: from then on, what it waits for is its client.
+        self.served = float("inf")
         self.dropped = False
 
     @property
@@ -198,6 +202,10 @@ class Arrival:
         if self.deadline == float("inf"):
             return None
         return max(0.0, self.deadline - time.monotonic())
+
+    def serve(self) -> None:
+        """The server got to the connection (its greenlet runs): the room's stuck clock starts."""
+        self.served = time.monotonic()
 
     def claim(self, address: tuple[str, int]) -> str | None:
         """Take the connection's place under its client address (--max-per-ip), or say why not."""

@@ -466,8 +466,20 @@ class Hub:
     def deliver_remote(
         self, room: Room, epoch: bytes, offset: int, data: bytes, chat: bool, sender: Member | None, t_read: float
     ) -> None:
-        """A line with the id Redis gave it (from the subscription), into the room."""
-        self.deliver(room, room.log.add(epoch, offset, data, chat), sender, t_read)
+        """A line with the id Redis gave it (from the subscription), into the room, unless it is there already."""
+        entry = room.log.add(epoch, offset, data, chat)
+        if entry is not None:
+            self.deliver(room, entry, sender, t_read)
+
+    def remember_remote(self, room_name: str, epoch: bytes, offset: int, data: bytes, chat: bool) -> None:
+        """A line from the subscription for a room with no member here yet (one is joining): into its log only.
+
+        The joiner reads the Redis log meanwhile; a line published after that read and heard
+        before the joiner is in must still be in the log its replay and the next resumes use.
+        """
+        room_log = self.logs.get(room_name)
+        if room_log is not None and not room_log.local:
+            room_log.add(epoch, offset, data, chat)
 
     def deliver(self, room: Room, entry: Entry, sender: Member | None, t_read: float | None) -> None:
         """Append a line of the room log to the sweep log for this process's members."""
@@ -582,8 +594,11 @@ class Hub:
         _, data, senders, count = entry
         member.rseq = end
         if member in senders:
-            others = [line for line, sender in zip(source[offset:], room.senders[offset:], strict=True)
-                      if sender is not member]
+            others = [
+                line
+                for line, sender in zip(source[offset:], room.senders[offset:], strict=True)
+                if sender is not member
+            ]
             if not others:
                 return
             count = len(others)

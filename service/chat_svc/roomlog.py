@@ -106,6 +106,27 @@ class RoomLog:
     def entries(self) -> list[Entry]:
         return self._entries[self._head :]
 
+    def held_through(self) -> int:
+        """The end of the oldest run of its epoch's lines a mirror holds: a read of Redis starts after it.
+
+        Past that run the mirror may have holes: the subscription starts a new segment
+        for a line heard while the mirror did not follow Redis (the room had no member
+        here, or a joiner's read was not sent yet), so a read from after the newest line
+        would leave the hole for good and every resume from inside it would be answered
+        incomplete.  Lines older than the run are older than the mirror, like trimmed
+        ones; a resume that asks for them starts the read at its own id.
+        """
+        offset: int | None = None
+        for entry in self._entries[self._head :]:
+            if offset is None:
+                if entry[0] == self.epoch:
+                    offset = entry[1]
+            elif entry[0] != self.epoch or entry[1] != offset + 1:
+                break
+            else:
+                offset += 1
+        return self.last if offset is None else offset
+
     # -- writing ------------------------------------------------------------
 
     def append(self, data: bytes, chat: bool) -> Entry:
@@ -116,15 +137,29 @@ class RoomLog:
             self.synced = False
         return self._push((self.epoch, self.next, data, chat))
 
-    def add(self, epoch: bytes, offset: int, data: bytes, chat: bool) -> Entry:
-        """A line whose id Redis assigned; a new epoch or a skipped offset starts a new segment."""
+    def add(self, epoch: bytes, offset: int, data: bytes, chat: bool) -> Entry | None:
+        """A line whose id Redis assigned; a new epoch or a skipped offset starts a new segment.
+
+        None for a line the log holds already: a read of the Redis log (``merge``) and the
+        subscription both bring the lines published while the read was on its way, and the
+        one that comes second must neither start a segment (resumes from before it would
+        be refused) nor reach the members again (a joiner had it in its replay).
+        """
+        if not self.local and epoch == self.epoch and self.first <= offset < self.next:
+            return None
         if self.local or epoch != self.epoch or offset != self.next:
             self.local = False
             self._restart(epoch, offset)
         return self._push((epoch, offset, data, chat))
 
     def merge(
-        self, epoch: bytes | None, read: list[tuple[int, bytes, bool]], seq: int, before: tuple[bytes, int]
+        self,
+        epoch: bytes | None,
+        read: list[tuple[int, bytes, bool]],
+        seq: int,
+        before: tuple[bytes, int],
+        *,
+        following: bool = False,
     ) -> None:
         """Splice a read of the Redis log with what the mirror holds; the mirror is then synced.
 
@@ -134,25 +169,31 @@ class RoomLog:
         the mirror when the read was sent: lines that arrived since came
         through the subscription, confirmed before the read, so they follow
         it.  Lines of other epochs stay for history, never for resumes.
+
+        ``following``: the room has members here, and they get its lines from the
+        subscription, which hands on only lines the mirror does not hold yet.  The
+        read's lines past the mirror's newest are on their way through it; taken from
+        the read they would reach no member here, so they are left to it.
         """
+        if following and epoch is not None and epoch == self.epoch and not self.local:
+            read = [entry for entry in read if entry[0] <= self.last]
+            seq = min(seq, self.last)
         self.synced = True
         if epoch is None:
             if not self.local and self.epoch and (self.epoch, self.next) == before:
                 self._restart(b"", self.next)  # the Redis log this mirrored is gone: resumes from it fail
             return
-        current = self._entries[self._seg :] if self.epoch == epoch and not self.local else []
-        first = read[0][0] if read else seq + 1
-        older = [(e[1], e[2], e[3]) for e in current if e[1] < first]
-        if older and older[-1][0] != first - 1:
-            older = []
-        newer = [(e[1], e[2], e[3]) for e in current if e[1] > seq]
+        # Every line of this epoch the mirror holds, in any segment (the subscription may have
+        # started one past a hole this read fills), with the read laid over them.
+        held = {} if self.local else {e[1]: (e[1], e[2], e[3]) for e in self.entries() if e[0] == epoch}
+        held.update((entry[0], entry) for entry in read)
         kept = [e for e in self.entries() if e[0] != epoch]
         self._drop(len(self), None)
         self._entries, self._head, self._seg = [], 0, 0
         for entry in kept:
             self._push(entry)
         self.local = False
-        combined = [*older, *read, *newer]
+        combined = [held[offset] for offset in sorted(held)]
         self._restart(epoch, combined[0][0] if combined else seq + 1)
         for offset, data, chat in combined:
             if offset != self.next:  # a hole the subscription left: resumes only from after it

@@ -165,6 +165,7 @@ class ChatServer(PausingServer):
     def handle_connection(self, sock: Any, address: tuple[str, int], arrival: Arrival) -> None:
         """Pass the connection through the door; close it unless a session owns it."""
         owned = False
+        arrival.serve()
         try:
             if not arrival.dropped:
                 owned = self._pass(arrival)
@@ -193,7 +194,11 @@ class ChatServer(PausingServer):
             if timeout is not budget:
                 raise
             return self.refuse(arrival, "admission_timeout")
-        if chat is None:
+        # The waiting room may have dropped the connection (closed its socket) while
+        # it waited.  A wait it was in fails then, but one that ended on its own
+        # timer in the same turn of the event loop (a silent client's sniff window)
+        # does not: the loop runs the accept that drops it first, the timer next.
+        if chat is None or arrival.dropped:
             return False
         # The session keeps to what is left of the budget itself: past it, it is a member.
         head, stream = chat
@@ -285,4 +290,3 @@ class ChatServer(PausingServer):
     def housekeep(self) -> None:
         """Forget refilled connect buckets; the service calls it every few seconds."""
         self.connects.prune()
-

@@ -16,6 +16,7 @@ every resume after it is answered from memory.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -43,6 +44,10 @@ from .subscriber import Subscriber
 
 # Connections for sessions' queries (/who, joins, /nick); the publisher has its own.
 POOL_SIZE = 32
+# Seconds a resume waits for the subscription to bring a line the member saw on another instance.
+CATCH_UP_WAIT = 2.0
+# Reads of a room's Redis log one join may wait for or send (each is one round trip).
+SYNC_TRIES = 3
 
 
 class RedisBackplane:
@@ -161,12 +166,33 @@ class RedisBackplane:
         try:
             with self.subscriber.joining(room):
                 room_log = self.hub.logs.open(room)
-                if self._stale(room_log, want):
-                    self._sync(room, room_log)
+                self._await_subscription(room_log, want)
+                for _ in range(SYNC_TRIES):
+                    if not self._stale(room_log, want):
+                        break
+                    read = self._sync(room, room_log, want)
+                    # a read another joiner had sent may predate the line this member saw
+                    self._await_subscription(room_log, want)
+                    if read:
+                        break
+                    # or have started after the id this member resumes from: look again
         except ERRORS as exc:
             self.log.info("backplane_join_degraded", room=room, error=str(exc))
         self.publisher.touch(member)
         return None
+
+    @staticmethod
+    def _await_subscription(room_log: RoomLog, want: tuple[bytes, int] | None) -> None:
+        """A resume from a line this synced mirror has not heard yet: it is on its way, wait for it.
+
+        Reading Redis instead would put lines into the mirror that the subscription then
+        brings again, and the members already here must get them from the subscription.
+        """
+        if want is None or not room_log.synced or room_log.local or want[0] != room_log.epoch:
+            return
+        deadline = time.monotonic() + CATCH_UP_WAIT
+        while room_log.synced and room_log.last < want[1] and time.monotonic() < deadline:
+            gevent.sleep(0.005)
 
     @staticmethod
     def _stale(room_log: RoomLog, want: tuple[bytes, int] | None) -> bool:
@@ -178,19 +204,28 @@ class RedisBackplane:
         # synced, yet older than the mirror holds (trimmed by our budget) or newer (in flight to us)
         return want is not None and want[0] == room_log.epoch and not room_log.first - 1 <= want[1] <= room_log.last
 
-    def _sync(self, room: str, room_log: RoomLog) -> None:
-        """Read the room's Redis log and splice it into the mirror; one read per room at a time."""
+    def _sync(self, room: str, room_log: RoomLog, want: tuple[bytes, int] | None) -> bool:
+        """Read the room's Redis log and splice it into the mirror; one read per room at a time.
+
+        The read starts where the mirror first lacks a line, or at the id a resume asks
+        for when that is older, never merely after the mirror's newest line.  False:
+        another joiner's read was running, this one only waited for it.
+        """
         running = self._syncing.get(room)
         if running is not None:
             running.wait()
-            return
+            return False
         done = self._syncing[room] = gevent.event.Event()
         try:
             before = (room_log.epoch, room_log.next)
-            reply = self._read(keys=[keys.meta(room), keys.log(room)], args=[room_log.epoch, room_log.last])
+            after = room_log.held_through()
+            if want is not None and want[0] == room_log.epoch:
+                after = min(after, want[1])
+            reply = self._read(keys=[keys.meta(room), keys.log(room)], args=[room_log.epoch, after])
             self.reads += 1
             epoch, seq, entries = keys.read_reply(reply)
-            room_log.merge(epoch, entries, seq, before)
+            room_log.merge(epoch, entries, seq, before, following=room in self.hub.rooms)
+            return True
         finally:
             del self._syncing[room]
             done.set()

@@ -320,6 +320,8 @@ class Subscriber:
         ours = self.sender_of(tag, lane) if origin == self._origin else None
         room = hub.rooms.get(name)
         if room is None:
+            if name in self._joining:
+                hub.remember_remote(name, epoch, offset, data, kind == keys.LINE)
             return
         if ours is None:
             self.received += 1
