@@ -17,18 +17,21 @@ Servers (``--servers``):
             machine's limit for a line relay; ratios against it say how close chat-svc comes
   ngircd    a real IRC server (Debian package ngircd) driven with chatload --protocol irc
 
-Scenarios (flood control off, 64-byte lines, all members in one room):
+Scenarios (flood control off, 64-byte lines, all members in one room unless said):
   fanout    1000 members all sending at 100/300/1000/2000/3000 msg/s in total
   search    largest rate with p99 <= 50 ms and 0 loss, for every server; ratios
   idle      19,000 idle members, one broadcast reaching every one; RSS per member
   redis     two chat-svc instances sharing the room through a local redis-server
+  shards    two instances, 1000 members in 10 rooms, one Redis against a 3-master Redis Cluster
+            started here: deliveries, p99, loss, and the CPU of every chat-svc and redis-server
   profile   py-spy on chat-svc at 2000 msg/s: where the server's Python time goes
   crosscheck  (with --crosscheck-loadgen PATH) the same points measured by an
             independent load generator, to compare with chatload
 
 Modules: machine (the host, its cores, pinning), generator (building and running the C load
 generators), servers (server processes, their exit and log checks, Prometheus scrapes), measure
-(one typed Run per measurement, medians per point), scenarios, report, __main__.
+(one typed Run per measurement, medians per point), scenarios, shards (the shards scenario),
+rediscluster (a Redis Cluster on loopback, shared with the tests), report, __main__.
 """
 
 from __future__ import annotations

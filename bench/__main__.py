@@ -14,14 +14,14 @@ from pathlib import Path
 from types import FrameType
 
 import bench
-from bench import BENCH, log, scenarios
+from bench import BENCH, log, scenarios, shards
 from bench.generator import BROADCASTER_SRC, CHATLOAD_SRC, Chatload, Loadgen, Timing, build
 from bench.machine import Pinning, machine_info
 from bench.measure import GEN_CPU_LIMIT, NOISE_LIMIT, P99_LIMIT_MS, Bench
 from bench.report import SCHEMA, Params, Results, check_targets, describe, render
 from bench.servers import default_ours_cmd, export_snapshot, find_ngircd, kinds
 
-SCENARIOS = ("fanout", "search", "idle", "idle-ws", "redis", "storm", "profile", "crosscheck")
+SCENARIOS = ("fanout", "search", "idle", "idle-ws", "redis", "shards", "storm", "profile", "crosscheck")
 SERVERS = ("chat-svc", "chat-svc-base", "chat-svc-ids", "chat-svc-ws", "seed", "c-epoll", "ngircd")
 
 
@@ -42,6 +42,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--rates", default="100,300,1000,2000,3000", help="fan-out rates, msg/s in total")
     p.add_argument("--members", type=int, default=1000)
     p.add_argument("--idle-members", type=int, default=19000)
+    p.add_argument("--rooms", type=int, default=10, help="rooms the shards scenario spreads --members over")
+    p.add_argument("--shard-rates", default="1000,3000", help="shards scenario rates, msg/s in total over all rooms")
     p.add_argument("--storm-members", type=int, default=10000, help="members dropped and resumed in the storm")
     p.add_argument("--storm-rate", type=float, default=100, help="msg/s sent while the storm runs")
     p.add_argument("--repeat", type=int, default=None, help="runs per point (default 3, --quick 1)")
@@ -187,6 +189,9 @@ def run_scenarios(ctx: Bench, results: Results, args: argparse.Namespace, mode: 
         results.idle_ws = scenarios.idle(ctx, args.idle_members, 1 if mode == "quick" else 3, kind="chat-svc-ws")
     if "redis" in wanted:
         results.redis = scenarios.redis(ctx, args.members, [300, 1000], repeat)
+    if "shards" in wanted:
+        rates = [float(r) for r in args.shard_rates.split(",") if r.strip()]
+        results.shards = shards.shards(ctx, args.members, args.rooms, rates, repeat)
     if "storm" in wanted:
         results.storm = scenarios.storm(ctx, args.storm_members, args.storm_rate)
     if "crosscheck" in wanted:

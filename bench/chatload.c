@@ -54,6 +54,12 @@
  * load line arriving with different ids at different receivers (two instances
  * through Redis) is `id_mismatch`.
  *
+ * --join R (raw or ws): every connection sends "/join R" first, so several
+ * generators, one per room, can load several rooms of the same servers at once;
+ * the barrier then proves every member is in R. t_send_start_mono_s and
+ * t_send_end_mono_s (CLOCK_MONOTONIC) let the caller read other processes' CPU
+ * over exactly the sending window.
+ *
  * --storm-after T (with --ids and two ports): the senders sit on the second port,
  * the other connections on the first. T seconds into sending, every connection
  * of the first port closes at once and reconnects to the second with
@@ -133,6 +139,7 @@ static const char *o_label = "";
 static int o_verbose = 0, o_irc = 0, o_ws = 0, o_ids = 0;
 static double o_storm_after = 0;
 static const char *o_room = "lobby";
+static int o_join = 0;
 #define IRC_CHANNEL "#load"
 #define IRC_PREFIX "PRIVMSG " IRC_CHANNEL " :"
 
@@ -414,6 +421,17 @@ static void ws_upgrade(int idx) {
     conn_write(idx, l, (uint32_t)n);
 }
 
+/* A member's first lines once it can talk: /join the generator's room (--join), /ids (--ids). */
+static void enter(int idx) {
+    if (o_join) {
+        char l[128], text[64];
+        snprintf(text, sizeof text, "/join %s", o_room);
+        int n = frame(l, sizeof l, text, 0);
+        conn_write(idx, l, (uint32_t)n);
+    }
+    if (o_ids) conn_write(idx, "/ids\n", 5);
+}
+
 /* Takes the server's frames in [src, end) apart: text payloads are copied down to dst (dst <= src),
    pings answered, a close frame noted. Returns the end of the payload bytes written. */
 static char *ws_deframe(int idx, const char *src, const char *end, char *dst, int *closed) {
@@ -677,6 +695,7 @@ static void conn_read(int idx) {
             if (memcmp(rb, "HTTP/1.1 101", 12)) { conn_close(idx, 1); return; }
             c->joined = 1;
             n_ready++;
+            enter(idx);
             end = ws_deframe(idx, hend + 4, end, rb, &closed);
         } else if (o_ws) {
             end = ws_deframe(idx, rb + cl, end, rb + cl, &closed);
@@ -761,7 +780,8 @@ static void usage(void) {
             "usage: chatload --port P[,P...] [--host H] [--clients N] [--senders S] [--rate R]\n"
             "  [--duration T] [--warmup W] [--drain D] [--size B] [--connect-rate C]\n"
             "  [--connect-timeout S] [--max-connecting N] [--sync-timeout S] [--idle | --observe] [--server-pid P[,P...]]\n"
-            "  [--protocol raw|irc|ws] [--rst] [--label L] [--verbose] [--ids] [--storm-after T] [--room R]\n");
+            "  [--protocol raw|irc|ws] [--rst] [--label L] [--verbose] [--ids] [--storm-after T] [--room R]\n"
+            "  [--join R]\n");
     exit(2);
 }
 
@@ -780,7 +800,8 @@ int main(int argc, char **argv) {
         {"size", 1, 0, 'b'}, {"connect-rate", 1, 0, 'c'}, {"connect-timeout", 1, 0, 'C'},
         {"sync-timeout", 1, 0, 'Y'}, {"idle", 0, 0, 'I'}, {"observe", 0, 0, 'O'}, {"server-pid", 1, 0, 'P'}, {"rst", 0, 0, 'R'},
         {"label", 1, 0, 'l'}, {"verbose", 0, 0, 'v'}, {"protocol", 1, 0, 'X'}, {"ids", 0, 0, 'i'},
-        {"storm-after", 1, 0, 'T'}, {"room", 1, 0, 'm'}, {"max-connecting", 1, 0, 'M'}, {0, 0, 0, 0}};
+        {"storm-after", 1, 0, 'T'}, {"room", 1, 0, 'm'}, {"max-connecting", 1, 0, 'M'}, {"join", 1, 0, 'J'},
+        {0, 0, 0, 0}};
     int opt;
     while ((opt = getopt_long(argc, argv, "", lo, NULL)) != -1) {
         switch (opt) {
@@ -806,6 +827,7 @@ int main(int argc, char **argv) {
         case 'T': o_storm_after = atof(optarg); break;
         case 'm': o_room = optarg; break;
         case 'M': o_max_connecting = atoi(optarg); break;
+        case 'J': o_room = optarg; o_join = 1; break;
         case 'X':
             if (!strcmp(optarg, "irc")) o_irc = 1;
             else if (!strcmp(optarg, "ws")) o_ws = 1;
@@ -815,7 +837,9 @@ int main(int argc, char **argv) {
         }
     }
     if (o_nports == 0 || o_clients < 2 || o_size < 40 || o_size > 4000) usage();
-    if ((o_ids && (o_irc || o_ws)) || (o_storm_after > 0 && (!o_ids || o_nports < 2 || o_idle))) usage();
+    if ((o_ids && (o_irc || o_ws)) || (o_storm_after > 0 && (!o_ids || o_nports < 2 || o_idle)) ||
+        (o_join && (o_irc || strlen(o_room) > 32)))
+        usage();
     if (o_idle) o_senders = 1;
     if (o_senders < 0 || o_senders > o_clients) o_senders = o_clients;
     if (o_senders < 1) o_senders = 1;
@@ -1036,7 +1060,7 @@ int main(int argc, char **argv) {
                     else if (o_ws) ws_upgrade(idx);
                     else {
                         n_ready++;
-                        if (o_ids) conn_write(idx, "/ids\n", 5);
+                        enter(idx);
                     }
                 }
                 if (!(e & EPOLLIN)) continue;
@@ -1119,6 +1143,8 @@ int main(int argc, char **argv) {
     }
     printf("\"disconnects_by_server\":%" PRIu64 ",\"first_disconnect_s\":%.3f,", n_disconnects,
            t_first_disconnect >= 0 ? (double)(t_first_disconnect - t_begin) / 1e9 : -1.0);
+    printf("\"t_send_start_mono_s\":%.6f,\"t_send_end_mono_s\":%.6f,", t_send_start / 1e9,
+           (t_send_end ? t_send_end : t_send_start) / 1e9);
     printf("\"deliveries_per_s\":%.1f,\"delivery_window_s\":%.3f,\"window_s\":%.3f,", dwin > 0 ? (double)delivered / dwin : 0.0,
            dwin, window);
     printf("\"latency_ms\":{\"n\":%" PRIu64 ",\"mean\":%.3f,\"p50\":%.3f,\"p90\":%.3f,\"p99\":%.3f,\"p999\":%.3f,\"max\":%.3f},",

@@ -97,10 +97,12 @@ class Chatload:
         senders: int | None = None,
         storm_after: float | None = None,
         max_connecting: int = 0,
+        room: str | None = None,
     ) -> dict[str, Any]:
         """One run; ``ids``: members send /ids and every id is checked; ``storm_after`` (two ports):
         the first port's members drop at once that many seconds into sending and resume on the second;
-        ``max_connecting``: most members started and not ready yet at once (0: no limit)."""
+        ``max_connecting``: most members started and not ready yet at once (0: no limit); ``room``:
+        the members /join it first (one generator per room, several at once)."""
         duration = self.timing.duration if duration is None else duration
         drain = self.timing.drain if drain is None else drain
         cmd = [str(self.path), "--port", ",".join(str(p) for p in ports), "--clients", str(members),
@@ -117,6 +119,8 @@ class Chatload:
             cmd += ["--storm-after", f"{storm_after:g}"]
         if max_connecting:
             cmd += ["--max-connecting", str(max_connecting)]
+        if room is not None:
+            cmd += ["--join", room]
         budget = members / connect_rate + 15 + self.timing.warmup + duration + drain + 30
         r = run_pinned(self.pin, cmd, budget)
         if r.returncode != 0 or not r.stdout.strip():

@@ -17,6 +17,9 @@ from pathlib import Path
 from bench.machine import Machine, Pinning
 from bench.measure import GEN_CPU_LIMIT, GEN_CPU_WARN, P99_LIMIT_MS, Point, Run, ratio
 from bench.scenarios import Crosscheck, Fanout, Idle, Profile, Redis, Search, Smoke, Storm, rate_key
+from bench.shards import HEADER as SHARDS_HEADER
+from bench.shards import Shards, extrapolation_text
+from bench.shards import rows as shards_rows
 
 SCHEMA = 2
 LIMIT = "c-epoll"  # the machine's limit the others are compared with
@@ -59,6 +62,7 @@ class Results:
     idle: Idle | None = None
     idle_ws: Idle | None = None
     redis: Redis | None = None
+    shards: Shards | None = None
     storm: Storm | None = None
     crosscheck: Crosscheck | None = None
     profile: Profile | None = None
@@ -194,6 +198,8 @@ def render(res: Results) -> str:
             out += ["", _idle(idle)]
     if res.redis:
         out += ["", *_redis(res.redis)]
+    if res.shards:
+        out += ["", *_shards(res.shards)]
     if res.storm:
         out += ["", _storm(res.storm)]
     if res.crosscheck:
@@ -295,6 +301,19 @@ def _redis(red: Redis) -> list[str]:
         f"Redis backplane: two chat-svc instances + redis-server, {red.members} members in one room",
         table(rows, ["msg/s", "deliveries/s", "loss", "p50 ms", "p99 ms", "µs/delivery (both)", "gen CPU"]),
     ]
+
+
+def _shards(sh: Shards) -> list[str]:
+    out = [
+        f"Redis shards: two chat-svc instances, {sh.members} members in {sh.rooms} rooms (each split over both), "
+        "one Redis against a 3-master cluster; CPU in cores over the sending window, every server on one core",
+        table(shards_rows(sh), SHARDS_HEADER),
+    ]
+    out += [f"  {kind}: not measured: {why}" for kind, why in sh.skipped.items()]
+    cluster = sh.extrapolation.get("cluster")
+    if cluster:
+        out.append("  " + extrapolation_text(cluster, sh.extrapolation.get("redis")))
+    return out
 
 
 def _storm(st: Storm) -> str:

@@ -1,48 +1,31 @@
-"""A real Redis Cluster on loopback, from Debian's redis-server and redis-cli.
+"""A real Redis Cluster on loopback for the tests, from Debian's redis-server and redis-cli.
 
-Each node listens on its port and its cluster bus on port + 10000, so ports
-are taken below 55536 with both free.  Every node runs in a temp dir of its
-own (its nodes.conf).  ``cluster-require-full-coverage no`` is what the
-service documents for production: without it one dead master stops every
-shard, and the service's "a dead shard costs only its rooms" cannot hold.
+The node command line, the port choice (each node's cluster bus listens on its port + 10000,
+so ports stay below 55536 with both free) and the cluster's creation live in
+bench/rediscluster.py, shared with the benchmark's ``shards`` scenario. Every node runs in a
+temp dir of its own (its nodes.conf).
 """
 
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import signal
-import socket
 import subprocess
+import sys
 import tempfile
-import time
 from pathlib import Path
 
+from _chat import ROOT
 from _require import require_binary
+
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from bench import rediscluster
 
 # A master is failed (and its replica promoted) after this; small so failover tests stay short.
 NODE_TIMEOUT_MS = 1000
-
-
-def _free(port: int) -> bool:
-    for candidate in (port, port + 10000):
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", candidate))
-            except OSError:
-                return False
-    return True
-
-
-def cluster_ports(count: int) -> list[int]:
-    """``count`` ports below 55536 whose cluster-bus ports (+10000) are free too."""
-    ports: list[int] = []
-    while len(ports) < count:
-        port = random.randint(20000, 45000)
-        if port not in ports and _free(port):
-            ports.append(port)
-    return ports
 
 
 class ClusterNode:
@@ -58,10 +41,7 @@ class ClusterNode:
         return f"127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        argv = [self.exe, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.dir)]
-        argv += ["--save", "", "--appendonly", "no", "--protected-mode", "no"]
-        argv += ["--cluster-enabled", "yes", "--cluster-config-file", "nodes.conf"]
-        argv += ["--cluster-node-timeout", str(NODE_TIMEOUT_MS), "--cluster-require-full-coverage", "no"]
+        argv = rediscluster.node_argv(self.exe, self.port, self.dir, NODE_TIMEOUT_MS)
         self.proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
     def kill(self) -> None:
@@ -81,18 +61,13 @@ class RedisCluster:
         self.exe = require_binary("redis-server")
         self.cli = require_binary("redis-cli")
         self._tmp = Path(tempfile.mkdtemp(prefix="chat-rediscluster-"))
-        self.nodes = [ClusterNode(self.exe, port, self._tmp) for port in cluster_ports(masters * (replicas + 1))]
+        ports = rediscluster.cluster_ports(masters * (replicas + 1))
+        self.nodes = [ClusterNode(self.exe, port, self._tmp) for port in ports]
         for node in self.nodes:
             node.start()
         for node in self.nodes:
-            self._wait_answering(node)
-        addresses = [node.name for node in self.nodes]
-        subprocess.run(
-            [self.cli, "--cluster", "create", *addresses, "--cluster-replicas", str(replicas), "--cluster-yes"],
-            check=True,
-            capture_output=True,
-            timeout=60,
-        )
+            rediscluster.wait_answering(self.cli, node.port, lambda n=node: n.alive)
+        rediscluster.create(self.cli, ports, replicas)
         self.wait_ok()
 
     @property
@@ -103,33 +78,11 @@ class RedisCluster:
         return [f"redis://{node.name}/0" for node in self.nodes]
 
     def cmd(self, node: ClusterNode, *args: str, timeout: float = 10) -> str:
-        done = subprocess.run(
-            [self.cli, "-h", "127.0.0.1", "-p", str(node.port), *args],
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-        )
-        return done.stdout
-
-    def _wait_answering(self, node: ClusterNode, timeout: float = 10.0) -> None:
-        deadline = time.monotonic() + timeout
-        while self.cmd(node, "PING").strip() != "PONG":
-            if not node.alive:
-                raise RuntimeError(f"redis-server on {node.port} exited")
-            if time.monotonic() > deadline:
-                raise TimeoutError(f"redis-server on {node.port} not answering")
-            time.sleep(0.05)
+        return rediscluster.cli(self.cli, node.port, *args, timeout=timeout)
 
     def wait_ok(self, timeout: float = 30.0) -> None:
         """Every live node agrees the cluster is ok and knows every slot's master."""
-        deadline = time.monotonic() + timeout
-        while True:
-            live = [node for node in self.nodes if node.alive]
-            if all("cluster_state:ok" in self.cmd(node, "CLUSTER", "INFO") for node in live):
-                return
-            if time.monotonic() > deadline:
-                raise TimeoutError("cluster not ok")
-            time.sleep(0.1)
+        rediscluster.wait_ok(self.cli, [node.port for node in self.nodes if node.alive], timeout)
 
     def masters(self) -> list[ClusterNode]:
         """Live nodes that are masters holding slots, as the first live node sees them."""
@@ -144,16 +97,10 @@ class RedisCluster:
 
     def node_of(self, key: str) -> ClusterNode:
         """The master that holds ``key``'s slot now."""
-        slot = int(self.cmd(self.nodes[0], "CLUSTER", "KEYSLOT", key).strip())
+        slot = rediscluster.key_slot(self.cli, self.nodes[0].port, key)
         for node in self.masters():
-            for row in self.cmd(node, "CLUSTER", "NODES").splitlines():
-                fields = row.split()
-                if "myself" not in fields[2]:
-                    continue
-                for span in fields[8:]:
-                    low, _, high = span.partition("-")
-                    if low.isdigit() and int(low) <= slot <= int(high or low):
-                        return node
+            if any(low <= slot <= high for low, high in rediscluster.own_slots(self.cli, node.port)):
+                return node
         raise LookupError(f"no live master holds slot {slot}")
 
     def shard_channels(self, node: ClusterNode) -> list[str]:
