@@ -5,8 +5,9 @@
 #   1. install Debian's container engine (docker.io 20.10), debootstrap, docker-compose 1.29,
 #      prometheus (for promtool and the scrape test), redis-server and haproxy;
 #   2. start dockerd if `docker info` does not answer (removing a stale pid file first);
-#   3. build the offline base images local/python-base:bookworm, local/redis:bookworm and
-#      local/prometheus:bookworm with debootstrap (reused when they already exist).
+#   3. build the offline base images local/python-base:bookworm, local/redis:bookworm,
+#      local/prometheus:bookworm and local/haproxy:bookworm with debootstrap (reused when they
+#      already exist).
 #
 # Fails loudly (non-zero exit, message on stderr) on any error.
 # Always uses /usr/bin/docker: a newer /usr/local/bin/docker without buildx breaks BuildKit.

@@ -6,8 +6,10 @@ containers only through ports published on 127.0.0.1.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
+import random
 import re
 import subprocess
 import time
@@ -181,3 +183,16 @@ def wait_chat_ready(port: int, timeout: float = 30.0, what: str = "container") -
             last = exc
             time.sleep(0.25)
     raise AssertionError(f"{what} on 127.0.0.1:{port} never sent the welcome line: {last}")
+
+
+def free_net_prefix() -> str:
+    """A random ``10.209.N`` whose /24 no docker network uses, for compose's CHAT_NET_PREFIX.
+
+    The compose network has a fixed subnet (HAProxy's address is the one the instances trust
+    with PROXY headers); a stack of another test run may hold the default one.
+    """
+    ids = docker("network", "ls", "-q").stdout.split()
+    out = docker("network", "inspect", "-f", "{{range .IPAM.Config}}{{.Subnet}} {{end}}", *ids).stdout
+    used = [ipaddress.ip_network(cidr, strict=False) for cidr in out.split() if "." in cidr]
+    free = [n for n in range(256) if not any(ipaddress.ip_network(f"10.209.{n}.0/24").overlaps(u) for u in used)]
+    return f"10.209.{random.choice(free)}"

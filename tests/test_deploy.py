@@ -460,7 +460,7 @@ def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
 
 def test_compose_file_is_valid() -> None:
     exe = require_binary("docker-compose")
-    env = {k: v for k, v in os.environ.items() if not k.endswith(("_PORT", "_IMAGE", "_BIND_ADDR"))}
+    env = {k: v for k, v in os.environ.items() if not k.endswith(("_PORT", "_IMAGE", "_BIND_ADDR", "_NET_PREFIX"))}
     r = subprocess.run(
         [exe, "-f", str(DEPLOY / "compose.yaml"), "config"],
         capture_output=True,
@@ -472,18 +472,37 @@ def test_compose_file_is_valid() -> None:
     services = yaml.safe_load(r.stdout)["services"]
     raw = yaml.safe_load((DEPLOY / "compose.yaml").read_text())["services"]
     assert raw["grafana"]["profiles"] == ["grafana"]
-    for name, port in (("chat-a", 9009), ("chat-b", 9010)):
+    for name, port in (("chat-a", 9010), ("chat-b", 9011)):
         assert services[name]["ports"] == [f"127.0.0.1:{port}:9009/tcp"], services[name]["ports"]
         assert services[name]["environment"]["CHAT_REDIS_URL"].startswith("redis://redis:")
+        # PROXY headers from HAProxy's fixed address only, not from docker's gateway (.1)
+        assert services[name]["environment"]["CHAT_PROXY_PROTOCOL_FROM"] == "10.209.9.9/32"
+    balancer = services["haproxy"]
+    assert balancer["ports"] == ["127.0.0.1:9009:9009/tcp", "127.0.0.1:8404:8404/tcp"], balancer["ports"]
+    assert balancer["networks"]["default"]["ipv4_address"] == "10.209.9.9"
+    assert balancer["volumes"][0].endswith("/deploy/haproxy:/usr/local/etc/haproxy:ro"), balancer["volumes"]
+    (ipam,) = yaml.safe_load(r.stdout)["networks"]["default"]["ipam"]["config"]
+    assert ipam == {"subnet": "10.209.9.0/24", "ip_range": "10.209.9.128/25", "gateway": "10.209.9.1"}
     for name, var in (
         ("chat-a", "CHAT_IMAGE"),
         ("redis", "REDIS_IMAGE"),
         ("prometheus", "PROMETHEUS_IMAGE"),
+        ("haproxy", "HAPROXY_IMAGE"),
     ):
         assert raw[name]["image"].startswith("${" + var), name
     scrape = yaml.safe_load((PROM / "prometheus.yml").read_text())
-    (job,) = [j for j in scrape["scrape_configs"] if j["job_name"] == "chat-svc"]
-    assert job["static_configs"][0]["targets"] == ["chat-a:9009", "chat-b:9009"]
+    jobs = {j["job_name"]: j["static_configs"][0]["targets"] for j in scrape["scrape_configs"]}
+    assert jobs["chat-svc"] == ["chat-a:9009", "chat-b:9009"]
+    assert jobs["haproxy"] == ["haproxy:8404"]
+
+
+def test_haproxy_config_is_valid() -> None:
+    """Debian's haproxy (the offline image's) accepts deploy/haproxy/haproxy.cfg; the instances'
+    names resolve only inside compose, which the config allows for (init-addr none)."""
+    exe = require_binary("haproxy")
+    r = subprocess.run([exe, "-c", "-f", str(DEPLOY / "haproxy" / "haproxy.cfg")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "Configuration file is valid" in r.stdout + r.stderr
 
 
 # ----------------------------------------------------------------------------- live

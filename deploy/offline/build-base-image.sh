@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # Build base images without any container registry, from Debian packages only.
 #
-#   deploy/offline/build-base-image.sh [python|redis|prometheus|all]...   (default: python)
+#   deploy/offline/build-base-image.sh [python|redis|prometheus|haproxy|all]...   (default: python)
 #
 #   local/python-base:bookworm   bookworm minbase + python3 python3-venv python3-pip ca-certificates
 #   local/redis:bookworm         bookworm minbase + redis-server        (runs as user redis, :6379)
 #   local/prometheus:bookworm    bookworm minbase + prometheus          (runs as user prometheus, :9090)
+#   local/haproxy:bookworm       bookworm minbase + haproxy             (runs as user haproxy; reads
+#                                /usr/local/etc/haproxy/haproxy.cfg like the official haproxy image)
 #
 # An image that already exists is reused (FORCE=1 rebuilds it).  debootstrap runs once (mostly
 # downloads, so its time depends on the mirror); its minbase tree is kept in $OFFLINE_CACHE and
@@ -170,16 +172,32 @@ build_prometheus() {
     "$DOCKER" run --rm "$tag" --version
 }
 
+build_haproxy() {
+    local tag=local/haproxy:$SUITE
+    if [ "$FORCE" != 1 ] && image_exists "$tag"; then log "reusing existing $tag"; return; fi
+    make_rootfs haproxy haproxy
+    # the official image's layout and command, so one compose file runs either image; its
+    # entrypoint adds -W -db, which this image has no entrypoint for, so the command says them
+    mkdir -p "$ROOTFS/usr/local/etc/haproxy"
+    import_rootfs "$ROOTFS" "$tag" \
+        'ENV LANG=C.UTF-8' \
+        'USER haproxy' \
+        'WORKDIR /var/lib/haproxy' \
+        'CMD ["haproxy", "-W", "-db", "-f", "/usr/local/etc/haproxy/haproxy.cfg"]'
+    "$DOCKER" run --rm "$tag" haproxy -v
+}
+
 timed() { local t0=$SECONDS; "$@"; log "$1 took $((SECONDS - t0)) s"; }
 
 targets=("$@")
 [ "${#targets[@]}" -gt 0 ] || targets=(python)
 for t in "${targets[@]}"; do
     case "$t" in
-        all) timed build_python; timed build_redis; timed build_prometheus ;;
+        all) timed build_python; timed build_redis; timed build_prometheus; timed build_haproxy ;;
         python|python-base) timed build_python ;;
         redis) timed build_redis ;;
         prometheus) timed build_prometheus ;;
-        *) die "unknown image '$t' (python|redis|prometheus|all)" ;;
+        haproxy) timed build_haproxy ;;
+        *) die "unknown image '$t' (python|redis|prometheus|haproxy|all)" ;;
     esac
 done
