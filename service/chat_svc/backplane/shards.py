@@ -23,8 +23,7 @@ from __future__ import annotations
 import random
 import time
 from collections import deque
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from typing import Any
 
 import gevent
@@ -38,7 +37,7 @@ from . import keys
 from .cluster import owner
 from .connection import REDIS_TIMEOUT
 from .instance import Instance
-from .subscriber import BACKOFF_FIRST, BACKOFF_MAX, READ_BURST, SUBSCRIBE_WAIT, Subscriber
+from .subscriber import BACKOFF_FIRST, BACKOFF_MAX, READ_BURST, Subscriber
 
 # Slots are re-read this often when all is well, and at most this often otherwise.
 REFRESH_EVERY = 10.0
@@ -121,31 +120,14 @@ class ShardedSubscriber(Subscriber):
 
     # -- asked by other greenlets ------------------------------------------------------
 
-    @contextmanager
-    def joining(self, room: str) -> Iterator[None]:
-        """As with one Redis, on the room's shard: subscribed and confirmed before the body runs."""
-        self._joining[room] = self._joining.get(room, 0) + 1
+    def _subscribe_for_join(self, room: str) -> None:
+        """As with one Redis, on the room's shard (a shard that is down is waited for by nobody)."""
         channel = keys.room_channel(room)
-        try:
-            shard = self.shard_of(channel)
-            if shard is not None and shard.up and channel not in shard.confirmed:
-                waiter = self._waiters.setdefault(room, gevent.event.Event())
-                if channel not in shard.subscribed:
-                    shard.subscribed.add(channel)
-                    try:
-                        self._send_to(shard, "SSUBSCRIBE", [channel])
-                    except BaseException:
-                        shard.subscribed.discard(channel)
-                        raise
-                waiter.wait(SUBSCRIBE_WAIT)
-            yield
-        finally:
-            left = self._joining[room] - 1
-            if left:
-                self._joining[room] = left
-            else:
-                del self._joining[room]
-            self.check(room)
+        shard = self.shard_of(channel)
+        if shard is not None and shard.up and channel not in shard.confirmed:
+            self._await_subscription(
+                room, shard.subscribed, channel, lambda: self._send_to(shard, "SSUBSCRIBE", [channel])
+            )
 
     def reconcile(self) -> None:
         """Each pending room subscribed on its shard while it has local members, and nowhere else."""

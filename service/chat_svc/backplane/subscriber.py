@@ -101,16 +101,7 @@ class Subscriber:
         """
         self._joining[room] = self._joining.get(room, 0) + 1
         try:
-            if room not in self._confirmed:
-                waiter = self._waiters.setdefault(room, gevent.event.Event())
-                if room not in self._subscribed:
-                    self._subscribed.add(room)
-                    try:
-                        self._send("SUBSCRIBE", keys.room_channel(room))
-                    except BaseException:
-                        self._subscribed.discard(room)
-                        raise
-                waiter.wait(SUBSCRIBE_WAIT)
+            self._subscribe_for_join(room)
             yield
         finally:
             left = self._joining[room] - 1
@@ -119,6 +110,28 @@ class Subscriber:
             else:
                 del self._joining[room]
             self.check(room)  # unsubscribes again if the join is abandoned
+
+    def _subscribe_for_join(self, room: str) -> None:
+        if room not in self._confirmed:
+            self._await_subscription(
+                room, self._subscribed, room, lambda: self._send("SUBSCRIBE", keys.room_channel(room))
+            )
+
+    def _await_subscription(self, room: str, subscribed: set[str], key: str, send: Callable[[], None]) -> None:
+        """Send the subscription unless ``key`` is already asked for, then wait for its confirmation.
+
+        ``subscribed`` is what the connection has been asked to follow (one Redis's rooms, or a
+        shard's channels); a send that fails leaves ``key`` out of it, so reconcile asks again.
+        """
+        waiter = self._waiters.setdefault(room, gevent.event.Event())
+        if key not in subscribed:
+            subscribed.add(key)
+            try:
+                send()
+            except BaseException:
+                subscribed.discard(key)
+                raise
+        waiter.wait(SUBSCRIBE_WAIT)
 
     def reconcile(self) -> None:
         """Subscribe pending rooms that have local members, unsubscribe those that have none."""
