@@ -97,11 +97,18 @@ class RedisCluster:
 
     def node_of(self, key: str) -> ClusterNode:
         """The master that holds ``key``'s slot now."""
+        node = self.holder(key)
+        if node is None:
+            raise LookupError(f"no live master holds the slot of {key}")
+        return node
+
+    def holder(self, key: str) -> ClusterNode | None:
+        """The master that holds ``key``'s slot now; None while none claims it (during a failover)."""
         slot = rediscluster.key_slot(self.cli, self.nodes[0].port, key)
         for node in self.masters():
             if any(low <= slot <= high for low, high in rediscluster.own_slots(self.cli, node.port)):
                 return node
-        raise LookupError(f"no live master holds slot {slot}")
+        return None
 
     def shard_channels(self, node: ClusterNode) -> list[str]:
         return self.cmd(node, "PUBSUB", "SHARDCHANNELS").split()

@@ -181,7 +181,7 @@ def test_a_promoted_replica_takes_over_without_restarting_chat_svc(
     master = with_replicas.node_of(keys.room_channel(room))
     replica = next(node for node in with_replicas.nodes if replicates(with_replicas, node, master))
     assert with_replicas.cmd(replica, "CLUSTER", "FAILOVER").strip() == "OK"
-    wait_for(lambda: with_replicas.node_of(keys.room_channel(room)) is replica, 10, "replica promoted")
+    wait_for(lambda: with_replicas.holder(keys.room_channel(room)) is replica, 10, "replica promoted")
     started = time.monotonic()
     assert relays(sender, receiver, "s", "after failover", 10), "no delivery 10 s after CLUSTER FAILOVER"
     manual = time.monotonic() - started
