@@ -61,6 +61,16 @@ def free_port() -> int:
 PROBE_SOURCE = "127.0.0.99"
 
 
+def terminate(proc: subprocess.Popen[Any], timeout: float = 5.0) -> None:
+    """SIGTERM, then SIGKILL if it has not exited within ``timeout`` seconds; reaped either way."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
 def wait_port(
     host: str, port: int, timeout: float = 10.0, proc: subprocess.Popen[bytes] | None = None, source: str | None = None
 ) -> None:

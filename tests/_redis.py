@@ -12,7 +12,7 @@ import socket
 import subprocess
 import time
 
-from _chat import free_port
+from _chat import free_port, terminate
 from _require import require_binary
 
 
@@ -58,9 +58,4 @@ class RedisServer:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+            terminate(self.proc, 10)

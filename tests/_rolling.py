@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from _backplane import metrics, wait_ready
-from _chat import ServerProcess, free_port, wait_for, wait_port
+from _chat import ServerProcess, free_port, terminate, wait_for, wait_port
 from _redis import RedisServer
 from _require import require_binary
 
@@ -75,12 +75,7 @@ frontend stats
         return sum(1 for row in rows if row.startswith("chat,chat") and row.split(",")[17] == "UP")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        terminate(self.proc)
 
 
 class Fleet:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from _attack import connect, log_events, scrape_from
-from _chat import LineClient, free_port, make_cert, wait_port
+from _chat import LineClient, free_port, make_cert, terminate, wait_port
 from _require import require_binary
 
 
@@ -55,12 +55,7 @@ backend chat_v2
             wait_port("127.0.0.1", frontend, proc=self.proc)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(5)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        terminate(self.proc)
 
 
 @pytest.fixture
